@@ -1,0 +1,65 @@
+"""The app factory: configuration, the registry, the active model, and the blueprints of the role."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Flask
+
+from serving.config import load_config
+from serving.errors import register_error_handlers
+from serving.model_store import ModelStore
+from serving.registry import Registry, mlflow_client_settings
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the app for `APP_ROLE`: all (default), inference (never trains) or training.
+
+    `test_config` overrides the environment; `START_MODEL_STORE=False` leaves the model unloaded,
+    `WATCH_REGISTRY=False` skips the background watcher (tests drive it by hand).
+    """
+    config = load_config(test_config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.config.update(config)
+    app.json.sort_keys = False
+    mlflow_client_settings(config["MLFLOW_HTTP_REQUEST_TIMEOUT"], config["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+
+    registry = Registry(config["MLFLOW_TRACKING_URI"], config["MLFLOW_EXPERIMENT_NAME"], config["ACTIVE_ALIAS"])
+    app.extensions["registry"] = registry
+    register_error_handlers(app)
+
+    from serving import docs, metrics
+
+    metrics.instrument(app)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(docs.bp)
+
+    @app.get("/health")
+    def health():
+        """Liveness: 200 while the process runs."""
+        return {"status": "ok", "role": config["APP_ROLE"]}
+
+    if config["APP_ROLE"] in ("all", "inference"):
+        from serving import inference
+
+        bootstrap = None
+        if config["APP_ROLE"] == "all" and config["BOOTSTRAP_DEFAULT_MODEL"]:
+            # Imported only here: the inference role never imports the training package.
+            from training.bootstrap import bootstrap_default_model
+
+            def bootstrap():
+                return bootstrap_default_model(registry, config["DEFAULT_MODEL_NAME"])
+
+        store = ModelStore(registry, Path(config["STATE_DIR"]), config["ACTIVE_POLL_SECONDS"], bootstrap)
+        app.extensions["model_store"] = store
+        app.register_blueprint(inference.bp)
+        if config.get("START_MODEL_STORE", True):
+            store.start(watch=config.get("WATCH_REGISTRY", True))
+
+    if config["APP_ROLE"] in ("all", "training"):
+        from training.blueprint import register_training
+
+        register_training(app)
+    return app

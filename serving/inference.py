@@ -1,0 +1,94 @@
+"""The inference blueprint: /ready, /predict, /models and /use-model. Views only adapt HTTP."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from serving.auth import require_token
+from serving.errors import APIError
+from serving.loaded_model import LoadedModel, ModelLoadError
+from serving.model_store import ModelStore
+from serving.prediction import BadInput, predict
+from serving.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
+from serving.requests import json_body, load_body
+from serving.schemas import UseModelRequest
+
+bp = Blueprint("inference", __name__)
+
+
+def model_store() -> ModelStore:
+    return current_app.extensions["model_store"]
+
+
+def registry() -> Registry:
+    return current_app.extensions["registry"]
+
+
+def active_model() -> LoadedModel:
+    """The model this request uses, start to finish (one object: never half old, half new)."""
+    model = model_store().get()
+    if model is None:
+        reason = model_store().last_error or "The service has not loaded a model yet."
+        raise APIError(503, "not_ready", f"No model is loaded: {reason}", headers={"Retry-After": "5"})
+    return model
+
+
+def registry_unavailable(exc: RegistryUnavailable) -> APIError:
+    return APIError(
+        503,
+        "registry_unavailable",
+        f"The model registry (MLflow) cannot be reached; predictions still work. {exc}",
+        headers={"Retry-After": "10"},
+    )
+
+
+@bp.get("/ready")
+def ready():
+    """200 with the active model once one is in memory; 503 before."""
+    model = active_model()
+    return {"status": "ready", "model": model.ref.as_dict()}
+
+
+@bp.post("/predict")
+def predict_view():
+    """Labels and probabilities for one row or a batch; 400 with an example on bad input."""
+    model = active_model()
+    body = json_body(example=model.example)
+    try:
+        return predict(model, body, current_app.config["MAX_BATCH_ROWS"])
+    except BadInput as exc:
+        raise APIError(400, "invalid_input", exc.message, errors=exc.errors, example=model.example) from exc
+
+
+@bp.get("/models")
+def list_models():
+    """Every registered version with its creation date, metrics, aliases and whether it is active."""
+    try:
+        return jsonify(models=registry().list_models())
+    except RegistryUnavailable as exc:
+        raise registry_unavailable(exc) from exc
+
+
+@bp.post("/use-model")
+@require_token
+def use_model():
+    """Serve another registered version, on every worker and instance; the old one serves until then."""
+    request = load_body(UseModelRequest(), example={"name": "iris-RandomForestClassifier", "version": "1"})
+    try:
+        if "alias" in request:
+            ref = registry().get_model_version_by_alias(request["name"], request["alias"])
+        else:
+            ref = ModelRef(request["name"], request["version"])
+        loaded = model_store().activate(ref)
+    except ModelNotFound as exc:
+        wanted = request.get("version") or f"alias {request.get('alias')!r}"
+        raise APIError(
+            404,
+            "model_not_found",
+            f"No registered version {request['name']!r} {wanted}. GET /models lists them.",
+        ) from exc
+    except RegistryUnavailable as exc:
+        raise registry_unavailable(exc) from exc
+    except ModelLoadError as exc:
+        raise APIError(422, "model_not_loadable", f"{exc}. The previous model keeps serving.") from exc
+    return {"model": loaded.ref.as_dict(), "features": loaded.feature_names, "classes": list(loaded.classes)}

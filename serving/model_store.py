@@ -1,0 +1,254 @@
+"""The active model of this process, kept in step with the registry and with the other workers.
+
+Three places say which version is active, from slowest to fastest to read:
+- the registry (MLflow): the source of truth, shared by every instance (an alias and a pointer tag);
+- this machine's pointer file (`<state dir>/active.json`), shared by the workers of one machine;
+- `ModelStore.current`, the object the requests of this process use.
+`/use-model` writes all three before it answers. Every `/predict` compares the pointer file's
+stat with the one it last saw (a microsecond, no MLflow call), so a worker that did not serve the
+swap loads the new version from the machine's model cache before its next answer. A watcher thread
+polls the registry every few seconds so that swaps made on other instances arrive too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from serving.loaded_model import LoadedModel, ModelLoadError, load_model_dir
+from serving.registry import ModelRef, Registry, RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+RETRY_FAILED_SECONDS = 60.0
+PRELOAD_SECONDS = 0.2
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between the processes of one machine, released when the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class ModelStore:
+    """Holds the active `LoadedModel`; swaps are whole-object assignments, so readers never see half."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        state_dir: Path,
+        poll_seconds: float = 5.0,
+        bootstrap: Callable[[], ModelRef] | None = None,
+    ):
+        self.registry = registry
+        self.state_dir = Path(state_dir)
+        self.poll_seconds = poll_seconds
+        self.bootstrap = bootstrap
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self.registry_available = True
+        self._pointer = self.state_dir / "active.json"
+        self._pointer_stat: tuple | None = None
+        self._swap_lock = threading.Lock()
+        self._loaded: dict[ModelRef, LoadedModel] = {}
+        self._failed: dict[ModelRef, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    # ---- the request path ------------------------------------------------------------------
+    def get(self) -> LoadedModel | None:
+        """The model to serve now: follows this machine's pointer first (a stat, no MLflow call)."""
+        try:
+            stat = os.stat(self._pointer)
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            key = None
+        if key != self._pointer_stat:
+            self._follow_pointer(key)
+        return self.current
+
+    def _follow_pointer(self, key) -> None:
+        with self._swap_lock:
+            if key == self._pointer_stat:
+                return  # another thread followed it while we waited
+            ref = self.read_pointer()
+            if ref and (self.current is None or self.current.ref != ref):
+                try:
+                    self._swap(self._load(ref, download=False))
+                except (ModelLoadError, RegistryUnavailable, FileNotFoundError) as exc:
+                    self._remember_failure(ref, exc)
+            self._pointer_stat = key
+
+    # ---- swaps -------------------------------------------------------------------------------
+    def activate(self, ref: ModelRef) -> LoadedModel:
+        """Make `ref` active everywhere: load it fully, then the registry, this machine's pointer, us.
+
+        Raises ModelNotFound, RegistryUnavailable or ModelLoadError; on any of them nothing changed.
+        """
+        ref = self.registry.get_model_version(ref.name, ref.version)
+        loaded = self._load(ref, download=True)
+        with file_lock(self.state_dir / "activate.lock"):
+            self.registry.set_active_model(ref)
+            self.write_pointer(ref)
+        with self._swap_lock:
+            self._swap(loaded)
+        return loaded
+
+    def follow_registry(self) -> None:
+        """One watcher step: if the registry names another version, load it and point this machine at it."""
+        try:
+            ref = self.registry.get_active_model()
+            self.registry_available = True
+        except RegistryUnavailable as exc:
+            self.registry_available = False
+            self.last_error = str(exc)
+            log.warning("registry unavailable: %s", exc)
+            return
+        if ref is None:
+            if self.current is None and self.bootstrap is not None:
+                ref = self._bootstrap()
+            if ref is None:
+                return
+        if self.current is not None and self.current.ref == ref and self.read_pointer() == ref:
+            return
+        if self._recently_failed(ref):
+            return
+        try:
+            loaded = self._load(ref, download=True)
+        except (ModelLoadError, RegistryUnavailable) as exc:
+            self._remember_failure(ref, exc)
+            return
+        with file_lock(self.state_dir / "activate.lock"):
+            # A /use-model on this machine may have moved the registry since our read: never let an
+            # older answer overwrite a newer pointer. The next step follows whatever is newest.
+            if self.registry.get_active_model() != ref:
+                return
+            if self.read_pointer() != ref:
+                self.write_pointer(ref)
+        with self._swap_lock:
+            self._swap(loaded)
+
+    def _bootstrap(self) -> ModelRef | None:
+        """Train the default model once per machine: the lock makes the other workers wait and reuse it."""
+        with file_lock(self.state_dir / "bootstrap.lock"):
+            ref = self.registry.get_active_model()
+            if ref is None:
+                log.info("empty registry: training the default model")
+                ref = self.bootstrap()
+            return ref
+
+    def _swap(self, loaded: LoadedModel) -> None:
+        if self.current is None or self.current.ref != loaded.ref:
+            log.info("serving %s version %s", loaded.ref.name, loaded.ref.version)
+        self.current = loaded
+        self.last_error = None
+
+    # ---- loading -------------------------------------------------------------------------------
+    def _load(self, ref: ModelRef, download: bool) -> LoadedModel:
+        """The version in memory, from this machine's cache (downloading it first if allowed)."""
+        if ref in self._loaded:
+            return self._loaded[ref]
+        path = self._cache_dir(ref)
+        if not (path / "MLmodel").exists():
+            if not download:
+                raise FileNotFoundError(f"{ref.name} version {ref.version} is not in this machine's cache")
+            self._download(ref, path)
+        loaded = load_model_dir(path, ref)
+        # Keep the last few versions, so swapping back and forth does not reload from disk.
+        self._loaded = {**dict(list(self._loaded.items())[-2:]), ref: loaded}
+        self._failed.pop(ref, None)
+        return loaded
+
+    def _cache_dir(self, ref: ModelRef) -> Path:
+        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in ref.name)
+        return self.state_dir / "models" / safe_name / ref.version
+
+    def _download(self, ref: ModelRef, path: Path) -> None:
+        """Download into a temporary folder, then rename: a reader never sees a half-written model."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=path.parent))
+        try:
+            self.registry.download_model_version(ref, staging)
+            try:
+                os.rename(staging, path)
+            except OSError:
+                if not (path / "MLmodel").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _remember_failure(self, ref: ModelRef, exc: Exception) -> None:
+        self._failed[ref] = time.monotonic()
+        self.last_error = f"{ref.name} version {ref.version} failed to load: {exc}"
+        log.error(self.last_error)
+
+    def _recently_failed(self, ref: ModelRef) -> bool:
+        failed_at = self._failed.get(ref)
+        return failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_SECONDS
+
+    # ---- this machine's pointer ------------------------------------------------------------------
+    def read_pointer(self) -> ModelRef | None:
+        try:
+            data = json.loads(self._pointer.read_text())
+            return ModelRef(data["name"], str(data["version"]))
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def write_pointer(self, ref: ModelRef) -> None:
+        """Atomically replace the pointer (a new inode, so every worker's stat sees the change)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=".active-", dir=self.state_dir)
+        with os.fdopen(handle, "w") as file:
+            json.dump(ref.as_dict(), file)
+        os.replace(staging, self._pointer)
+
+    # ---- start and the watcher -----------------------------------------------------------------
+    def start(self, watch: bool = True) -> None:
+        """Load the active model now (bootstrapping if allowed), then keep following in the background."""
+        self.follow_registry()
+        if self.current is None and not self.registry_available:
+            # MLflow is down at start: serve what this machine served last, if it has it.
+            self.get()
+        if watch:
+            self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
+            self._thread.start()
+
+    def ensure_watching(self) -> None:
+        """Restart the watcher in a forked child (gunicorn with preload_app): threads do not survive fork."""
+        if self._thread is not None and os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        next_poll = time.monotonic() + self.poll_seconds
+        while not self._stop.wait(PRELOAD_SECONDS):
+            try:
+                self.get()  # preload swaps made by other workers, so requests rarely pay for the load
+                if time.monotonic() >= next_poll:
+                    self.follow_registry()
+                    next_poll = time.monotonic() + self.poll_seconds
+            except Exception:  # the watcher must outlive any one failure
+                log.exception("model watcher step failed")
+                next_poll = time.monotonic() + self.poll_seconds

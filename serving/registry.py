@@ -1,0 +1,257 @@
+"""The MLflow-backed registry: log, list, download and activate model versions.
+
+A thin layer over `MlflowClient` with the same verb_noun names. It never reads Flask's config: the
+app factory builds one with the settings. MLflow's own errors become `ModelNotFound` (the name,
+version or alias does not exist) or `RegistryUnavailable` (the tracking server cannot be reached).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from serving.config import artifact_location, check_tracking_uri
+
+log = logging.getLogger(__name__)
+
+ACTIVE_TAG = "serving.active_model"
+# A malformed version ("abc") is INVALID_PARAMETER_VALUE: for a lookup, that too is "no such model".
+_NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}
+
+
+class RegistryError(Exception):
+    """Base of the registry's errors."""
+
+
+class ModelNotFound(RegistryError):
+    """No registered model, version or alias by that name."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The tracking server (or database) did not answer."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered version: the only way the service names a model it loads."""
+
+    name: str
+    version: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "version": self.version}
+
+
+def _translate(func):
+    """Turn MLflow's and the network's exceptions into the registry's two errors."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RegistryError:
+            raise
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") in _NOT_FOUND:
+                raise ModelNotFound(exc.message) from exc
+            raise RegistryUnavailable(f"MLflow did not answer: {exc.message[:300]}") from exc
+        except (OSError, ConnectionError) as exc:
+            raise RegistryUnavailable(f"MLflow did not answer: {exc}") from exc
+        except Exception as exc:  # sqlalchemy's OperationalError and requests' errors, without importing them
+            if type(exc).__module__.split(".")[0] in ("sqlalchemy", "requests", "urllib3"):
+                raise RegistryUnavailable(f"MLflow did not answer: {str(exc)[:300]}") from exc
+            raise
+
+    return wrapper
+
+
+def _iso(timestamp_ms: int | None) -> str | None:
+    if timestamp_ms is None:
+        return None
+    return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+class Registry:
+    """One tracking server's registry, seen through one experiment that holds the service's runs."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, alias: str = "active"):
+        check_tracking_uri(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.alias = alias
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._experiment_id: str | None = None
+
+    @_translate
+    def get_experiment_id(self) -> str:
+        """The service's experiment, created on first use (its artifacts beside a local database)."""
+        if self._experiment_id is None:
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                location = artifact_location(self.tracking_uri)
+                if location:
+                    Path(location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+                try:
+                    self._experiment_id = self.client.create_experiment(
+                        self.experiment_name, artifact_location=location
+                    )
+                except MlflowException:  # another worker created it first
+                    experiment = self.client.get_experiment_by_name(self.experiment_name)
+                    if experiment is None:
+                        raise
+                    self._experiment_id = experiment.experiment_id
+            else:
+                self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    @_translate
+    def search_model_versions(self) -> list:
+        """Every version of every registered model, all pages."""
+        versions, token = [], None
+        while True:
+            page = self.client.search_model_versions(max_results=1000, page_token=token)
+            versions.extend(page)
+            token = page.token
+            if not token:
+                return versions
+
+    def list_models(self) -> list[dict]:
+        """What `/models` answers: one entry per version, newest first, with its tags and aliases."""
+        active = self.get_active_model()
+        aliases = self.search_aliases()
+        entries = []
+        for mv in self.search_model_versions():
+            tags = mv.tags or {}
+            entries.append(
+                {
+                    "name": mv.name,
+                    "version": str(mv.version),
+                    "created_at": _iso(mv.creation_timestamp),
+                    "estimator": tags.get("estimator"),
+                    "dataset": tags.get("dataset"),
+                    "metrics": json.loads(tags.get("metrics", "{}")),
+                    "run_id": mv.run_id,
+                    "aliases": sorted(aliases.get((mv.name, str(mv.version)), [])),
+                    "active": active == ModelRef(mv.name, str(mv.version)),
+                }
+            )
+        entries.sort(key=lambda e: (e["created_at"] or "", e["name"], int(e["version"])), reverse=True)
+        return entries
+
+    @_translate
+    def search_aliases(self) -> dict[tuple[str, str], list[str]]:
+        """Aliases by (name, version): version searches do not return them, registered models do."""
+        aliases: dict[tuple[str, str], list[str]] = {}
+        token = None
+        while True:
+            page = self.client.search_registered_models(max_results=1000, page_token=token)
+            for model in page:
+                for alias, version in (model.aliases or {}).items():
+                    aliases.setdefault((model.name, str(version)), []).append(alias)
+            token = page.token
+            if not token:
+                return aliases
+
+    @_translate
+    def get_model_version(self, name: str, version: str) -> ModelRef:
+        """The version if it is registered; ModelNotFound otherwise."""
+        mv = self.client.get_model_version(name, str(version))
+        return ModelRef(mv.name, str(mv.version))
+
+    @_translate
+    def get_model_version_by_alias(self, name: str, alias: str) -> ModelRef:
+        """The version an alias points to; ModelNotFound if the model or alias does not exist."""
+        mv = self.client.get_model_version_by_alias(name, alias)
+        return ModelRef(mv.name, str(mv.version))
+
+    @_translate
+    def download_model_version(self, ref: ModelRef, destination: Path) -> Path:
+        """Fetch the version's files (MLmodel, model.skops, signature, input example) to a folder."""
+        import mlflow.artifacts
+
+        destination.mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{ref.name}/{ref.version}",
+            dst_path=str(destination),
+            tracking_uri=self.tracking_uri,
+            registry_uri=self.tracking_uri,
+        )
+        return Path(path)
+
+    @_translate
+    def get_active_model(self) -> ModelRef | None:
+        """Which version is active: one read of the experiment's tag."""
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is None or ACTIVE_TAG not in experiment.tags:
+            return None
+        pointer = json.loads(experiment.tags[ACTIVE_TAG])
+        return ModelRef(pointer["name"], str(pointer["version"]))
+
+    @_translate
+    def set_active_model(self, ref: ModelRef) -> None:
+        """Make `ref` the active model: the alias on the version (seen in the UI), then the pointer.
+
+        The alias leaves the previously active model, so only one version carries it.
+        """
+        previous = self.get_active_model()
+        self.client.set_registered_model_alias(ref.name, self.alias, ref.version)
+        if previous and previous.name != ref.name:
+            try:
+                self.client.delete_registered_model_alias(previous.name, self.alias)
+            except MlflowException:
+                log.warning("could not remove alias %r from %s", self.alias, previous.name)
+        self.client.set_experiment_tag(self.get_experiment_id(), ACTIVE_TAG, json.dumps(ref.as_dict()))
+
+    @_translate
+    def delete_model_version(self, ref: ModelRef) -> None:
+        """Remove a version (a job that failed after registering must leave nothing behind)."""
+        self.client.delete_model_version(ref.name, ref.version)
+
+
+def log_model_version(
+    registry: Registry,
+    model,
+    features,
+    model_name: str,
+    tags: dict,
+    metrics: dict,
+) -> ModelRef:
+    """Log a fitted pipeline to the active run in skops format and register it as a new version.
+
+    Called inside `mlflow.start_run(...)` by the training job. The signature (feature names and
+    types) and the input example come from the training rows; the class labels are the model's own.
+    """
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    from serving.trusted_types import TRUSTED_TYPES
+
+    signature = infer_signature(features, model.predict(features.head(20)))
+    info = mlflow.sklearn.log_model(
+        model,
+        name="model",
+        serialization_format="skops",
+        skops_trusted_types=TRUSTED_TYPES,
+        signature=signature,
+        input_example=features.head(3),
+    )
+    version_tags = {**tags, "metrics": json.dumps(metrics)}
+    created = _translate(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
+    return ModelRef(created.name, str(created.version))
+
+
+def mlflow_client_settings(timeout: int, max_retries: int) -> None:
+    """Bound MLflow's HTTP client so a dead tracking server cannot hold a worker past its timeout."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")

@@ -1,0 +1,110 @@
+"""One training job: fit, evaluate, record everything in an MLflow run, register, activate."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass, field
+
+import mlflow
+
+from serving.registry import ModelRef, Registry, log_model_version
+from training.datasets import Dataset
+from training.estimators import build_estimator
+from training.pipeline import build_pipeline, evaluate, split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSpec:
+    """What a client asked for, already validated: estimator, its parameters, where the model goes."""
+
+    estimator: str
+    params: dict = field(default_factory=dict)
+    model_name: str | None = None
+    activate: bool = True
+
+    def resolved_model_name(self, dataset: Dataset) -> str:
+        """The client's name, or one derived from dataset and estimator ("wine-SVC")."""
+        return self.model_name or f"{dataset.name}-{self.estimator}"
+
+
+def library_versions() -> dict:
+    """The versions a model depends on, recorded with it (scikit-learn models are version-bound)."""
+    import numpy
+    import pandas
+    import skops
+    import sklearn
+
+    return {
+        "python_version": platform.python_version(),
+        "sklearn_version": sklearn.__version__,
+        "mlflow_version": mlflow.__version__,
+        "numpy_version": numpy.__version__,
+        "pandas_version": pandas.__version__,
+        "skops_version": skops.__version__,
+    }
+
+
+def _log_confusion_matrix(matrix, classes) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.5 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=axes, colorbar=False, xticks_rotation=45)
+    axes.set_title("Confusion matrix (hold-out split)")
+    figure.tight_layout()
+    mlflow.log_figure(figure, "confusion_matrix.png")
+    plt.close(figure)
+
+
+def run_training(registry: Registry, spec: TrainingSpec, dataset: Dataset, run_id: str | None = None) -> dict:
+    """Train `spec` on `dataset` inside an MLflow run (a new one, or the job's run) and register it.
+
+    Returns `{"model": {"name", "version"}, "run_id", "metrics"}`. Anything that fails before the
+    version is registered leaves nothing registered; a failure to activate removes the version again.
+    """
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    mlflow.set_registry_uri(registry.tracking_uri)
+    experiment_id = registry.get_experiment_id()
+    model_name = spec.resolved_model_name(dataset)
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run:
+        description = dataset.describe()
+        effective = build_estimator(spec.estimator, spec.params).get_params(deep=False)
+        mlflow.log_params({"estimator": spec.estimator, **{f"param.{k}": v for k, v in effective.items()}})
+        mlflow.log_params({k: v for k, v in description.items() if k not in ("feature_names", "classes")})
+        mlflow.set_tags({"estimator": spec.estimator, "dataset": dataset.name, **library_versions()})
+        mlflow.log_dict(description, "dataset.json")
+        mlflow.log_input(
+            mlflow.data.from_pandas(dataset.features, name=dataset.name, digest=dataset.digest), context="training"
+        )
+
+        train_x, test_x, train_y, test_y = split(dataset.features, dataset.labels)
+        model = build_pipeline(dataset.features, spec.estimator, spec.params)
+        model.fit(train_x, train_y)
+        evaluation = evaluate(model, test_x, test_y)
+        metrics = evaluation["metrics"]
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(evaluation["report"], "classification_report.json")
+        _log_confusion_matrix(evaluation["confusion_matrix"], evaluation["classes"])
+
+        tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
+        ref = log_model_version(registry, model, train_x, model_name, tags, metrics)
+        if spec.activate:
+            try:
+                registry.set_active_model(ref)
+            except Exception:
+                registry.delete_model_version(ref)
+                raise
+        mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
+        return {"model": ref.as_dict(), "run_id": run.info.run_id, "metrics": metrics, "activated": spec.activate}
+
+
+def active_or_none(registry: Registry) -> ModelRef | None:
+    """The active version, or None when the registry has none yet."""
+    return registry.get_active_model()
