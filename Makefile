@@ -21,10 +21,10 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 setup: $(BIN)/.installed ## Create .venv and install the pinned requirements
 
 run: setup ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the embedded MLflow
-	$(BIN)/flask --app wsgi run --host $(HOST) --port $(PORT) --no-reload
-
-serve: setup ## Start the service with gunicorn's production configuration (gunicorn.conf.py)
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+
+serve: setup ## Production: gunicorn.conf.py on 0.0.0.0:$$PORT, WEB_CONCURRENCY workers (default 4)
+	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 test: setup ## Run the test suite
 	$(BIN)/python -m pytest

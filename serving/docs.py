@@ -27,9 +27,7 @@ def _body(schema, example=None) -> dict:
 def _row_schema(model) -> dict:
     """The one-row body of the active model, from its signature, with its real example row."""
     types = {"number": "number", "text": "string", "boolean": "boolean"}
-    properties = {
-        f.name: {"type": types[f.kind], **({} if f.required else {"nullable": True})} for f in model.features
-    }
+    properties = {f.name: {"type": types[f.kind], **({} if f.required else {"nullable": True})} for f in model.features}
     return {
         "type": "object",
         "properties": properties,
@@ -58,18 +56,26 @@ def build_spec(app, model=None) -> dict:
         batch = {"type": "object", "properties": {"records": {"type": "array", "items": row}}, "required": ["records"]}
         spec.path(
             "/ready",
-            operations={"get": {"summary": "Readiness", "responses": {"200": {"description": "a model is loaded"},
-                                                                       "503": _error("no model loaded yet")}}},
+            operations={
+                "get": {
+                    "summary": "Readiness",
+                    "responses": {"200": {"description": "a model is loaded"}, "503": _error("no model loaded yet")},
+                }
+            },
         )
         spec.path(
             "/predict",
             operations={
                 "post": {
                     "summary": "Predict class labels and probabilities",
-                    "description": "One row as an object, many as {\"records\": [...]}; MLflow's "
+                    "description": 'One row as an object, many as {"records": [...]}; MLflow\'s '
                     "dataframe_split, dataframe_records, instances and inputs bodies are accepted too.",
-                    "requestBody": {"required": True, "content": {_JSON: {"schema": {"oneOf": [row, batch]},
-                                                                          **({"example": model.example} if model else {})}}},
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            _JSON: {"schema": {"oneOf": [row, batch]}, **({"example": model.example} if model else {})}
+                        },
+                    },
                     "responses": {
                         "200": {"description": "predictions", "content": {_JSON: {"schema": "PredictResponse"}}},
                         "400": _error("bad input: `errors` says what, `example` is a row that works"),
@@ -82,9 +88,15 @@ def build_spec(app, model=None) -> dict:
         )
         spec.path(
             "/models",
-            operations={"get": {"summary": "Every registered version",
-                                "responses": {"200": {"description": "versions", "content": {_JSON: {"schema": "ModelList"}}},
-                                              "503": _error("MLflow unreachable")}}},
+            operations={
+                "get": {
+                    "summary": "Every registered version",
+                    "responses": {
+                        "200": {"description": "versions", "content": {_JSON: {"schema": "ModelList"}}},
+                        "503": _error("MLflow unreachable"),
+                    },
+                }
+            },
         )
         spec.path(
             "/use-model",
@@ -93,16 +105,25 @@ def build_spec(app, model=None) -> dict:
                     "summary": "Serve another registered version (every worker and instance)",
                     "security": [{"bearer": []}],
                     "requestBody": _body("UseModelRequest", {"name": "iris-RandomForestClassifier", "version": "1"}),
-                    "responses": {"200": {"description": "now serving"}, "400": _error("bad request"),
-                                  "401": _error("token missing or wrong"), "404": _error("no such version"),
-                                  "422": _error("version cannot be loaded"), "503": _error("MLflow unreachable")},
+                    "responses": {
+                        "200": {"description": "now serving"},
+                        "400": _error("bad request"),
+                        "401": _error("token missing or wrong"),
+                        "404": _error("no such version"),
+                        "422": _error("version cannot be loaded"),
+                        "503": _error("MLflow unreachable"),
+                    },
                 }
             },
         )
     for extend in current_app.extensions.get("openapi_extenders", []):
         extend(spec)
-    spec.path("/metrics", operations={"get": {"summary": "Prometheus metrics (text format)",
-                                               "responses": {"200": {"description": "metrics"}}}})
+    spec.path(
+        "/metrics",
+        operations={
+            "get": {"summary": "Prometheus metrics (text format)", "responses": {"200": {"description": "metrics"}}}
+        },
+    )
     return spec.to_dict()
 
 

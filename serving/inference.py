@@ -7,6 +7,7 @@ from flask import Blueprint, current_app, jsonify
 from serving.auth import require_token
 from serving.errors import APIError
 from serving.loaded_model import LoadedModel, ModelLoadError
+from serving.metrics import count_predictions
 from serving.model_store import ModelStore
 from serving.prediction import BadInput, predict
 from serving.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
@@ -55,9 +56,11 @@ def predict_view():
     model = active_model()
     body = json_body(example=model.example)
     try:
-        return predict(model, body, current_app.config["MAX_BATCH_ROWS"])
+        answer = predict(model, body, current_app.config["MAX_BATCH_ROWS"])
     except BadInput as exc:
         raise APIError(400, "invalid_input", exc.message, errors=exc.errors, example=model.example) from exc
+    count_predictions(model.ref.name, model.ref.version, len(answer["predictions"]))
+    return answer
 
 
 @bp.get("/models")
@@ -81,11 +84,11 @@ def use_model():
             ref = ModelRef(request["name"], request["version"])
         loaded = model_store().activate(ref)
     except ModelNotFound as exc:
-        wanted = request.get("version") or f"alias {request.get('alias')!r}"
+        wanted = f"version {request['version']}" if "version" in request else f"alias {request['alias']!r}"
         raise APIError(
             404,
             "model_not_found",
-            f"No registered version {request['name']!r} {wanted}. GET /models lists them.",
+            f"No registered model {request['name']!r} with {wanted}. GET /models lists the registered versions.",
         ) from exc
     except RegistryUnavailable as exc:
         raise registry_unavailable(exc) from exc

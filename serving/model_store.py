@@ -12,8 +12,6 @@ polls the registry every few seconds so that swaps made on other instances arriv
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -25,24 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serving.loaded_model import LoadedModel, ModelLoadError, load_model_dir
+from serving.locks import file_lock
 from serving.registry import ModelRef, Registry, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
 RETRY_FAILED_SECONDS = 60.0
 PRELOAD_SECONDS = 0.2
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock between the processes of one machine, released when the holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ModelStore:
@@ -184,11 +171,13 @@ class ModelStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=path.parent))
         try:
-            self.registry.download_model_version(ref, staging)
+            downloaded = self.registry.download_model_version(ref, staging)
+            if path.exists() and not (path / "MLmodel").exists():
+                shutil.rmtree(path, ignore_errors=True)  # left over from an interrupted download
             try:
-                os.rename(staging, path)
+                os.rename(downloaded, path)
             except OSError:
-                if not (path / "MLmodel").exists():
+                if not (path / "MLmodel").exists():  # another worker finished the same download first
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -220,8 +209,13 @@ class ModelStore:
 
     # ---- start and the watcher -----------------------------------------------------------------
     def start(self, watch: bool = True) -> None:
-        """Load the active model now (bootstrapping if allowed), then keep following in the background."""
-        self.follow_registry()
+        """Load the active model now (bootstrapping if allowed), then keep following in the background.
+
+        The workers of one machine start one at a time: the first creates a local SQLite store's
+        tables (concurrent creation races in MLflow's migrations) and bootstraps; the rest reuse it.
+        """
+        with file_lock(self.state_dir / "start.lock"):
+            self.follow_registry()
         if self.current is None and not self.registry_available:
             # MLflow is down at start: serve what this machine served last, if it has it.
             self.get()

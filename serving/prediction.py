@@ -42,7 +42,7 @@ def _rows_from_lists(rows: list, columns: list[str], where: str) -> list:
 def parse_rows(body, feature_names: list[str]) -> tuple[list, bool]:
     """The rows of a body in any accepted form, and whether it was the one-row form."""
     if not isinstance(body, dict):
-        raise BadInput({"body": ["a JSON object: one row {feature: value, ...} or {\"records\": [...]}"]})
+        raise BadInput({"body": ['a JSON object: one row {feature: value, ...} or {"records": [...]}']})
     batch_keys = [key for key in BATCH_KEYS if key in body]
     if not batch_keys:
         return [body], True

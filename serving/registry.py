@@ -18,7 +18,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from serving.config import artifact_location, check_tracking_uri
+from serving.config import artifact_location, check_tracking_uri, sqlite_path
+from serving.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,14 @@ class Registry:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.alias = alias
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        database = sqlite_path(tracking_uri)
+        if database:
+            # Creating the client creates a new database's tables; two workers doing it at once
+            # break MLflow's migrations, so the workers of a machine take turns.
+            with file_lock(database.parent / ".mlflow-init.lock"):
+                self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        else:
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._experiment_id: str | None = None
 
     @_translate
@@ -178,11 +186,10 @@ class Registry:
         import mlflow.artifacts
 
         destination.mkdir(parents=True, exist_ok=True)
+        # Resolved through this client, not a models:/ URI, which MLflow resolves with its global registry.
+        source = self.client.get_model_version_download_uri(ref.name, ref.version)
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{ref.name}/{ref.version}",
-            dst_path=str(destination),
-            tracking_uri=self.tracking_uri,
-            registry_uri=self.tracking_uri,
+            artifact_uri=source, dst_path=str(destination), tracking_uri=self.tracking_uri
         )
         return Path(path)
 

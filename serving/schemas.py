@@ -10,7 +10,7 @@ class VersionField(fields.Field):
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
-            raise ValidationError("A version number, like 3 or \"3\".")
+            raise ValidationError('A version number, like 3 or "3".')
         if int(value) < 1:
             raise ValidationError("Versions start at 1.")
         return str(int(value))

@@ -34,8 +34,8 @@ def library_versions() -> dict:
     """The versions a model depends on, recorded with it (scikit-learn models are version-bound)."""
     import numpy
     import pandas
-    import skops
     import sklearn
+    import skops
 
     return {
         "python_version": platform.python_version(),

@@ -1,0 +1,121 @@
+"""Fixtures: one MLflow store per test session (bootstrapped once), apps built on it, real servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving import create_app
+from serving.registry import ModelRef, Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_NAME = "iris-RandomForestClassifier"
+IRIS_ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4, "petal_width_cm": 0.2}
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> dict:
+    """A local MLflow store with the default model bootstrapped (as `make run` does on first start)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    config = {"MLFLOW_TRACKING_URI": uri, "STATE_DIR": str(folder / "bootstrap-state"), "WATCH_REGISTRY": False}
+    app = create_app(config)
+    registry = app.extensions["registry"]
+    return {"uri": uri, "folder": folder, "registry": registry, "default": registry.get_active_model()}
+
+
+@pytest.fixture
+def app_config(store, tmp_path) -> dict:
+    """The settings of a test's app: the shared store, with this test's own state folder."""
+    return {"MLFLOW_TRACKING_URI": store["uri"], "STATE_DIR": str(tmp_path / "state"), "WATCH_REGISTRY": False}
+
+
+@pytest.fixture
+def app(store, app_config):
+    """An app serving the default model (re-activated, in case an earlier test swapped)."""
+    store["registry"].set_active_model(store["default"])
+    app = create_app(app_config)
+    yield app
+    app.extensions["model_store"].stop()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def wine_tree(store) -> ModelRef:
+    """A second registered version (another dataset and estimator), not activated."""
+    from training.datasets import load_builtin
+    from training.job import TrainingSpec, run_training
+
+    spec = TrainingSpec("DecisionTreeClassifier", {"max_depth": 4}, activate=False)
+    result = run_training(store["registry"], spec, load_builtin("wine"))
+    return ModelRef(**result["model"])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` subprocess on a free loopback port (SQLite backend, served artifacts)."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed after the server stops
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination", (folder / "artifacts").as_uri(),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process=process)
+        yield {"uri": f"http://127.0.0.1:{port}", "process": process, "folder": folder, "port": port}
+    finally:
+        stop(process)
+        log.close()
+
+
+def registry_for(uri: str) -> Registry:
+    return Registry(uri, "model-serving")

@@ -1,0 +1,137 @@
+"""Bad /predict input: 400 with `errors` and an `example` that gets 200 when sent back as-is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serving.prediction import BadInput, _fast_columns, _row_errors, parse_rows
+from tests.conftest import IRIS_ROW
+
+
+def without(key):
+    return {k: v for k, v in IRIS_ROW.items() if k != key}
+
+
+def with_value(key, value):
+    return {**IRIS_ROW, key: value}
+
+
+BAD_BODIES = {
+    "missing_feature": (without("petal_width_cm"), "petal_width_cm"),
+    "unknown_feature": ({**IRIS_ROW, "colour": 3}, "colour"),
+    "string_for_number": (with_value("sepal_length_cm", "5.1"), "sepal_length_cm"),
+    "word_for_number": (with_value("sepal_length_cm", "long"), "sepal_length_cm"),
+    "boolean_for_number": (with_value("sepal_length_cm", True), "sepal_length_cm"),
+    "list_for_number": (with_value("sepal_length_cm", [5.1]), "sepal_length_cm"),
+    "null": (with_value("petal_length_cm", None), "petal_length_cm"),
+    "empty_object": ({}, "sepal_length_cm"),
+    "records_not_list": ({"records": IRIS_ROW}, "records"),
+    "empty_batch": ({"records": []}, "records"),
+    "empty_instances": ({"instances": []}, "instances"),
+    "row_not_object": ({"records": [IRIS_ROW, [1, 2, 3, 4]]}, "rows"),
+    "bad_row_in_batch": ({"records": [IRIS_ROW, with_value("sepal_width_cm", "x")]}, "rows"),
+    "split_wrong_width": ({"dataframe_split": {"columns": list(IRIS_ROW), "data": [[1.0, 2.0]]}}, "dataframe_split"),
+    "split_no_data": ({"dataframe_split": {"columns": list(IRIS_ROW)}}, "dataframe_split"),
+    "instances_wrong_width": ({"instances": [[1.0, 2.0, 3.0]]}, "instances"),
+    "inputs_ragged": ({"inputs": {"sepal_length_cm": [1.0], "sepal_width_cm": [1.0, 2.0]}}, "inputs"),
+    "batch_and_extra_key": ({"records": [IRIS_ROW], "debug": True}, "debug"),
+}
+
+
+def check_bad(client, response, field):
+    assert response.status_code == 400, response.json
+    body = response.json
+    assert body["error"] == "invalid_input"
+    assert body["message"]
+    assert field in json.dumps(body["errors"])
+    example = body["example"]
+    assert set(example) == set(IRIS_ROW)
+    assert client.post("/predict", json=example).status_code == 200
+
+
+@pytest.mark.parametrize("name", BAD_BODIES)
+def test_bad_body_is_400_with_sendable_example(client, name):
+    body, field = BAD_BODIES[name]
+    check_bad(client, client.post("/predict", json=body), field)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_rejected(client, literal):
+    text = json.dumps(IRIS_ROW).replace("0.2", literal)
+    response = client.post("/predict", data=text, content_type="application/json")
+    check_bad(client, response, "petal_width_cm")
+    assert "NaN and Infinity" in json.dumps(response.json["errors"])
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"row"', "42", "null", "true"])
+def test_non_object_body_is_400(client, text):
+    response = client.post("/predict", data=text, content_type="application/json")
+    check_bad(client, response, "body")
+
+
+@pytest.mark.parametrize("text", ['{"sepal_length_cm": 5.1,', "{'a': 1}", "", "sepal_length_cm=5.1"])
+def test_malformed_json_is_400(client, text):
+    response = client.post("/predict", data=text, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json["error"] == "malformed_json"
+    assert client.post("/predict", json=response.json["example"]).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_not_json_is_415(client, content_type):
+    response = client.post("/predict", data=json.dumps(IRIS_ROW), content_type=content_type)
+    assert response.status_code == 415
+    assert response.json["error"] == "unsupported_media_type"
+    assert client.post("/predict", json=response.json["example"]).status_code == 200
+
+
+def test_over_size_limit_is_413(client, app):
+    app.config["MAX_CONTENT_LENGTH"] = 10_000
+    response = client.post("/predict", json={"records": [IRIS_ROW] * 200})
+    assert response.status_code == 413
+    assert response.json["error"] == "request_entity_too_large"
+    assert "10000 bytes" in response.json["message"]
+
+
+def test_too_many_rows_is_400(client, app):
+    app.config["MAX_BATCH_ROWS"] = 10
+    response = client.post("/predict", json={"records": [IRIS_ROW] * 11})
+    check_bad(client, response, "at most 10")
+
+
+def test_example_is_a_real_training_row(app):
+    from training.datasets import load_builtin
+
+    example = app.extensions["model_store"].get().example
+    iris = load_builtin("iris").features
+    assert ((iris[list(example)] == list(example.values())).all(axis=1)).any()
+
+
+@pytest.mark.parametrize("name", BAD_BODIES)
+def test_fast_path_and_schema_agree(app, name):
+    """The column-at-a-time check rejects exactly what the marshmallow schema rejects."""
+    model = app.extensions["model_store"].get()
+    body, _ = BAD_BODIES[name]
+    try:
+        rows, single = parse_rows(body, model.feature_names)
+    except BadInput:
+        return  # the shape is wrong before either validator runs
+    assert _fast_columns(model, rows) is None
+    assert _row_errors(model, rows, single)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        IRIS_ROW,
+        {k: int(v) for k, v in IRIS_ROW.items()},
+        with_value("sepal_length_cm", 1e300),
+        with_value("sepal_length_cm", -0.0),
+    ],
+)
+def test_both_validators_accept_good_rows(app, row):
+    model = app.extensions["model_store"].get()
+    assert _fast_columns(model, [row]) is not None
+    assert _row_errors(model, [row], True) == {}
