@@ -26,7 +26,7 @@ class DatasetError(ValueError):
 
     def __init__(self, errors: dict):
         super().__init__("; ".join(f"{key}: {value}" for key, value in errors.items()))
-        self.errors = errors
+        self.errors = {key: [value] for key, value in errors.items()}  # marshmallow's shape: a list per field
 
 
 @dataclass
