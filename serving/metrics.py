@@ -36,6 +36,7 @@ def instrument(app: Flask) -> None:
         REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
         if "started" in g:
             LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
+        response.headers["X-Worker-Pid"] = str(os.getpid())  # which gunicorn worker answered
         return response
 
 

@@ -223,6 +223,14 @@ class Registry:
         self.client.delete_model_version(ref.name, ref.version)
 
 
+def _pinned_requirements() -> list[str]:
+    """The packages a registered model needs to load, at the versions it was trained with."""
+    from importlib.metadata import version
+
+    packages = ("mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas")
+    return [f"{package}=={version(package)}" for package in packages]
+
+
 def log_model_version(
     registry: Registry,
     model,
@@ -250,6 +258,8 @@ def log_model_version(
         skops_trusted_types=TRUSTED_TYPES,
         signature=signature,
         input_example=features.head(3),
+        # Stated, not inferred: inference starts a Python subprocess and costs seconds per job.
+        pip_requirements=_pinned_requirements(),
     )
     version_tags = {**tags, "metrics": json.dumps(metrics)}
     created = _translate(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
@@ -258,7 +268,11 @@ def log_model_version(
 
 def mlflow_client_settings(timeout: int, max_retries: int) -> None:
     """Bound MLflow's HTTP client so a dead tracking server cannot hold a worker past its timeout."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
+    # MLflow reads these from the environment on each call; the config already took the user's values.
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+    # No usage telemetry leaves the service, and no progress bars clutter its log.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

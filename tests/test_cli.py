@@ -12,7 +12,9 @@ from tests.conftest import ROOT
 
 def run_cli(store, *args):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_trains_and_registers(store):
@@ -34,7 +36,9 @@ def test_cli_csv(store, tmp_path):
 
     path = tmp_path / "accounts.csv"
     pd.DataFrame(customer_rows(50)).to_csv(path, index=False)
-    done = run_cli(store, "--estimator", "DecisionTreeClassifier", "--csv", str(path), "--target", "churned", "--no-activate")
+    done = run_cli(
+        store, "--estimator", "DecisionTreeClassifier", "--csv", str(path), "--target", "churned", "--no-activate"
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model"]["name"] == "accounts-DecisionTreeClassifier"
 

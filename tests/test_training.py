@@ -115,7 +115,13 @@ def test_job_is_queued_then_succeeds(train_client, store):
 
 
 def test_activate_false_registers_without_switching(train_client, store):
-    body = {"estimator": "GaussianNB", "dataset": "iris", "model_name": "iris-nb-candidate", "activate": False, "wait": True}
+    body = {
+        "estimator": "GaussianNB",
+        "dataset": "iris",
+        "model_name": "iris-nb-candidate",
+        "activate": False,
+        "wait": True,
+    }
     response = train_client.post("/train", json=body)
     assert response.status_code == 201
     assert response.json["model"]["name"] == "iris-nb-candidate"
@@ -134,7 +140,9 @@ def test_inline_rows_with_text_and_missing_values(train_client):
     assert set(answer.json["probabilities"][0]) == {"yes", "no"}
     # Text columns are text fields; columns that had gaps accept null; an unseen category still predicts.
     assert train_client.post("/predict", json={"plan": None, "monthly_spend": None, "seats": 3}).status_code == 200
-    assert train_client.post("/predict", json={"plan": "startup", "monthly_spend": 310.0, "seats": 3}).status_code == 200
+    assert (
+        train_client.post("/predict", json={"plan": "startup", "monthly_spend": 310.0, "seats": 3}).status_code == 200
+    )
     wrong = train_client.post("/predict", json={"plan": 3, "monthly_spend": 95.0, "seats": 3})
     assert wrong.status_code == 400
     assert "plan" in wrong.json["errors"]

@@ -119,11 +119,15 @@ def _document(spec) -> None:
                         "multipart/form-data": {
                             "schema": {
                                 "type": "object",
-                                "properties": {"file": {"type": "string", "format": "binary"},
-                                               "target": {"type": "string"}, "estimator": {"type": "string"},
-                                               "params": {"type": "string", "description": "JSON object"},
-                                               "model_name": {"type": "string"}, "activate": {"type": "boolean"},
-                                               "wait": {"type": "boolean"}},  # fmt: skip
+                                "properties": {
+                                    "file": {"type": "string", "format": "binary"},
+                                    "target": {"type": "string"},
+                                    "estimator": {"type": "string"},
+                                    "params": {"type": "string", "description": "JSON object"},
+                                    "model_name": {"type": "string"},
+                                    "activate": {"type": "boolean"},
+                                    "wait": {"type": "boolean"},
+                                },  # fmt: skip
                                 "required": ["file", "target", "estimator"],
                             }
                         },

@@ -24,7 +24,7 @@ class JSONObject(fields.Field):
             except ValueError as exc:
                 raise ValidationError("Not valid JSON.") from exc
         if not isinstance(value, dict):
-            raise ValidationError("An object of hyperparameters, like {\"n_estimators\": 200}.")
+            raise ValidationError('An object of hyperparameters, like {"n_estimators": 200}.')
         return value
 
 
@@ -54,13 +54,17 @@ class TrainRequest(Schema):
     def one_data_source(self, data, **kwargs):
         sources = [key for key in ("dataset", "data", "file") if key in data or key in self.context_sources]
         if not sources:
-            raise ValidationError("Give `dataset` (one of the built-in ones), `data` with `target`, or a CSV `file`.", "dataset")
+            raise ValidationError(
+                "Give `dataset` (one of the built-in ones), `data` with `target`, or a CSV `file`.", "dataset"
+            )
         if len(sources) > 1:
             raise ValidationError(f"Give one data source, not {sources}.", "dataset")
         if "dataset" not in sources and not data.get("target"):
             raise ValidationError("Name the column that holds the class labels.", "target")
         if "dataset" in sources and "target" in data:
-            raise ValidationError("`target` goes with `data` or a CSV `file`; a built-in dataset has its own.", "target")
+            raise ValidationError(
+                "`target` goes with `data` or a CSV `file`; a built-in dataset has its own.", "target"
+            )
 
     context_sources: tuple = ()
 

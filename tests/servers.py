@@ -1,0 +1,139 @@
+"""Real servers for the tests, on free loopback ports: gunicorn running the service, moto's S3,
+PostgreSQL databases and an `mlflow server` on them. Each is started by a fixture and stopped after."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, free_port, stop, wait_for_http
+
+BIN = Path(sys.executable).parent
+
+
+class Service:
+    """The service under gunicorn (gunicorn.conf.py, as `make serve` runs it)."""
+
+    def __init__(self, env: dict, folder: Path, workers: int = 4):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port), "WEB_CONCURRENCY": str(workers)}
+        self.folder = folder
+        self.process: subprocess.Popen | None = None
+        self.log = None
+
+    def start(self, timeout: float = 120) -> Service:
+        self.log = open(self.folder / f"gunicorn-{self.port}.log", "a")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for_http(f"{self.url}/health", timeout=timeout, process=self.process)
+        deadline = time.monotonic() + timeout
+        while requests.get(f"{self.url}/ready", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the service never became ready"
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+        if self.log is not None:
+            self.log.close()
+
+    def log_text(self) -> str:
+        return (self.folder / f"gunicorn-{self.port}.log").read_text()
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg2
+
+        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+def require_postgres() -> None:
+    """Skip where PostgreSQL is not running (a laptop); CI sets REQUIRE_POSTGRES=1, which makes that a failure."""
+    if not postgres_available():
+        if os.environ.get("REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required here (REQUIRE_POSTGRES=1) but not reachable")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (set REQUIRE_POSTGRES=1 to make this a failure)")
+
+
+def create_database() -> str:
+    """A fresh, empty database for one test run; returns its SQLAlchemy URI."""
+    import psycopg2
+
+    name = f"mlflow_test_{uuid.uuid4().hex[:12]}"
+    connection = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    connection.close()
+    return name
+
+
+def drop_database(name: str) -> None:
+    import psycopg2
+
+    connection = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    connection.close()
+
+
+class S3Server:
+    """moto's standalone server: an S3-compatible endpoint on loopback, as a team's S3 bucket."""
+
+    def __init__(self, folder: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.folder = folder
+        self.process = None
+        self.log = None
+
+    def start(self) -> S3Server:
+        self.log = open(self.folder / "moto.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_http(self.url, process=self.process)
+        return self
+
+    def create_bucket(self, name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket=name)  # fmt: skip
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+        if self.log is not None:
+            self.log.close()
+
+
+def start_mlflow_server(backend_uri: str, artifacts: str, folder: Path, env: dict | None = None, port: int = 0):
+    """An `mlflow server` (proxied artifacts) on a loopback port; returns (process, uri, log)."""
+    port = port or free_port()
+    log = open(folder / f"mlflow-{port}.log", "a")  # noqa: SIM115 - closed by the caller
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90, process=process)
+    return process, f"http://127.0.0.1:{port}", log

@@ -1,0 +1,80 @@
+"""A tracking server that goes away: predictions go on from memory, management says 503, all recovers."""
+
+from __future__ import annotations
+
+import time
+
+from serving import create_app
+from serving.registry import ModelRef
+from tests.conftest import IRIS_ROW, stop
+from tests.servers import start_mlflow_server
+
+
+def test_predict_serves_through_an_outage_and_everything_recovers(tmp_path):
+    process, uri, log = start_mlflow_server(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "artifacts").as_uri(), tmp_path
+    )
+    port = uri.rsplit(":", 1)[1]
+    config = {"MLFLOW_TRACKING_URI": uri, "STATE_DIR": str(tmp_path / "state"), "ACTIVE_POLL_SECONDS": 0.5,
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": 2, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1}  # fmt: skip
+    app = create_app(config)
+    client = app.test_client()
+    store = app.extensions["model_store"]
+    try:
+        default = client.post("/predict", json=IRIS_ROW).json["model"]
+        stop(process)
+        log.close()
+
+        assert client.post("/predict", json=IRIS_ROW).json["model"] == default
+        started = time.monotonic()
+        models = client.get("/models")
+        elapsed = time.monotonic() - started
+        assert models.status_code == 503
+        assert models.json["error"] == "registry_unavailable"
+        assert "predictions still work" in models.json["message"]
+        assert elapsed < 30, f"/models took {elapsed:.1f}s with the server down; gunicorn's timeout is 120 s"
+        assert client.post("/use-model", json=default).status_code == 503
+        time.sleep(1.5)  # the watcher fails a few polls meanwhile, and the model stays
+        assert client.post("/predict", json=IRIS_ROW).json["model"] == default
+        assert store.registry_available is False
+
+        process, _, log = start_mlflow_server(
+            f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "artifacts").as_uri(), tmp_path, port=int(port)
+        )
+        deadline = time.monotonic() + 30
+        while client.get("/models").status_code != 200:
+            assert time.monotonic() < deadline, "the service did not recover"
+            time.sleep(0.5)
+        assert client.post("/use-model", json=default).status_code == 200
+    finally:
+        store.stop()
+        stop(process)
+        log.close()
+
+
+def test_a_version_that_fails_to_load_is_not_retried_in_a_loop(store, app_config):
+    """The registry names a version this service refuses (pickled): the old model serves, one attempt."""
+    import mlflow
+    from sklearn.dummy import DummyClassifier
+
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_registry_uri(store["uri"])
+    with mlflow.start_run(experiment_id=store["registry"].get_experiment_id()):
+        info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], ["a", "b"]), name="model",
+                                        serialization_format="cloudpickle")  # fmt: skip
+    version = mlflow.register_model(info.model_uri, "pickled-elsewhere")
+    store["registry"].set_active_model(store["default"])
+    app = create_app(app_config)
+    model_store = app.extensions["model_store"]
+    attempts = []
+    original = model_store._load
+    model_store._load = lambda ref, download: attempts.append(ref) or original(ref, download)
+    try:
+        store["registry"].set_active_model(ModelRef("pickled-elsewhere", version.version))
+        for _ in range(5):
+            model_store.follow_registry()
+        assert len(attempts) == 1
+        assert "pickle" in model_store.last_error
+        assert app.test_client().post("/predict", json=IRIS_ROW).json["model"] == store["default"].as_dict()
+    finally:
+        store["registry"].set_active_model(store["default"])
