@@ -35,18 +35,24 @@ class Service:
             [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_for_http(f"{self.url}/health", timeout=timeout, process=self.process)
-        deadline = time.monotonic() + timeout
-        while requests.get(f"{self.url}/ready", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.2)
+        try:
+            wait_for_http(f"{self.url}/health", timeout=timeout, process=self.process)
+            deadline = time.monotonic() + timeout
+            while requests.get(f"{self.url}/ready", timeout=10).status_code != 200:
+                assert time.monotonic() < deadline, "the service never became ready"
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process)
+            self.process = None
         if self.log is not None:
             self.log.close()
+            self.log = None
 
     def log_text(self) -> str:
         return (self.folder / f"gunicorn-{self.port}.log").read_text()
@@ -110,7 +116,11 @@ class S3Server:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        wait_for_http(self.url, process=self.process)
+        try:
+            wait_for_http(self.url, process=self.process)
+        except Exception:
+            self.stop()
+            raise
         return self
 
     def create_bucket(self, name: str) -> None:
@@ -135,5 +145,10 @@ def start_mlflow_server(backend_uri: str, artifacts: str, folder: Path, env: dic
          "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
-    wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90, process=process)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90, process=process)
+    except Exception:
+        stop(process)
+        log.close()
+        raise
     return process, f"http://127.0.0.1:{port}", log

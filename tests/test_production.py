@@ -29,19 +29,23 @@ def stack(tmp_path_factory):
     require_postgres()
     folder = tmp_path_factory.mktemp("stack")
     database = create_database()
-    s3 = S3Server(folder).start()
-    s3.create_bucket(BUCKET)
-    env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3.url}
-    process, uri, log = start_mlflow_server(
-        f"postgresql://postgres@127.0.0.1:5432/{database}", f"s3://{BUCKET}/mlflow", folder, env
-    )
+    s3 = S3Server(folder)
+    process = log = None
     try:
+        s3.start()
+        s3.create_bucket(BUCKET)
+        env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3.url}
+        process, uri, log = start_mlflow_server(
+            f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}", f"s3://{BUCKET}/mlflow", folder, env
+        )
         yield {"uri": uri, "folder": folder, "s3": s3, "database": database}
     finally:
         from tests.conftest import stop
 
-        stop(process)
-        log.close()
+        if process is not None:
+            stop(process)
+        if log is not None:
+            log.close()
         s3.stop()
         drop_database(database)
 

@@ -11,6 +11,7 @@ unless --no-activate, and prints the result as JSON. Exit code 0 on success, 2 o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(config["MLFLOW_TRACKING_URI"], config["MLFLOW_EXPERIMENT_NAME"], config["ACTIVE_ALIAS"])
     spec = TrainingSpec(request["estimator"], request["params"], request.get("model_name"), request["activate"])
     try:
-        result = run_training(registry, spec, dataset)
+        # MLflow prints progress ("View run at ...") to stdout: keep stdout for the JSON result alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_training(registry, spec, dataset)
     except Exception as exc:  # a failed job: report it; run_training registered nothing
         print(json.dumps({"error": "training_failed", "message": f"{type(exc).__name__}: {exc}"}), file=sys.stderr)
         return 1
