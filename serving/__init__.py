@@ -56,7 +56,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.extensions["model_store"] = store
         app.register_blueprint(inference.bp)
         if config.get("START_MODEL_STORE", True):
-            store.start(watch=config.get("WATCH_REGISTRY", True))
+            store.start(watch=config["WATCH_REGISTRY"])
 
     if config["APP_ROLE"] in ("all", "training"):
         from training.blueprint import register_training

@@ -27,6 +27,8 @@ _SETTINGS: dict[str, tuple[object, type]] = {
     "MAX_BATCH_ROWS": (50_000, int),
     "API_TOKEN": ("", str),
     "BOOTSTRAP_DEFAULT_MODEL": (True, bool),
+    # gunicorn.conf.py turns this off in the master when it preloads the app; each worker starts its own.
+    "WATCH_REGISTRY": (True, bool),
     "MLFLOW_HTTP_REQUEST_TIMEOUT": (5, int),
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": (2, int),
     "TRAIN_MAX_CONCURRENT_JOBS": (2, int),

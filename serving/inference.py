@@ -44,6 +44,7 @@ def registry_unavailable(exc: RegistryUnavailable) -> APIError:
 
 
 @bp.get("/ready")
+@bp.get("/ping")  # SageMaker's health check
 def ready():
     """200 with the active model once one is in memory; 503 before."""
     model = active_model()
@@ -51,6 +52,7 @@ def ready():
 
 
 @bp.post("/predict")
+@bp.post("/invocations")  # SageMaker's inference route
 def predict_view():
     """Labels and probabilities for one row or a batch; 400 with an example on bad input."""
     model = active_model()

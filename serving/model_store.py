@@ -56,7 +56,6 @@ class ModelStore:
         self._failed: dict[ModelRef, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
 
     # ---- the request path ------------------------------------------------------------------
     def get(self) -> LoadedModel | None:
@@ -220,15 +219,14 @@ class ModelStore:
             # MLflow is down at start: serve what this machine served last, if it has it.
             self.get()
         if watch:
-            self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
-            self._thread.start()
+            self.start_watcher()
 
-    def ensure_watching(self) -> None:
-        """Restart the watcher in a forked child (gunicorn with preload_app): threads do not survive fork."""
-        if self._thread is not None and os.getpid() != self._pid:
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
-            self._thread.start()
+    def start_watcher(self) -> None:
+        """Follow the registry in a background thread (in each gunicorn worker: threads do not survive fork)."""
+        self._stop = threading.Event()
+        self._pointer_stat = None  # re-read this machine's pointer on the next request
+        self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -74,6 +74,7 @@ def train(folder: str, run_id: str) -> None:
 def main(folder: str, run_id: str, slot_fd: int) -> None:
     from training.jobs import fail_job, get_job, mark_job
 
+    os.nice(10)  # training yields the CPU to the serving workers of the same machine
     registry = _registry()
     spec = json.loads((Path(folder) / "spec.json").read_text())
     mark_job(registry, run_id, "running", pid=os.getpid(), started_at=time.time())

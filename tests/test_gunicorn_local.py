@@ -1,0 +1,53 @@
+"""gunicorn on the embedded store (as `make run`): both preload settings, and workers recycled after a swap."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.conftest import DEFAULT_NAME, IRIS_ROW
+from tests.servers import Service
+
+
+def predict(url: str) -> requests.Response:
+    return requests.post(f"{url}/predict", json=IRIS_ROW, timeout=30, headers={"Connection": "close"})
+
+
+@pytest.mark.parametrize("preload", ["false", "true"])
+def test_empty_store_bootstraps_once_and_swaps_reach_every_worker(tmp_path, preload):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "GUNICORN_PRELOAD": preload}
+    service = Service(env, tmp_path, workers=4).start()
+    try:
+        models = requests.get(f"{service.url}/models", timeout=30).json()["models"]
+        assert [(m["name"], m["version"]) for m in models] == [(DEFAULT_NAME, "1")]
+        trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris",
+                                                               "model_name": "iris-nb", "wait": True}, timeout=300)  # fmt: skip
+        assert trained.status_code == 201, trained.text
+        pids = set()
+        for _ in range(40):  # right after the 201, whichever worker answers serves the new version
+            answer = predict(service.url)
+            assert answer.json()["model"] == {"name": "iris-nb", "version": "1"}
+            pids.add(answer.headers["X-Worker-Pid"])
+        assert len(pids) == 4
+    finally:
+        service.stop()
+
+
+def test_recycled_workers_serve_the_current_version(tmp_path):
+    """With preload, a recycled worker forks from the master's (older) model and must catch up first."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "GUNICORN_MAX_REQUESTS": "10",
+           "GUNICORN_MAX_REQUESTS_JITTER": "0", "ACTIVE_POLL_SECONDS": "60"}  # fmt: skip
+    service = Service(env, tmp_path, workers=2).start()
+    try:
+        trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris",
+                                                               "model_name": "iris-nb", "wait": True}, timeout=300)  # fmt: skip
+        assert trained.status_code == 201, trained.text
+        pids = set()
+        for _ in range(80):  # every worker is replaced several times over
+            answer = predict(service.url)
+            assert answer.status_code == 200
+            assert answer.json()["model"] == {"name": "iris-nb", "version": "1"}
+            pids.add(answer.headers["X-Worker-Pid"])
+        assert len(pids) > 4, "workers were not recycled"
+    finally:
+        service.stop()
