@@ -23,12 +23,11 @@ def test_inference_role_has_no_training_and_serves_the_registry(store, tmp_path)
             "training_imported": any(name == "training" or name.startswith("training.") for name in sys.modules),
             "train": client.post("/train", json={"estimator": "GaussianNB", "dataset": "iris"}).status_code,
             "jobs": client.get("/train/jobs/" + "0" * 32).status_code,
-            "predict": client.post("/predict", json=%s).get_json(),
+            "predict": client.post("/predict", json=ROW).get_json(),
             "paths": sorted(client.get("/openapi.json").get_json()["paths"]),
         }))
         """
-        % json.dumps(IRIS_ROW)
-    )
+    ).replace("ROW", json.dumps(IRIS_ROW))
     env = {**os.environ, "APP_ROLE": "inference", "MLFLOW_TRACKING_URI": store["uri"], "STATE_DIR": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
