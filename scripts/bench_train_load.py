@@ -33,6 +33,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_ready(url: str, timeout: float = 180) -> None:
+    """Wait until the service answers /ready with 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the service did not become ready"
+        time.sleep(0.2)
+
+
 def load(url: str, total: int, clients: int, keep_going=lambda: True, max_seconds: float = 120) -> list[float]:
     """Send `total` one-row predictions from `clients` threads; returns latencies in ms (failures raise)."""
     latencies: list[float] = []
@@ -80,15 +93,7 @@ def main() -> None:
         server = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"],
                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                assert time.monotonic() < deadline, "service did not start"
-                time.sleep(0.3)
+            wait_ready(url)
             load(url, 200, args.clients)  # warm-up
             idle = load(url, args.requests, args.clients)
 

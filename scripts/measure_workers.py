@@ -20,7 +20,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from scripts.bench_train_load import ROW, free_port  # noqa: E402
+from scripts.bench_train_load import ROW, free_port, wait_ready  # noqa: E402
 
 
 def memory(pid: int) -> tuple[int, int]:
@@ -43,14 +43,7 @@ def run(store: str, workers: int, preload: bool) -> dict:
     started = time.monotonic()
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while True:
-            try:
-                if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() - started < 180, "did not start"
-            time.sleep(0.2)
+        wait_ready(url)
         ready = time.monotonic() - started
         for _ in range(200):
             requests.post(f"{url}/predict", json=ROW, headers={"Connection": "close"}, timeout=30).raise_for_status()

@@ -51,7 +51,7 @@ class ModelRef:
         return {"name": self.name, "version": self.version}
 
 
-def _translate(func):
+def translate_errors(func):
     """Turn MLflow's and the network's exceptions into the registry's two errors."""
 
     @functools.wraps(func)
@@ -98,7 +98,7 @@ class Registry:
             self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._experiment_id: str | None = None
 
-    @_translate
+    @translate_errors
     def get_experiment_id(self) -> str:
         """The service's experiment, created on first use (its artifacts beside a local database)."""
         if self._experiment_id is None:
@@ -120,7 +120,7 @@ class Registry:
                 self._experiment_id = experiment.experiment_id
         return self._experiment_id
 
-    @_translate
+    @translate_errors
     def search_model_versions(self) -> list:
         """Every version of every registered model, all pages."""
         versions, token = [], None
@@ -154,7 +154,7 @@ class Registry:
         entries.sort(key=lambda e: (e["created_at"] or "", e["name"], int(e["version"])), reverse=True)
         return entries
 
-    @_translate
+    @translate_errors
     def search_aliases(self) -> dict[tuple[str, str], list[str]]:
         """Aliases by (name, version): version searches do not return them, registered models do."""
         aliases: dict[tuple[str, str], list[str]] = {}
@@ -168,19 +168,19 @@ class Registry:
             if not token:
                 return aliases
 
-    @_translate
+    @translate_errors
     def get_model_version(self, name: str, version: str) -> ModelRef:
         """The version if it is registered; ModelNotFound otherwise."""
         mv = self.client.get_model_version(name, str(version))
         return ModelRef(mv.name, str(mv.version))
 
-    @_translate
+    @translate_errors
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelRef:
         """The version an alias points to; ModelNotFound if the model or alias does not exist."""
         mv = self.client.get_model_version_by_alias(name, alias)
         return ModelRef(mv.name, str(mv.version))
 
-    @_translate
+    @translate_errors
     def download_model_version(self, ref: ModelRef, destination: Path) -> Path:
         """Fetch the version's files (MLmodel, model.skops, signature, input example) to a folder."""
         import mlflow.artifacts
@@ -193,7 +193,7 @@ class Registry:
         )
         return Path(path)
 
-    @_translate
+    @translate_errors
     def get_active_model(self) -> ModelRef | None:
         """Which version is active: one read of the experiment's tag."""
         experiment = self.client.get_experiment_by_name(self.experiment_name)
@@ -202,7 +202,7 @@ class Registry:
         pointer = json.loads(experiment.tags[ACTIVE_TAG])
         return ModelRef(pointer["name"], str(pointer["version"]))
 
-    @_translate
+    @translate_errors
     def set_active_model(self, ref: ModelRef) -> None:
         """Make `ref` the active model: the alias on the version (seen in the UI), then the pointer.
 
@@ -217,7 +217,7 @@ class Registry:
                 log.warning("could not remove alias %r from %s", self.alias, previous.name)
         self.client.set_experiment_tag(self.get_experiment_id(), ACTIVE_TAG, json.dumps(ref.as_dict()))
 
-    @_translate
+    @translate_errors
     def delete_model_version(self, ref: ModelRef) -> None:
         """Remove a version (a job that failed after registering must leave nothing behind)."""
         self.client.delete_model_version(ref.name, ref.version)
@@ -262,7 +262,7 @@ def log_model_version(
         pip_requirements=_pinned_requirements(),
     )
     version_tags = {**tags, "metrics": json.dumps(metrics)}
-    created = _translate(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
+    created = translate_errors(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
     return ModelRef(created.name, str(created.version))
 
 

@@ -30,19 +30,6 @@ SMALL = {
 }
 
 
-@pytest.fixture
-def train_app(store, app_config):
-    store["registry"].set_active_model(store["default"])
-    app = create_app(app_config)
-    yield app
-    app.extensions["model_store"].stop()
-
-
-@pytest.fixture
-def train_client(train_app):
-    return train_app.test_client()
-
-
 def version_count(store) -> int:
     return len(store["registry"].search_model_versions())
 
@@ -76,45 +63,45 @@ def wait_done(client, location: str, timeout: float = 120) -> dict:
 
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
-def test_every_estimator_trains_registers_and_serves(train_client, store, estimator):
+def test_every_estimator_trains_registers_and_serves(client, store, estimator):
     dataset = "wine" if estimator in ("SVC", "LogisticRegression") else "iris"
     body = {"estimator": estimator, "params": SMALL[estimator], "dataset": dataset, "wait": True}
-    response = train_client.post("/train", json=body)
+    response = client.post("/train", json=body)
     assert response.status_code == 201, response.json
     result = response.json
     assert result["model"]["name"] == f"{dataset}-{estimator}"
     assert 0.5 < result["metrics"]["accuracy"] <= 1.0
     assert "f1_macro" in result["metrics"]
-    listed = {(m["name"], m["version"]): m for m in train_client.get("/models").json["models"]}
+    listed = {(m["name"], m["version"]): m for m in client.get("/models").json["models"]}
     entry = listed[(result["model"]["name"], result["model"]["version"])]
     assert entry["active"] and entry["estimator"] == estimator and entry["dataset"] == dataset
     # In MLflow: the run's parameters, metrics, plot and per-class report.
-    client = MlflowClient(store["uri"])
-    run = client.get_run(result["run_id"])
+    tracking = MlflowClient(store["uri"])
+    run = tracking.get_run(result["run_id"])
     assert run.data.params["estimator"] == estimator
     assert run.data.metrics["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
-    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    artifacts = {a.path for a in tracking.list_artifacts(result["run_id"])}
     assert {"confusion_matrix.png", "classification_report.json", "dataset.json"} <= artifacts
     assert run.data.tags["sklearn_version"]
     # The next /predict, with the new features, is served by the new version.
-    example = train_client.post("/predict", json={}).json["example"]
-    answer = train_client.post("/predict", json=example)
+    example = client.post("/predict", json={}).json["example"]
+    answer = client.post("/predict", json=example)
     assert answer.status_code == 200
     assert answer.json["model"] == result["model"]
 
 
-def test_job_is_queued_then_succeeds(train_client, store):
-    response = train_client.post("/train", json={"estimator": "GaussianNB", "dataset": "breast_cancer"})
+def test_job_is_queued_then_succeeds(client, store):
+    response = client.post("/train", json={"estimator": "GaussianNB", "dataset": "breast_cancer"})
     assert response.status_code == 202
     assert response.json["status"] == "queued"
     assert response.headers["Location"] == response.json["location"] == f"/train/jobs/{response.json['job_id']}"
-    job = wait_done(train_client, response.json["location"])
+    job = wait_done(client, response.json["location"])
     assert job["status"] == "succeeded", job
     assert job["result"]["model"]["name"] == "breast_cancer-GaussianNB"
     assert store["registry"].get_active_model().name == "breast_cancer-GaussianNB"
 
 
-def test_activate_false_registers_without_switching(train_client, store):
+def test_activate_false_registers_without_switching(client, store):
     body = {
         "estimator": "GaussianNB",
         "dataset": "iris",
@@ -122,37 +109,35 @@ def test_activate_false_registers_without_switching(train_client, store):
         "activate": False,
         "wait": True,
     }
-    response = train_client.post("/train", json=body)
+    response = client.post("/train", json=body)
     assert response.status_code == 201
     assert response.json["model"]["name"] == "iris-nb-candidate"
     assert store["registry"].get_active_model() == store["default"]
-    assert train_client.get("/ready").json["model"] == store["default"].as_dict()
+    assert client.get("/ready").json["model"] == store["default"].as_dict()
 
 
-def test_inline_rows_with_text_and_missing_values(train_client):
+def test_inline_rows_with_text_and_missing_values(client):
     body = {"estimator": "RandomForestClassifier", "params": {"n_estimators": 20}, "data": customer_rows(),
             "target": "churned", "model_name": "churn", "wait": True}  # fmt: skip
-    response = train_client.post("/train", json=body)
+    response = client.post("/train", json=body)
     assert response.status_code == 201, response.json
-    answer = train_client.post("/predict", json={"plan": "basic", "monthly_spend": 95.0, "seats": 3})
+    answer = client.post("/predict", json={"plan": "basic", "monthly_spend": 95.0, "seats": 3})
     assert answer.status_code == 200, answer.json
     assert answer.json["predictions"] == ["yes"]
     assert set(answer.json["probabilities"][0]) == {"yes", "no"}
     # Text columns are text fields; columns that had gaps accept null; an unseen category still predicts.
-    assert train_client.post("/predict", json={"plan": None, "monthly_spend": None, "seats": 3}).status_code == 200
-    assert (
-        train_client.post("/predict", json={"plan": "startup", "monthly_spend": 310.0, "seats": 3}).status_code == 200
-    )
-    wrong = train_client.post("/predict", json={"plan": 3, "monthly_spend": 95.0, "seats": 3})
+    assert client.post("/predict", json={"plan": None, "monthly_spend": None, "seats": 3}).status_code == 200
+    assert client.post("/predict", json={"plan": "startup", "monthly_spend": 310.0, "seats": 3}).status_code == 200
+    wrong = client.post("/predict", json={"plan": 3, "monthly_spend": 95.0, "seats": 3})
     assert wrong.status_code == 400
     assert "plan" in wrong.json["errors"]
-    spec = train_client.get("/openapi.json").json
+    spec = client.get("/openapi.json").json
     row = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"][0]
     assert row["properties"]["plan"]["type"] == "string"
     assert row["properties"]["seats"]["type"] == "number"
 
 
-def test_csv_upload_trains_and_predicts_raw_text(train_client):
+def test_csv_upload_trains_and_predicts_raw_text(client):
     frame = pd.DataFrame(customer_rows(80, seed=1))
     data = {
         "file": (io.BytesIO(frame.to_csv(index=False).encode()), "customers.csv"),
@@ -161,10 +146,10 @@ def test_csv_upload_trains_and_predicts_raw_text(train_client):
         "params": json.dumps({"C": 1.0}),
         "wait": "true",
     }
-    response = train_client.post("/train", data=data, content_type="multipart/form-data")
+    response = client.post("/train", data=data, content_type="multipart/form-data")
     assert response.status_code == 201, response.json
     assert response.json["model"]["name"] == "customers-LogisticRegression"
-    answer = train_client.post("/predict", json={"plan": "enterprise", "monthly_spend": 320.5, "seats": 12})
+    answer = client.post("/predict", json={"plan": "enterprise", "monthly_spend": 320.5, "seats": 12})
     assert answer.status_code == 200
     assert answer.json["predictions"] == ["no"]
 
@@ -201,9 +186,9 @@ FEW_ROWS = [{"x": float(i), "y": "ab"[i % 2]} for i in range(6)]
          "missing_target", "target_not_a_column", "too_few_rows", "empty_data", "rows_not_objects",
          "bad_model_name", "unknown_field"],
 )  # fmt: skip
-def test_bad_training_request_is_400_and_registers_nothing(train_client, store, body, field):
+def test_bad_training_request_is_400_and_registers_nothing(client, store, body, field):
     before = version_count(store)
-    response = train_client.post("/train", json=body)
+    response = client.post("/train", json=body)
     assert response.status_code == 400, response.json
     assert response.json["error"] == "invalid_training_request"
     assert field in json.dumps(response.json["errors"])
@@ -226,9 +211,9 @@ def test_oversized_data_is_400(store, app_config):
     assert too_big.status_code == 413
 
 
-def test_unreadable_csv_is_400(train_client):
+def test_unreadable_csv_is_400(client):
     data = {"file": (io.BytesIO(b"\x00\xff\xfe binary"), "x.csv"), "target": "y", "estimator": "SVC"}
-    response = train_client.post("/train", data=data, content_type="multipart/form-data")
+    response = client.post("/train", data=data, content_type="multipart/form-data")
     assert response.status_code == 400
 
 
@@ -260,18 +245,18 @@ def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     assert MlflowClient(store["uri"]).get_run(job["job_id"]).info.status == "FAILED"
 
 
-def test_killed_job_is_reported_failed(train_client, store):
+def test_killed_job_is_reported_failed(client, store):
     before = version_count(store)
     body = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 300}, "dataset": "digits"}
-    location = train_client.post("/train", json=body).json["location"]
-    client = MlflowClient(store["uri"])
+    location = client.post("/train", json=body).json["location"]
+    tracking = MlflowClient(store["uri"])
     run_id = location.rsplit("/", 1)[1]
     deadline = time.monotonic() + 60
-    while "job.pid" not in client.get_run(run_id).data.tags:
+    while "job.pid" not in tracking.get_run(run_id).data.tags:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    os.kill(int(client.get_run(run_id).data.tags["job.pid"]), signal.SIGKILL)
-    job = wait_done(train_client, location, timeout=30)
+    os.kill(int(tracking.get_run(run_id).data.tags["job.pid"]), signal.SIGKILL)
+    job = wait_done(client, location, timeout=30)
     assert job["status"] == "failed"
     assert "ended without reporting" in job["error"]
     time.sleep(1)  # the training child dies with its supervisor; nothing may appear afterwards
@@ -279,8 +264,8 @@ def test_killed_job_is_reported_failed(train_client, store):
 
 
 @pytest.mark.parametrize("job_id", ["nope", "0" * 32, "../../etc/passwd"])
-def test_unknown_job_is_404(train_client, job_id):
-    response = train_client.get(f"/train/jobs/{job_id}")
+def test_unknown_job_is_404(client, job_id):
+    response = client.get(f"/train/jobs/{job_id}")
     assert response.status_code == 404
     assert response.is_json
 

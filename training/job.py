@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import mlflow
 
-from serving.registry import ModelRef, Registry, log_model_version
+from serving.registry import Registry, log_model_version
 from training.datasets import Dataset
 from training.estimators import build_estimator
 from training.pipeline import build_pipeline, evaluate, split
@@ -103,8 +103,3 @@ def run_training(registry: Registry, spec: TrainingSpec, dataset: Dataset, run_i
                 raise
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         return {"model": ref.as_dict(), "run_id": run.info.run_id, "metrics": metrics, "activated": spec.activate}
-
-
-def active_or_none(registry: Registry) -> ModelRef | None:
-    """The active version, or None when the registry has none yet."""
-    return registry.get_active_model()

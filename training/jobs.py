@@ -22,7 +22,7 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 
 from serving.config import PROJECT_ROOT
-from serving.registry import Registry, _iso, _translate
+from serving.registry import Registry, _iso, translate_errors
 from training.datasets import Dataset
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def submit_job(registry: Registry, config: dict, request: dict, dataset: Dataset
             "estimator": spec["estimator"],
             "dataset": dataset.name,
         }
-        run = _translate(registry.client.create_run)(
+        run = translate_errors(registry.client.create_run)(
             registry.get_experiment_id(), tags=tags, run_name=f"{dataset.name}-{spec['estimator']}"
         )
         run_id = run.info.run_id
@@ -151,7 +151,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-@_translate
+@translate_errors
 def get_job(registry: Registry, job_id: str) -> dict:
     """The job's state from its run; a job whose process is gone is reported (and recorded) failed."""
     if not (len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)):
