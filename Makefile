@@ -7,7 +7,7 @@ PORT ?= 8000
 export HOST PORT
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test lint format train mlflow-ui bench clean
+.PHONY: help setup run serve test lint format mlflow-ui bench clean package lambda-deploy lambda-update
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,7 +26,7 @@ run: setup ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the e
 serve: setup ## Production: gunicorn.conf.py on 0.0.0.0:$$PORT, WEB_CONCURRENCY workers (default 4)
 	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
-test: setup ## Run the test suite
+test: setup package $(LAMBDA_RUNTIME)/.installed ## Run the test suite (builds the Lambda package for its tests)
 	$(BIN)/python -m pytest
 
 lint: setup ## Lint and check formatting with ruff
@@ -43,5 +43,46 @@ mlflow-ui: setup ## Open the MLflow UI on the embedded store (http://127.0.0.1:5
 bench: setup ## Time a 10,000-row /predict against scikit-learn's own predict_proba
 	$(BIN)/python scripts/bench_predict.py
 
-clean: ## Remove the embedded MLflow store (all models) and caches
-	rm -rf .mlflow .pytest_cache .ruff_cache
+clean: ## Remove the embedded MLflow store (all models), caches and build output
+	rm -rf .mlflow .pytest_cache .ruff_cache dist build handler_venv
+
+# ---- AWS Lambda (Zappa), inference role ----------------------------------------------------------------
+# Lambda's python3.12 runtime runs on Amazon Linux 2023 (glibc 2.34): the package is built with Python 3.12
+# and wheels for manylinux 2.28 or older, whatever this machine's own glibc is. No AWS credentials needed.
+LAMBDA_PYTHON ?= $(shell for p in python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null); do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; done)
+LVENV := .venv-lambda
+LSITE := $(LVENV)/lib/python3.12/site-packages
+LAMBDA_RUNTIME := build/lambda-runtime
+STAGE ?= production
+MANYLINUX := $(foreach tag,manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_12 manylinux2010 manylinux_2_5 manylinux1,--platform $(tag)_x86_64)
+ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/bin:$$PATH AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(LVENV)/bin/zappa
+
+$(LVENV)/.installed: requirements-lambda.txt requirements-dev.txt
+	@test -n "$(LAMBDA_PYTHON)" || { echo "make package needs Python 3.12 (python3.12 on PATH, or LAMBDA_PYTHON=...)"; exit 1; }
+	test -x $(LVENV)/bin/python || $(LAMBDA_PYTHON) -m venv $(LVENV)
+	$(LVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LVENV)/bin/python -m pip install --quiet $$(grep '^zappa==' requirements-dev.txt)
+	$(LVENV)/bin/python -m pip install --quiet --upgrade --target $(LSITE) $(MANYLINUX) --python-version 3.12 \
+		--implementation cp --only-binary=:all: -r requirements-lambda.txt
+	touch $@
+
+# What Lambda's runtime provides besides the package (boto3), for the handler tests.
+$(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt
+	$(BIN)/python -m pip install --quiet --no-compile --upgrade --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt)
+	touch $@
+
+package: setup $(LVENV)/.installed ## Build the Lambda package offline with Zappa (dist/) and check its size
+	rm -rf dist handler_venv model-serving-$(STAGE)-*.tar.gz && mkdir -p dist
+	AWS_ACCESS_KEY_ID=$${AWS_ACCESS_KEY_ID:-none} AWS_SECRET_ACCESS_KEY=$${AWS_SECRET_ACCESS_KEY:-none} \
+		$(ZAPPA) package $(STAGE) -o dist/lambda-$(STAGE)-handler.zip
+	mv model-serving-$(STAGE)-*.tar.gz dist/lambda-$(STAGE)-project.tar.gz
+	rm -rf handler_venv
+	$(BIN)/python scripts/package_size.py dist/lambda-$(STAGE)-handler.zip dist/lambda-$(STAGE)-project.tar.gz \
+		$$($(BIN)/python -c "import json; print(json.load(open('zappa_settings.json'))['production']['ephemeral_storage']['Size'])")
+
+lambda-deploy: $(LVENV)/.installed ## First deployment of STAGE (default production) with Zappa: needs AWS credentials
+	$(ZAPPA) deploy $(STAGE)
+
+lambda-update: $(LVENV)/.installed ## Ship the current code to STAGE (zappa update)
+	$(ZAPPA) update $(STAGE)
