@@ -7,7 +7,7 @@ PORT ?= 8000
 export HOST PORT
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test lint format mlflow-ui bench clean package lambda-deploy lambda-update
+.PHONY: help setup run serve test lint format mlflow-ui bench clean package upload-project lambda-deploy lambda-update
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ setup: $(BIN)/.installed ## Create .venv and install the pinned requirements
 run: setup ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the embedded MLflow
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
-serve: setup ## Production: gunicorn.conf.py on 0.0.0.0:$$PORT, WEB_CONCURRENCY workers (default 4)
+serve: setup ## Production: gunicorn.conf.py on 0.0.0.0:PORT, WEB_CONCURRENCY workers (default 4)
 	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 test: setup package $(LAMBDA_RUNTIME)/.installed ## Run the test suite (builds the Lambda package for its tests)
@@ -72,17 +72,30 @@ $(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt
 	$(BIN)/python -m pip install --quiet --no-compile --upgrade --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt)
 	touch $@
 
-package: setup $(LVENV)/.installed ## Build the Lambda package offline with Zappa (dist/) and check its size
+package: setup dist/.built-$(STAGE) ## Build the Lambda package offline with Zappa (dist/) and check its size
+
+PACKAGE_INPUTS := $(wildcard serving/*.py) wsgi.py zappa_settings.json requirements-lambda.txt scripts/precompile_project.py
+dist/.built-$(STAGE): $(PACKAGE_INPUTS) $(LVENV)/.installed
 	rm -rf dist handler_venv model-serving-$(STAGE)-*.tar.gz && mkdir -p dist
 	AWS_ACCESS_KEY_ID=$${AWS_ACCESS_KEY_ID:-none} AWS_SECRET_ACCESS_KEY=$${AWS_SECRET_ACCESS_KEY:-none} \
 		$(ZAPPA) package $(STAGE) -o dist/lambda-$(STAGE)-handler.zip
 	mv model-serving-$(STAGE)-*.tar.gz dist/lambda-$(STAGE)-project.tar.gz
 	rm -rf handler_venv
+	$(LVENV)/bin/python scripts/precompile_project.py dist/lambda-$(STAGE)-project.tar.gz
 	$(BIN)/python scripts/package_size.py dist/lambda-$(STAGE)-handler.zip dist/lambda-$(STAGE)-project.tar.gz \
 		$$($(BIN)/python -c "import json; print(json.load(open('zappa_settings.json'))['production']['ephemeral_storage']['Size'])")
+	touch $@
 
-lambda-deploy: $(LVENV)/.installed ## First deployment of STAGE (default production) with Zappa: needs AWS credentials
-	$(ZAPPA) deploy $(STAGE)
+# Ship exactly what `make package` built (and tested): the project archive goes to the key Zappa's slim
+# handler reads, the handler zip goes to the function. Needs AWS credentials; not run by the tests.
+upload-project:
+	$(BIN)/python -c "import boto3, json; \
+		settings = json.load(open('zappa_settings.json')); stage = {**settings['production'], **settings['$(STAGE)']}; \
+		boto3.client('s3').upload_file('dist/lambda-$(STAGE)-project.tar.gz', stage['s3_bucket'], \
+		'$(STAGE)_' + stage['project_name'] + '_current_project.tar.gz')"
 
-lambda-update: $(LVENV)/.installed ## Ship the current code to STAGE (zappa update)
-	$(ZAPPA) update $(STAGE)
+lambda-deploy: package upload-project ## First deployment of STAGE (default production) with Zappa (AWS credentials)
+	$(ZAPPA) deploy $(STAGE) -z dist/lambda-$(STAGE)-handler.zip
+
+lambda-update: package upload-project ## Ship the current code to STAGE (zappa update)
+	$(ZAPPA) update $(STAGE) -z dist/lambda-$(STAGE)-handler.zip

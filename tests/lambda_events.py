@@ -35,7 +35,9 @@ def rest_v1(method: str, path: str, stage: str, body: dict | str | None = None, 
     }
 
 
-def http_v2(method: str, path: str, stage: str = "$default", body: dict | str | None = None, headers: dict | None = None) -> dict:
+def http_v2(
+    method: str, path: str, stage: str = "$default", body: dict | str | None = None, headers: dict | None = None
+) -> dict:
     """An HTTP API event (payload format 2.0); the $default stage puts no stage in rawPath."""
     headers = {"host": HOST, "accept": "application/json", "x-forwarded-proto": "https", **(headers or {})}
     if body is not None:
@@ -47,7 +49,13 @@ def http_v2(method: str, path: str, stage: str = "$default", body: dict | str | 
         "rawQueryString": "",
         "headers": headers,
         "requestContext": {
-            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.7", "userAgent": "pytest"},
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "203.0.113.7",
+                "userAgent": "pytest",
+            },
             "stage": stage,
             "requestId": "req-v2",
             "routeKey": "$default",

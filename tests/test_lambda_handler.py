@@ -46,7 +46,9 @@ def built_package():
 def tracking_server(tmp_path_factory):
     """An `mlflow server` with one model registered and activated by the batch training job."""
     folder = tmp_path_factory.mktemp("lambda-mlflow")
-    process, uri, log = start_mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri(), folder)
+    process, uri, log = start_mlflow_server(
+        f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri(), folder
+    )
     try:
         subprocess.run(
             [sys.executable, "-m", "training", "--estimator", "RandomForestClassifier", "--dataset", "iris",
