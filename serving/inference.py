@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, current_app, jsonify
 
 from serving.auth import require_token
@@ -15,6 +17,7 @@ from serving.requests import json_body, load_body
 from serving.schemas import UseModelRequest
 
 bp = Blueprint("inference", __name__)
+log = logging.getLogger(__name__)
 
 
 def model_store() -> ModelStore:
@@ -35,10 +38,11 @@ def active_model() -> LoadedModel:
 
 
 def registry_unavailable(exc: RegistryUnavailable) -> APIError:
+    log.warning("registry unavailable: %s", exc)  # the detail (URLs, hosts) stays in the log
     return APIError(
         503,
         "registry_unavailable",
-        f"The model registry (MLflow) cannot be reached; predictions still work. {exc}",
+        "The model registry (MLflow) cannot be reached; predictions still work. Try again shortly.",
         headers={"Retry-After": "10"},
     )
 

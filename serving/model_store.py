@@ -12,6 +12,7 @@ polls the registry every few seconds so that swaps made on other instances arriv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from serving.loaded_model import LoadedModel, ModelLoadError, load_model_dir
 from serving.locks import file_lock
-from serving.registry import ModelRef, Registry, RegistryUnavailable
+from serving.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +95,25 @@ class ModelStore:
             self.write_pointer(ref)
         with self._swap_lock:
             self._swap(loaded)
+            self._pointer_stat = None  # re-read the pointer next time: another worker may have swapped since
         return loaded
 
     def follow_registry(self) -> None:
-        """One watcher step: if the registry names another version, load it and point this machine at it."""
+        """One watcher step: if the registry names another version, load it and point this machine at it.
+
+        Never raises for a registry or model problem: it is recorded in `last_error`, the current
+        model keeps serving, and a version that failed is not tried again for a while.
+        """
         try:
-            ref = self.registry.get_active_model()
+            self._follow_registry()
             self.registry_available = True
         except RegistryUnavailable as exc:
             self.registry_available = False
-            self.last_error = str(exc)
+            self.last_error = "The model registry (MLflow) cannot be reached."
             log.warning("registry unavailable: %s", exc)
-            return
+
+    def _follow_registry(self) -> None:
+        ref = self.registry.get_active_model()
         if ref is None:
             if self.current is None and self.bootstrap is not None:
                 ref = self._bootstrap()
@@ -117,7 +125,7 @@ class ModelStore:
             return
         try:
             loaded = self._load(ref, download=True)
-        except (ModelLoadError, RegistryUnavailable) as exc:
+        except (ModelLoadError, ModelNotFound) as exc:  # e.g. the active version was deleted
             self._remember_failure(ref, exc)
             return
         with file_lock(self.state_dir / "activate.lock"):
@@ -129,6 +137,7 @@ class ModelStore:
                 self.write_pointer(ref)
         with self._swap_lock:
             self._swap(loaded)
+            self._pointer_stat = None  # a later swap by another worker may have landed meanwhile
 
     def _bootstrap(self) -> ModelRef | None:
         """Train the default model once per machine: the lock makes the other workers wait and reuse it."""
@@ -136,7 +145,14 @@ class ModelStore:
             ref = self.registry.get_active_model()
             if ref is None:
                 log.info("empty registry: training the default model")
-                ref = self.bootstrap()
+                try:
+                    ref = self.bootstrap()
+                except RegistryUnavailable:
+                    raise
+                except Exception as exc:  # not ready rather than not started: the log says why
+                    log.exception("training the default model failed")
+                    self.last_error = f"Training the default model failed: {exc}"
+                    return None
             return ref
 
     def _swap(self, loaded: LoadedModel) -> None:
@@ -162,15 +178,22 @@ class ModelStore:
         return loaded
 
     def _cache_dir(self, ref: ModelRef) -> Path:
-        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in ref.name)
-        return self.state_dir / "models" / safe_name / ref.version
+        """One folder per registered version; the hash keeps names that read alike ("a b", "a_b") apart."""
+        if not ref.version.isdigit():
+            raise ModelLoadError(f"{ref.name}: {ref.version!r} is not a version number")
+        readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in ref.name)[:80]
+        digest = hashlib.sha256(ref.name.encode()).hexdigest()[:12]
+        return self.state_dir / "models" / f"{readable}-{digest}" / ref.version
 
     def _download(self, ref: ModelRef, path: Path) -> None:
         """Download into a temporary folder, then rename: a reader never sees a half-written model."""
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=path.parent))
         try:
-            downloaded = self.registry.download_model_version(ref, staging)
+            try:
+                downloaded = self.registry.download_model_version(ref, staging)
+            except ModelNotFound as exc:
+                raise ModelLoadError(f"{ref.name} version {ref.version} has no model files: {exc}") from exc
             if path.exists() and not (path / "MLmodel").exists():
                 shutil.rmtree(path, ignore_errors=True)  # left over from an interrupted download
             try:

@@ -92,8 +92,11 @@ def _fast_columns(model: LoadedModel, rows: list) -> dict | None:
             return None
         if feature.kind == "number":
             present = values if feature.required else [v for v in values if v is not None]
-            if not np.isfinite(np.array(present, dtype="float64")).all():
-                return None  # NaN or Infinity (Python's JSON parser accepts both)
+            try:
+                if not np.isfinite(np.array(present, dtype="float64")).all():
+                    return None  # NaN or Infinity (Python's JSON parser accepts both)
+            except OverflowError:
+                return None  # an integer too large for a float: the schema says "Number too large."
             columns[feature.name] = np.array([np.nan if v is None else v for v in values], dtype="float64")
         elif feature.kind == "text":
             columns[feature.name] = np.array([np.nan if v is None else v for v in values], dtype=object)

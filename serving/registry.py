@@ -74,6 +74,15 @@ def translate_errors(func):
     return wrapper
 
 
+def _json_or_empty(text: str | None) -> dict:
+    """A JSON object from a tag, or {} when the tag is missing or was written by something else."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _iso(timestamp_ms: int | None) -> str | None:
     if timestamp_ms is None:
         return None
@@ -145,7 +154,7 @@ class Registry:
                     "created_at": _iso(mv.creation_timestamp),
                     "estimator": tags.get("estimator"),
                     "dataset": tags.get("dataset"),
-                    "metrics": json.loads(tags.get("metrics", "{}")),
+                    "metrics": _json_or_empty(tags.get("metrics")),
                     "run_id": mv.run_id,
                     "aliases": sorted(aliases.get((mv.name, str(mv.version)), [])),
                     "active": active == ModelRef(mv.name, str(mv.version)),
@@ -199,23 +208,41 @@ class Registry:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None or ACTIVE_TAG not in experiment.tags:
             return None
-        pointer = json.loads(experiment.tags[ACTIVE_TAG])
-        return ModelRef(pointer["name"], str(pointer["version"]))
+        try:
+            pointer = json.loads(experiment.tags[ACTIVE_TAG])
+            return ModelRef(str(pointer["name"]), str(pointer["version"]))
+        except (ValueError, KeyError, TypeError):
+            log.error("ignoring a malformed %s tag: %r", ACTIVE_TAG, experiment.tags[ACTIVE_TAG])
+            return None
 
     @translate_errors
     def set_active_model(self, ref: ModelRef) -> None:
         """Make `ref` the active model: the alias on the version (seen in the UI), then the pointer.
 
-        The alias leaves the previously active model, so only one version carries it.
+        The alias leaves the previously active model, so only one version carries it. If the pointer
+        cannot be written, the alias goes back where it was: a failed swap changes nothing.
         """
         previous = self.get_active_model()
         self.client.set_registered_model_alias(ref.name, self.alias, ref.version)
+        try:
+            self.client.set_experiment_tag(self.get_experiment_id(), ACTIVE_TAG, json.dumps(ref.as_dict()))
+        except Exception:
+            self._move_alias_back(ref, previous)
+            raise
         if previous and previous.name != ref.name:
             try:
                 self.client.delete_registered_model_alias(previous.name, self.alias)
             except MlflowException:
                 log.warning("could not remove alias %r from %s", self.alias, previous.name)
-        self.client.set_experiment_tag(self.get_experiment_id(), ACTIVE_TAG, json.dumps(ref.as_dict()))
+
+    def _move_alias_back(self, ref: ModelRef, previous: ModelRef | None) -> None:
+        try:
+            if previous and previous.name == ref.name:
+                self.client.set_registered_model_alias(ref.name, self.alias, previous.version)
+            else:
+                self.client.delete_registered_model_alias(ref.name, self.alias)
+        except Exception:
+            log.warning("could not restore alias %r after a failed swap", self.alias)
 
     @translate_errors
     def delete_model_version(self, ref: ModelRef) -> None:

@@ -22,7 +22,7 @@ def json_body(example: dict | None = None):
         )
     try:
         return json.loads(request.get_data())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise APIError(400, "malformed_json", f"The body is not valid JSON: {exc}.", **details) from exc
 
 

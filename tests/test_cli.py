@@ -26,7 +26,7 @@ def test_cli_trains_and_registers(store):
     assert result["model"]["name"] == "wine-knn-batch"
     after = {(m["name"], m["version"]) for m in store["registry"].list_models()}
     assert after - before == {("wine-knn-batch", result["model"]["version"])}
-    assert store["registry"].get_active_model() != result["model"]
+    assert store["registry"].get_active_model() == store["default"]  # --no-activate
 
 
 def test_cli_csv(store, tmp_path):

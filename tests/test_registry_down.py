@@ -78,3 +78,18 @@ def test_a_version_that_fails_to_load_is_not_retried_in_a_loop(store, app_config
         assert app.test_client().post("/predict", json=IRIS_ROW).json["model"] == store["default"].as_dict()
     finally:
         store["registry"].set_active_model(store["default"])
+
+
+def test_a_deleted_active_version_does_not_stop_new_workers(tmp_path):
+    """Someone deletes the active version in the MLflow UI: a new worker still starts, not ready, and says why."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = create_app({"MLFLOW_TRACKING_URI": uri, "WATCH_REGISTRY": False})
+    registry = first.extensions["registry"]
+    active = registry.get_active_model()
+    registry.delete_model_version(active)
+    fresh = create_app(
+        {"MLFLOW_TRACKING_URI": uri, "STATE_DIR": str(tmp_path / "other-machine"), "WATCH_REGISTRY": False}
+    )
+    ready = fresh.test_client().get("/ready")
+    assert ready.status_code == 503
+    assert active.name in ready.json["message"]

@@ -155,6 +155,8 @@ def test_csv_upload_trains_and_predicts_raw_text(client):
 
 
 ONE_CLASS = [{"x": float(i), "y": "a"} for i in range(20)]
+MIXED_LABELS = [{"x": float(i), "y": [1, "b"][i % 2]} for i in range(20)]
+RESERVED_COLUMN = [{"records": float(i), "y": "ab"[i % 2]} for i in range(20)]
 FEW_ROWS = [{"x": float(i), "y": "ab"[i % 2]} for i in range(6)]
 
 
@@ -173,6 +175,8 @@ FEW_ROWS = [{"x": float(i), "y": "ab"[i % 2]} for i in range(6)]
         ({"estimator": "SVC", "dataset": "mnist"}, "dataset"),
         ({"estimator": "SVC", "dataset": "iris", "data": FEW_ROWS, "target": "y"}, "dataset"),
         ({"estimator": "SVC", "data": ONE_CLASS, "target": "y"}, "target"),
+        ({"estimator": "SVC", "data": MIXED_LABELS, "target": "y"}, "mix types"),
+        ({"estimator": "SVC", "data": RESERVED_COLUMN, "target": "y"}, "records"),
         ({"estimator": "SVC", "data": FEW_ROWS}, "target"),
         ({"estimator": "SVC", "data": FEW_ROWS, "target": "label"}, "target"),
         ({"estimator": "SVC", "data": FEW_ROWS, "target": "y"}, "target"),
@@ -182,7 +186,8 @@ FEW_ROWS = [{"x": float(i), "y": "ab"[i % 2]} for i in range(6)]
         ({"estimator": "SVC", "dataset": "iris", "path": "/tmp/model.pkl"}, "path"),
     ],
     ids=["unknown_estimator", "out_of_bounds", "wrong_type", "float_for_int", "service_param", "negative_C",
-         "max_iter_cap", "params_not_object", "no_dataset", "unknown_dataset", "two_sources", "one_class",
+         "max_iter_cap", "params_not_object", "no_dataset", "unknown_dataset", "two_sources", "one_class", "mixed_labels",
+         "reserved_column",
          "missing_target", "target_not_a_column", "too_few_rows", "empty_data", "rows_not_objects",
          "bad_model_name", "unknown_field"],
 )  # fmt: skip
@@ -263,7 +268,7 @@ def test_killed_job_is_reported_failed(client, store):
     assert version_count(store) == before
 
 
-@pytest.mark.parametrize("job_id", ["nope", "0" * 32, "../../etc/passwd"])
+@pytest.mark.parametrize("job_id", ["nope", "0" * 32, "Z" * 32, "..%2F..%2Fetc%2Fpasswd"])
 def test_unknown_job_is_404(client, job_id):
     response = client.get(f"/train/jobs/{job_id}")
     assert response.status_code == 404

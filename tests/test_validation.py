@@ -26,6 +26,7 @@ BAD_BODIES = {
     "boolean_for_number": (with_value("sepal_length_cm", True), "sepal_length_cm"),
     "list_for_number": (with_value("sepal_length_cm", [5.1]), "sepal_length_cm"),
     "null": (with_value("petal_length_cm", None), "petal_length_cm"),
+    "integer_too_large_for_a_float": (with_value("sepal_length_cm", 10**400), "sepal_length_cm"),
     "empty_object": ({}, "sepal_length_cm"),
     "records_not_list": ({"records": IRIS_ROW}, "records"),
     "empty_batch": ({"records": []}, "records"),
@@ -77,6 +78,12 @@ def test_malformed_json_is_400(client, text):
     assert response.status_code == 400
     assert response.json["error"] == "malformed_json"
     assert client.post("/predict", json=response.json["example"]).status_code == 200
+
+
+def test_absurdly_deep_json_is_400_not_500(client):
+    response = client.post("/predict", data="[" * 5000 + "]" * 5000, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json["error"] == "malformed_json"
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])

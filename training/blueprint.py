@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Flask, current_app, request
 from marshmallow import ValidationError
 
 from serving.auth import require_token
 from serving.errors import APIError
-from serving.registry import ModelRef, RegistryUnavailable
+from serving.registry import RegistryUnavailable
 from serving.requests import json_body
 from training.datasets import DatasetError, from_csv, from_records, load_builtin
 from training.estimators import validate_params
-from training.jobs import JobNotFound, TooManyJobs, get_job, submit_job, wait_for_job
+from training.jobs import JobNotFound, JobNotStarted, TooManyJobs, get_job, submit_job, wait_for_job
 from training.schemas import load_train_request
 
 bp = Blueprint("training", __name__)
+log = logging.getLogger(__name__)
 
 EXAMPLE = {"estimator": "RandomForestClassifier", "params": {"n_estimators": 200}, "dataset": "wine"}
 
@@ -29,6 +32,12 @@ def _limits() -> dict:
 
 def _bad(errors: dict, message: str = "The training request is not valid; nothing was trained.") -> APIError:
     return APIError(400, "invalid_training_request", message, errors=errors, example=EXAMPLE)
+
+
+def _unavailable(exc: Exception) -> APIError:
+    log.warning("registry unavailable: %s", exc)  # the detail (URLs, hosts) stays in the log
+    return APIError(503, "registry_unavailable", "The model registry (MLflow) cannot be reached; nothing was "
+                    "trained. Try again shortly.", headers={"Retry-After": "10"})  # fmt: skip
 
 
 def read_train_request() -> tuple[dict, object]:
@@ -66,18 +75,27 @@ def train():
         job = submit_job(registry, current_app.config, parsed, dataset)
     except TooManyJobs as exc:
         raise APIError(429, "too_many_jobs", f"{exc}; try again later.", headers={"Retry-After": "30"}) from exc
+    except JobNotStarted as exc:
+        raise APIError(503, "job_not_started", "The training process could not be started; nothing was trained.",
+                       headers={"Retry-After": "30"}) from exc  # fmt: skip
     except RegistryUnavailable as exc:
-        raise APIError(503, "registry_unavailable", f"The model registry (MLflow) cannot be reached. {exc}") from exc
+        raise _unavailable(exc) from exc
     if not parsed["wait"]:
         return job, 202, {"Location": job["location"]}
-    job = wait_for_job(registry, job["job_id"], current_app.config["TRAIN_TIME_LIMIT_SECONDS"] + 60)
-    if job["status"] != "succeeded":
+    try:
+        job = wait_for_job(registry, job["job_id"], current_app.config["TRAIN_TIME_LIMIT_SECONDS"] + 60)
+    except RegistryUnavailable as exc:
+        raise _unavailable(exc) from exc
+    if job["status"] not in ("succeeded", "failed"):  # still going: answer as if wait had not been asked
+        return job, 202, {"Location": job["location"]}
+    if job["status"] == "failed":
         raise APIError(422, "training_failed", f"The training job failed: {job.get('error')}", job=job)
     result = job["result"]
     store = current_app.extensions.get("model_store")
     if result["activated"] and store is not None:
-        # This machine serves the new version before the 201 leaves (the other instances follow by polling).
-        store.activate(ModelRef(**result["model"]))
+        # This machine follows the registry before the 201 leaves (other instances follow by polling);
+        # if a /use-model moved it since, that newer choice is what this machine serves.
+        store.follow_registry()
     return result, 201, {"Location": job["location"]}
 
 
@@ -89,7 +107,7 @@ def job_status(job_id: str):
     except JobNotFound as exc:
         raise APIError(404, "job_not_found", f"No training job {job_id!r}.") from exc
     except RegistryUnavailable as exc:
-        raise APIError(503, "registry_unavailable", f"The model registry (MLflow) cannot be reached. {exc}") from exc
+        raise _unavailable(exc) from exc
 
 
 def register_training(app: Flask) -> None:

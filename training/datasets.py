@@ -18,6 +18,8 @@ BUILTIN_DATASETS = {
     "digits": sk_datasets.load_digits,
 }
 MIN_CLASSES = 2
+# The top-level keys of /predict's batch bodies (serving.prediction.BATCH_KEYS) cannot be feature names.
+RESERVED_NAMES = ("records", "dataframe_records", "dataframe_split", "instances", "inputs")
 MIN_ROWS_PER_CLASS = 5
 
 
@@ -80,9 +82,14 @@ def from_frame(frame: pd.DataFrame, target: str, name: str, source: str, limits:
     if target not in frame.columns:
         raise DatasetError({"target": f"no column {target!r}; columns are {list(frame.columns)}"})
     frame = frame.rename(columns={c: str(c) for c in frame.columns})
+    reserved = sorted(set(frame.columns) & set(RESERVED_NAMES))
+    if reserved:
+        raise DatasetError({"data": f"rename the columns {reserved}: /predict reads those names as batch forms"})
     labels = frame[target]
     if labels.isna().any():
         raise DatasetError({"target": f"{int(labels.isna().sum())} rows have no label"})
+    if labels.map(type).nunique() > 1:
+        raise DatasetError({"target": "the labels mix types (numbers and text); use one type for all"})
     features = frame.drop(columns=[target])
     if features.shape[1] == 0:
         raise DatasetError({"data": "no feature columns besides the target"})

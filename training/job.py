@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -95,11 +96,15 @@ def run_training(registry: Registry, spec: TrainingSpec, dataset: Dataset, run_i
 
         tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
         ref = log_model_version(registry, model, train_x, model_name, tags, metrics)
+        mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         if spec.activate:
+            # Recorded first, so a job that dies after this point can hand the previous model back.
+            previous = registry.get_active_model()
+            if previous:
+                mlflow.set_tag("job.previous_active", json.dumps(previous.as_dict()))
             try:
                 registry.set_active_model(ref)
             except Exception:
                 registry.delete_model_version(ref)
                 raise
-        mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         return {"model": ref.as_dict(), "run_id": run.info.run_id, "metrics": metrics, "activated": spec.activate}

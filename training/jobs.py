@@ -22,7 +22,7 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 
 from serving.config import PROJECT_ROOT
-from serving.registry import Registry, _iso, translate_errors
+from serving.registry import ModelRef, Registry, _iso, translate_errors
 from training.datasets import Dataset
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ DEADLINE_GRACE_SECONDS = 30
 
 class TooManyJobs(Exception):
     """Every training slot of this machine is taken."""
+
+
+class JobNotStarted(Exception):
+    """The job's process could not be started; the job is recorded failed."""
 
 
 class JobNotFound(Exception):
@@ -92,7 +96,7 @@ def submit_job(registry: Registry, config: dict, request: dict, dataset: Dataset
             registry.get_experiment_id(), tags=tags, run_name=f"{dataset.name}-{spec['estimator']}"
         )
         run_id = run.info.run_id
-        registry.client.update_run(run_id, status=RunStatus.to_string(RunStatus.SCHEDULED))
+        translate_errors(registry.client.update_run)(run_id, status=RunStatus.to_string(RunStatus.SCHEDULED))
         folder = Path(config["STATE_DIR"]) / "jobs" / run_id
         folder.mkdir(parents=True)
         (folder / "spec.json").write_text(json.dumps(spec))
@@ -103,11 +107,15 @@ def submit_job(registry: Registry, config: dict, request: dict, dataset: Dataset
         with open(folder / "job.log", "w") as output:
             # The launcher forks the job's supervisor and exits at once, so the job belongs to no
             # serving worker: no zombie to reap, and a recycled worker does not take the job with it.
-            subprocess.run(
-                [sys.executable, "-m", "training.worker", str(folder), run_id, str(slot.fileno())],
-                cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, check=True, timeout=30,
-                pass_fds=(slot.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+            try:
+                subprocess.run(
+                    [sys.executable, "-m", "training.worker", str(folder), run_id, str(slot.fileno())],
+                    cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, check=True, timeout=30,
+                    pass_fds=(slot.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+            except (subprocess.SubprocessError, OSError) as exc:
+                fail_job(registry, run_id, f"The job process could not start: {exc}")
+                raise JobNotStarted(str(exc)) from exc
     finally:
         slot.close()  # the job process holds its own copy of the lock now
     return {"job_id": run_id, "status": "queued", "location": f"/train/jobs/{run_id}"}
@@ -125,10 +133,21 @@ def mark_job(registry: Registry, run_id: str, status: str, **details) -> None:
 
 
 def remove_versions_of(registry: Registry, run_id: str) -> None:
-    """A failed job registers nothing: delete any version its run registered before it died."""
+    """A failed job registers nothing: delete any version its run registered before it died.
+
+    If the job had already made its version active, the model that was active before comes back.
+    """
+    removed = set()
     for mv in registry.client.search_model_versions(f"run_id = '{run_id}'"):
         log.warning("removing %s version %s of failed job %s", mv.name, mv.version, run_id)
-        registry.client.delete_model_version(mv.name, mv.version)
+        removed.add(ModelRef(mv.name, str(mv.version)))
+    if not removed:
+        return
+    previous = registry.client.get_run(run_id).data.tags.get("job.previous_active")
+    if registry.get_active_model() in removed and previous:
+        registry.set_active_model(ModelRef(**json.loads(previous)))
+    for ref in removed:
+        registry.client.delete_model_version(ref.name, ref.version)
 
 
 def fail_job(registry: Registry, run_id: str, error: str) -> None:
@@ -159,7 +178,7 @@ def get_job(registry: Registry, job_id: str) -> dict:
     try:
         run = registry.client.get_run(job_id)
     except Exception as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             raise JobNotFound(job_id) from exc
         raise
     tags = run.data.tags

@@ -21,7 +21,7 @@ class JSONObject(fields.Field):
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
                 raise ValidationError("Not valid JSON.") from exc
         if not isinstance(value, dict):
             raise ValidationError('An object of hyperparameters, like {"n_estimators": 200}.')
