@@ -39,12 +39,21 @@ class Number(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class StrictBoolean(fields.Boolean):
+    """true or false only (not 1, 0 or "yes"): what the column-at-a-time check accepts too."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 def _field(feature: Feature) -> fields.Field:
     options = {"required": True, "allow_none": not feature.required}
     if feature.kind == "number":
         return Number(allow_nan=False, **options)
     if feature.kind == "boolean":
-        return fields.Boolean(truthy={True}, falsy={False}, **options)
+        return StrictBoolean(**options)
     return fields.String(**options)
 
 
