@@ -264,8 +264,18 @@ def test_killed_job_is_reported_failed(client, store):
     job = wait_done(client, location, timeout=30)
     assert job["status"] == "failed"
     assert "ended without reporting" in job["error"]
-    time.sleep(1)  # the training child dies with its supervisor; nothing may appear afterwards
+    # The training child dies with its supervisor: nothing may appear, even after the job would have finished.
+    time.sleep(1)
     assert version_count(store) == before
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_job_of(p, run_id)], "a training process survived"
+
+
+def _is_job_of(pid: str, run_id: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return run_id.encode() in cmdline.read()
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("job_id", ["nope", "0" * 32, "Z" * 32, "..%2F..%2Fetc%2Fpasswd"])

@@ -41,8 +41,12 @@ def load_dataset(folder: Path):
     return Dataset(payload["name"], features, labels, payload["source"], payload["digest"])
 
 
-def _die_with_parent() -> None:
-    """Linux: if the supervisor is killed, the kernel kills this process too (it must not register)."""
+def _die_with_parent(supervisor: int) -> None:
+    """Linux: if the supervisor is killed, the kernel kills this process too (it must not register).
+
+    The supervisor may have died before the request reached the kernel: then it is already gone
+    (this process has been re-parented) and this process stops at once.
+    """
     try:
         import ctypes
         import signal
@@ -50,14 +54,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != supervisor:
+        os._exit(1)
 
 
-def train(folder: str, run_id: str) -> None:
+def train(folder: str, run_id: str, supervisor: int) -> None:
     """The child: fit, evaluate, log and register inside the job's run, then mark it succeeded."""
     from training.job import TrainingSpec, run_training
     from training.jobs import fail_job, mark_job
 
-    _die_with_parent()
+    _die_with_parent(supervisor)
     registry = _registry()
     spec = json.loads((Path(folder) / "spec.json").read_text())
     try:
@@ -78,7 +84,7 @@ def main(folder: str, run_id: str, slot_fd: int) -> None:
     registry = _registry()
     spec = json.loads((Path(folder) / "spec.json").read_text())
     mark_job(registry, run_id, "running", pid=os.getpid(), started_at=time.time())
-    child = multiprocessing.get_context("fork").Process(target=train, args=(folder, run_id), daemon=True)
+    child = multiprocessing.get_context("fork").Process(target=train, args=(folder, run_id, os.getpid()), daemon=True)
     child.start()
     child.join(spec["time_limit"])
     if child.is_alive():
