@@ -3,7 +3,7 @@
 Run: .venv/bin/python scripts/bench_train_load.py [--requests 2000] [--clients 4]
 It starts gunicorn (gunicorn.conf.py, WEB_CONCURRENCY workers, default 2) on a free loopback port and a
 temporary MLflow store, sends one-row predictions from --clients threads (a bounded number of requests,
-and at most 120 s per phase), first idle, then while a RandomForest (500 trees) trains on the digits
+and at most 120 s per phase), first idle, then while a GradientBoosting model (150 rounds, 10 classes) trains on the digits
 data through POST /train, and prints the percentiles of both phases.
 """
 
@@ -97,8 +97,8 @@ def main() -> None:
             load(url, 200, args.clients)  # warm-up
             idle = load(url, args.requests, args.clients)
 
-            job = requests.post(f"{url}/train", json={"estimator": "RandomForestClassifier", "dataset": "digits",
-                                                      "params": {"n_estimators": 500}, "activate": False}, timeout=30).json()  # fmt: skip
+            job = requests.post(f"{url}/train", json={"estimator": "GradientBoostingClassifier", "dataset": "digits",
+                                                      "params": {"n_estimators": 150}, "activate": False}, timeout=30).json()  # fmt: skip
             started = time.monotonic()
             state = {"status": "queued"}
 
