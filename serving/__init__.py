@@ -10,7 +10,7 @@ from flask import Flask
 from serving.config import load_config
 from serving.errors import register_error_handlers
 from serving.model_store import ModelStore
-from serving.registry import Registry, mlflow_client_settings
+from serving.registry import registry_from_config
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -24,9 +24,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(config)
     app.json.sort_keys = False
-    mlflow_client_settings(config["MLFLOW_HTTP_REQUEST_TIMEOUT"], config["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-
-    registry = Registry(config["MLFLOW_TRACKING_URI"], config["MLFLOW_EXPERIMENT_NAME"], config["ACTIVE_ALIAS"])
+    registry = registry_from_config(config)
     app.extensions["registry"] = registry
     register_error_handlers(app)
 

@@ -293,6 +293,12 @@ def log_model_version(
     return ModelRef(created.name, str(created.version))
 
 
+def registry_from_config(config: dict) -> Registry:
+    """The registry the settings name, with MLflow's client bounded by them (app, job and CLI alike)."""
+    mlflow_client_settings(config["MLFLOW_HTTP_REQUEST_TIMEOUT"], config["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    return Registry(config["MLFLOW_TRACKING_URI"], config["MLFLOW_EXPERIMENT_NAME"], config["ACTIVE_ALIAS"])
+
+
 def mlflow_client_settings(timeout: int, max_retries: int) -> None:
     """Bound MLflow's HTTP client so a dead tracking server cannot hold a worker past its timeout."""
     # MLflow reads these from the environment on each call; the config already took the user's values.

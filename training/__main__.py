@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from serving.config import load_config
-    from serving.registry import Registry, mlflow_client_settings
+    from serving.registry import registry_from_config
     from training.datasets import DatasetError, from_csv, load_builtin
     from training.job import TrainingSpec, run_training
     from training.schemas import load_train_request
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": "invalid_training_request", "errors": {"csv": [str(exc)]}}), file=sys.stderr)
         return 2
 
-    mlflow_client_settings(config["MLFLOW_HTTP_REQUEST_TIMEOUT"], config["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-    registry = Registry(config["MLFLOW_TRACKING_URI"], config["MLFLOW_EXPERIMENT_NAME"], config["ACTIVE_ALIAS"])
+    registry = registry_from_config(config)
     spec = TrainingSpec(request["estimator"], request["params"], request.get("model_name"), request["activate"])
     try:
         # MLflow prints progress ("View run at ...") to stdout: keep stdout for the JSON result alone.

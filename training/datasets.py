@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn import datasets as sk_datasets
 
+from serving.prediction import BATCH_KEYS
+
 BUILTIN_DATASETS = {
     "iris": sk_datasets.load_iris,
     "wine": sk_datasets.load_wine,
@@ -18,8 +20,8 @@ BUILTIN_DATASETS = {
     "digits": sk_datasets.load_digits,
 }
 MIN_CLASSES = 2
-# The top-level keys of /predict's batch bodies (serving.prediction.BATCH_KEYS) cannot be feature names.
-RESERVED_NAMES = ("records", "dataframe_records", "dataframe_split", "instances", "inputs")
+# The top-level keys of /predict's batch bodies cannot be feature names.
+RESERVED_NAMES = BATCH_KEYS
 MIN_ROWS_PER_CLASS = 5
 
 

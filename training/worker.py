@@ -19,11 +19,9 @@ from pathlib import Path
 
 def _registry():
     from serving.config import load_config
-    from serving.registry import Registry, mlflow_client_settings
+    from serving.registry import registry_from_config
 
-    config = load_config()
-    mlflow_client_settings(config["MLFLOW_HTTP_REQUEST_TIMEOUT"], config["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-    return Registry(config["MLFLOW_TRACKING_URI"], config["MLFLOW_EXPERIMENT_NAME"], config["ACTIVE_ALIAS"])
+    return registry_from_config(load_config())
 
 
 def load_dataset(folder: Path):
