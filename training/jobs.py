@@ -22,7 +22,7 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 
 from serving.config import PROJECT_ROOT
-from serving.registry import ModelRef, Registry, _iso, translate_errors
+from serving.registry import ModelNotFound, ModelRef, Registry, _iso, translate_errors
 from training.datasets import Dataset
 
 log = logging.getLogger(__name__)
@@ -176,11 +176,9 @@ def get_job(registry: Registry, job_id: str) -> dict:
     if not (len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)):
         raise JobNotFound(job_id)
     try:
-        run = registry.client.get_run(job_id)
-    except Exception as exc:
-        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            raise JobNotFound(job_id) from exc
-        raise
+        run = translate_errors(registry.client.get_run)(job_id)
+    except ModelNotFound as exc:  # the registry's "no such resource", here a run
+        raise JobNotFound(job_id) from exc
     tags = run.data.tags
     if "job.status" not in tags or run.info.experiment_id != registry.get_experiment_id():
         raise JobNotFound(job_id)
