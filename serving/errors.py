@@ -26,6 +26,17 @@ def _http_code(exc: HTTPException) -> str:
     return (exc.name or "error").lower().replace(" ", "_").replace("'", "")
 
 
+def registry_unavailable(exc: Exception, consequence: str) -> APIError:
+    """503 for an unreachable tracking server; the detail (URLs, hosts) stays in the log, not the answer."""
+    log.warning("registry unavailable: %s", exc)
+    return APIError(
+        503,
+        "registry_unavailable",
+        f"The model registry (MLflow) cannot be reached; {consequence}. Try again shortly.",
+        headers={"Retry-After": "10"},
+    )
+
+
 _MESSAGES = {
     404: "No such endpoint. GET /openapi.json lists them all; /docs shows them.",
     405: "This endpoint does not accept that method.",

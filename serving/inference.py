@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Blueprint, current_app, jsonify
 
 from serving.auth import require_token
-from serving.errors import APIError
+from serving.errors import APIError, registry_unavailable
 from serving.loaded_model import LoadedModel, ModelLoadError
 from serving.metrics import count_predictions
 from serving.model_store import ModelStore
@@ -17,7 +15,6 @@ from serving.requests import json_body, load_body
 from serving.schemas import UseModelRequest
 
 bp = Blueprint("inference", __name__)
-log = logging.getLogger(__name__)
 
 
 def model_store() -> ModelStore:
@@ -37,14 +34,8 @@ def active_model() -> LoadedModel:
     return model
 
 
-def registry_unavailable(exc: RegistryUnavailable) -> APIError:
-    log.warning("registry unavailable: %s", exc)  # the detail (URLs, hosts) stays in the log
-    return APIError(
-        503,
-        "registry_unavailable",
-        "The model registry (MLflow) cannot be reached; predictions still work. Try again shortly.",
-        headers={"Retry-After": "10"},
-    )
+def _unavailable(exc: RegistryUnavailable) -> APIError:
+    return registry_unavailable(exc, "predictions still work")
 
 
 @bp.get("/ready")
@@ -75,7 +66,7 @@ def list_models():
     try:
         return jsonify(models=registry().list_models())
     except RegistryUnavailable as exc:
-        raise registry_unavailable(exc) from exc
+        raise _unavailable(exc) from exc
 
 
 @bp.post("/use-model")
@@ -97,7 +88,7 @@ def use_model():
             f"No registered model {request['name']!r} with {wanted}. GET /models lists the registered versions.",
         ) from exc
     except RegistryUnavailable as exc:
-        raise registry_unavailable(exc) from exc
+        raise _unavailable(exc) from exc
     except ModelLoadError as exc:
         raise APIError(422, "model_not_loadable", f"{exc}. The previous model keeps serving.") from exc
     return {"model": loaded.ref.as_dict(), "features": loaded.feature_names, "classes": list(loaded.classes)}

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Blueprint, Flask, current_app, request
 from marshmallow import ValidationError
 
 from serving.auth import require_token
-from serving.errors import APIError
+from serving.errors import APIError, registry_unavailable
 from serving.registry import RegistryUnavailable
 from serving.requests import json_body
 from training.datasets import DatasetError, from_csv, from_records, load_builtin
@@ -17,7 +15,6 @@ from training.jobs import JobNotFound, JobNotStarted, TooManyJobs, get_job, subm
 from training.schemas import load_train_request
 
 bp = Blueprint("training", __name__)
-log = logging.getLogger(__name__)
 
 EXAMPLE = {"estimator": "RandomForestClassifier", "params": {"n_estimators": 200}, "dataset": "wine"}
 
@@ -35,9 +32,7 @@ def _bad(errors: dict, message: str = "The training request is not valid; nothin
 
 
 def _unavailable(exc: Exception) -> APIError:
-    log.warning("registry unavailable: %s", exc)  # the detail (URLs, hosts) stays in the log
-    return APIError(503, "registry_unavailable", "The model registry (MLflow) cannot be reached; nothing was "
-                    "trained. Try again shortly.", headers={"Retry-After": "10"})  # fmt: skip
+    return registry_unavailable(exc, "nothing was trained")
 
 
 def read_train_request() -> tuple[dict, object]:
