@@ -9,6 +9,7 @@ from flask import Flask
 
 from serving.config import load_config
 from serving.errors import register_error_handlers
+from serving.json_provider import OrjsonProvider
 from serving.model_store import ModelStore
 from serving.registry import registry_from_config
 
@@ -23,7 +24,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
     app.config.update(config)
-    app.json.sort_keys = False
+    app.json = OrjsonProvider(app)
     registry = registry_from_config(config)
     app.extensions["registry"] = registry
     register_error_handlers(app)
@@ -50,7 +51,9 @@ def create_app(test_config: dict | None = None) -> Flask:
             def bootstrap():
                 return bootstrap_default_model(registry, config["DEFAULT_MODEL_NAME"])
 
-        store = ModelStore(registry, Path(config["STATE_DIR"]), config["ACTIVE_POLL_SECONDS"], bootstrap)
+        store = ModelStore(
+            registry, Path(config["STATE_DIR"]), config["ACTIVE_POLL_SECONDS"], bootstrap, config["SERVING_RUNTIME"]
+        )
         app.extensions["model_store"] = store
         app.register_blueprint(inference.bp)
         if config.get("START_MODEL_STORE", True):

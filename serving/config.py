@@ -12,6 +12,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = PROJECT_ROOT / ".mlflow"
 
 ROLES = ("all", "inference", "training")
+RUNTIMES = ("auto", "sklearn")
 
 # name: (default, parser). Every key may be set in the environment under the same name.
 _SETTINGS: dict[str, tuple[object, type]] = {
@@ -27,6 +28,8 @@ _SETTINGS: dict[str, tuple[object, type]] = {
     "MAX_BATCH_ROWS": (50_000, int),
     "API_TOKEN": ("", str),
     "BOOTSTRAP_DEFAULT_MODEL": (True, bool),
+    # "auto": versions with a verified ONNX form are served by ONNX Runtime; "sklearn": all by scikit-learn.
+    "SERVING_RUNTIME": ("auto", str),
     # gunicorn.conf.py turns this off in the master when it preloads the app; each worker starts its own.
     "WATCH_REGISTRY": (True, bool),
     "MLFLOW_HTTP_REQUEST_TIMEOUT": (5, int),
@@ -53,6 +56,8 @@ def load_config(overrides: dict | None = None) -> dict:
     config.update(overrides or {})
     if config["APP_ROLE"] not in ROLES:
         raise ValueError(f"APP_ROLE must be one of {ROLES}, not {config['APP_ROLE']!r}")
+    if config["SERVING_RUNTIME"] not in RUNTIMES:
+        raise ValueError(f"SERVING_RUNTIME must be one of {RUNTIMES}, not {config['SERVING_RUNTIME']!r}")
     if not config["STATE_DIR"]:
         config["STATE_DIR"] = str(default_state_dir(config["MLFLOW_TRACKING_URI"]))
     return config

@@ -43,7 +43,7 @@ def _unavailable(exc: RegistryUnavailable) -> APIError:
 def ready():
     """200 with the active model once one is in memory; 503 before."""
     model = active_model()
-    return {"status": "ready", "model": model.ref.as_dict()}
+    return {"status": "ready", "model": model.describe()}
 
 
 @bp.post("/predict")
@@ -64,7 +64,8 @@ def predict_view():
 def list_models():
     """Every registered version with its creation date, metrics, aliases and whether it is active."""
     try:
-        return jsonify(models=registry().list_models())
+        forced = "sklearn" if current_app.config["SERVING_RUNTIME"] == "sklearn" else None
+        return jsonify(models=registry().list_models(forced))
     except RegistryUnavailable as exc:
         raise _unavailable(exc) from exc
 
@@ -91,4 +92,4 @@ def use_model():
         raise _unavailable(exc) from exc
     except ModelLoadError as exc:
         raise APIError(422, "model_not_loadable", f"{exc}. The previous model keeps serving.") from exc
-    return {"model": loaded.ref.as_dict(), "features": loaded.feature_names, "classes": list(loaded.classes)}
+    return {"model": loaded.describe(), "features": loaded.feature_names, "classes": list(loaded.classes)}

@@ -1,18 +1,25 @@
-"""A registered version in memory: the estimator, its features, its schema and a sendable example."""
+"""A registered version in memory: its runtime (ONNX Runtime or scikit-learn), features, schema and example."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from marshmallow import RAISE, Schema, fields
 
-from serving.registry import ModelRef
-from serving.trusted_types import TRUSTED_TYPES
+from serving.registry import COMPILED_FILE, ModelRef
+
+log = logging.getLogger(__name__)
 
 _NUMBER_TYPES = {"double", "float", "long", "integer"}
+# The largest number the runtimes hold: the ONNX forms take float32, as scikit-learn's trees do inside.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_KIND_TYPES = {"number": (int, float), "text": (str,), "boolean": (bool,)}
 
 
 class ModelLoadError(Exception):
@@ -27,16 +34,28 @@ class Feature:
     kind: str  # "number", "text" or "boolean"
     required: bool  # False when the training data had missing values: null is then accepted
 
+    @property
+    def allowed_types(self) -> tuple:
+        """The JSON value types (exact Python types) this feature accepts."""
+        return _KIND_TYPES[self.kind] + (() if self.required else (type(None),))
+
 
 class Number(fields.Float):
     """A JSON number: not a numeric string, not a boolean, not NaN or Infinity."""
 
-    default_error_messages = {"invalid": "Not a valid number.", "special": "NaN and Infinity are not allowed."}
+    default_error_messages = {
+        "invalid": "Not a valid number.",
+        "special": "NaN and Infinity are not allowed.",
+        "too_large": f"Number too large: the model computes in 32-bit floats, which hold at most ±{FLOAT32_MAX:.7g}.",
+    }
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
+        number = super()._deserialize(value, attr, data, **kwargs)
+        if abs(number) > FLOAT32_MAX:
+            raise self.make_error("too_large")
+        return number
 
 
 class StrictBoolean(fields.Boolean):
@@ -67,16 +86,38 @@ class LoadedModel:
     """Everything a prediction needs, swapped as one object so a request never mixes two versions."""
 
     ref: ModelRef
-    estimator: Any
+    estimator: Any  # the scikit-learn pipeline (None where scikit-learn is not installed)
     features: tuple[Feature, ...]
     classes: tuple
     example: dict
     schema: Schema
     has_probabilities: bool
+    runtime: str = "sklearn"  # "onnx" or "sklearn": what answers this version's predictions
+    runtime_reason: str = ""
+    session: Any = None  # onnxruntime.InferenceSession when runtime is "onnx"
+    onnx_bytes: bytes | None = field(default=None, repr=False)
+    # Derived once per version, not per request.
+    feature_names: list = field(init=False)
+    feature_set: frozenset = field(init=False)
+    class_array: np.ndarray = field(init=False, repr=False)
+    class_keys: list = field(init=False)
+    answer_model: dict = field(init=False)
+    onnx_probability_output: list = field(init=False)
 
-    @property
-    def feature_names(self) -> list[str]:
-        return [f.name for f in self.features]
+    def __post_init__(self):
+        names = [f.name for f in self.features]
+        set_ = object.__setattr__  # frozen: the derived fields are set once, here
+        set_(self, "feature_names", names)
+        set_(self, "feature_set", frozenset(names))
+        set_(self, "class_array", np.asarray(self.classes, dtype=object))
+        set_(self, "class_keys", [str(label) for label in self.classes])
+        set_(self, "answer_model", {**self.ref.as_dict(), "runtime": self.runtime})
+        outputs = [o.name for o in self.session.get_outputs()] if self.session is not None else []
+        set_(self, "onnx_probability_output", outputs[1:2])
+
+    def describe(self) -> dict:
+        """The version and how it is served, as /ready and /use-model show it."""
+        return {**self.answer_model, "runtime_reason": self.runtime_reason}
 
 
 def _json_value(value):
@@ -88,9 +129,57 @@ def _json_value(value):
     return value
 
 
-def load_model_dir(path: Path, ref: ModelRef) -> LoadedModel:
-    """Load a downloaded version: skops only, with the service's trusted types; never pickle."""
-    import skops.io
+def onnx_session(onnx_bytes: bytes):
+    """An ONNX Runtime session on one thread: a gunicorn worker is the unit of parallelism."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _compiled_form(path: Path, ref: ModelRef, runtime_setting: str) -> tuple[bytes | None, str]:
+    """The verified ONNX form of a version, if it has one and the setting allows it, and why (not)."""
+    if runtime_setting == "sklearn":
+        return None, "SERVING_RUNTIME=sklearn forces scikit-learn"
+    extra = path / "extra_files"
+    try:
+        verdict = json.loads((extra / COMPILED_FILE).read_text())
+    except FileNotFoundError:
+        return None, "registered before compiled inference; no ONNX form"
+    except ValueError:
+        return None, f"{COMPILED_FILE} is not readable"
+    if verdict.get("runtime") != "onnx":
+        return None, str(verdict.get("reason", "not compiled"))
+    try:
+        return (extra / "model.onnx").read_bytes(), str(verdict.get("reason", "compiled"))
+    except FileNotFoundError:
+        return None, "marked compiled but its model.onnx is missing"
+
+
+def _load_estimator(path: Path, flavor: dict, ref: ModelRef):
+    """The scikit-learn pipeline from its skops file, with the service's trusted types; never pickle."""
+    try:
+        import skops.io
+
+        from serving.trusted_types import TRUSTED_TYPES
+    except ImportError:
+        return None  # a compiled-only install (no scikit-learn): the ONNX form must serve
+    try:
+        return skops.io.load(path / flavor["pickled_model"], trusted=TRUSTED_TYPES)
+    except Exception as exc:
+        raise ModelLoadError(f"{ref.name} version {ref.version} could not be loaded: {exc}") from exc
+
+
+def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> LoadedModel:
+    """Load a downloaded version: its verified ONNX form where it has one, and the skops pipeline.
+
+    `runtime_setting` is SERVING_RUNTIME: "auto" serves compiled versions with ONNX Runtime,
+    "sklearn" serves every version with scikit-learn.
+    """
     from mlflow.models import Model
 
     try:
@@ -103,10 +192,7 @@ def load_model_dir(path: Path, ref: ModelRef) -> LoadedModel:
             f"{ref.name} version {ref.version} is not a scikit-learn model in skops format; "
             "this service does not load pickled models"
         )
-    try:
-        estimator = skops.io.load(path / flavor["pickled_model"], trusted=TRUSTED_TYPES)
-    except Exception as exc:
-        raise ModelLoadError(f"{ref.name} version {ref.version} could not be loaded: {exc}") from exc
+    estimator = _load_estimator(path, flavor, ref)
     signature = mlmodel.signature
     if signature is None or not signature.inputs.has_input_names():
         raise ModelLoadError(f"{ref.name} version {ref.version} has no signature with feature names")
@@ -116,16 +202,73 @@ def load_model_dir(path: Path, ref: ModelRef) -> LoadedModel:
         kind = "number" if kind in _NUMBER_TYPES else "boolean" if kind == "boolean" else "text"
         features.append(Feature(column.name, kind, column.required))
     features = tuple(features)
-    example_frame = mlmodel.load_input_example(str(path))
-    if example_frame is None or len(example_frame) == 0:
-        raise ModelLoadError(f"{ref.name} version {ref.version} has no input example")
-    example = {name: _json_value(example_frame.iloc[0][name]) for name in (f.name for f in features)}
-    return LoadedModel(
+    example_rows = _input_example(path, mlmodel, features, ref)
+    onnx_bytes, reason = _compiled_form(path, ref, runtime_setting)
+    session = None
+    if onnx_bytes is not None:
+        try:
+            session = onnx_session(onnx_bytes)
+        except Exception as exc:  # e.g. an ONNX Runtime too old for the file's opset
+            onnx_bytes, reason = None, f"ONNX Runtime could not load the compiled form: {exc}"
+    if estimator is None and session is None:
+        raise ModelLoadError(
+            f"{ref.name} version {ref.version} has no compiled form ({reason}) and scikit-learn is not installed"
+        )
+    classes = _classes(path, estimator, ref)
+    model = LoadedModel(
         ref=ref,
         estimator=estimator,
         features=features,
-        classes=tuple(estimator.classes_.tolist()),
-        example=example,
+        classes=classes,
+        example=example_rows[0],
         schema=build_schema(features, f"Row_{ref.name}_{ref.version}"),
-        has_probabilities=hasattr(estimator, "predict_proba"),
+        has_probabilities=session is not None or hasattr(estimator, "predict_proba"),
+        runtime="onnx" if session is not None else "sklearn",
+        runtime_reason=reason,
+        session=session,
+        onnx_bytes=onnx_bytes,
     )
+    return _checked(model, example_rows)
+
+
+def _input_example(path: Path, mlmodel, features, ref: ModelRef) -> list[dict]:
+    example_frame = mlmodel.load_input_example(str(path))
+    if example_frame is None or len(example_frame) == 0:
+        raise ModelLoadError(f"{ref.name} version {ref.version} has no input example")
+    names = [f.name for f in features]
+    return [{name: _json_value(example_frame.iloc[i][name]) for name in names} for i in range(len(example_frame))]
+
+
+def _classes(path: Path, estimator, ref: ModelRef) -> tuple:
+    """The class labels in the order of the model's probabilities."""
+    if estimator is not None:
+        return tuple(estimator.classes_.tolist())
+    try:
+        return tuple(json.loads((path / "extra_files" / COMPILED_FILE).read_text())["classes"])
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{ref.name} version {ref.version} does not record its classes") from exc
+
+
+def _checked(model: LoadedModel, example_rows: list[dict]) -> LoadedModel:
+    """Before a compiled version serves: ONNX and scikit-learn agree on its input example, or sklearn serves."""
+    if model.session is None or model.estimator is None:
+        return model
+    from dataclasses import replace
+
+    from serving.prediction import _onnx_probabilities, _sklearn_frame, fast_columns
+
+    columns = fast_columns(model, example_rows)
+    try:
+        compiled = _onnx_probabilities(model, columns)
+        expected = model.estimator.predict_proba(_sklearn_frame(model, columns))
+        agree = compiled.shape == expected.shape and np.allclose(compiled, expected, atol=1e-5)
+        agree = agree and (compiled.argmax(axis=1) == expected.argmax(axis=1)).all()
+    except Exception as exc:
+        agree, problem = False, f"{type(exc).__name__}: {exc}"
+    else:
+        problem = "its answers on the input example differ from scikit-learn's"
+    if agree:
+        return model
+    log.error("%s version %s: the compiled form is not used: %s", model.ref.name, model.ref.version, problem)
+    return replace(model, runtime="sklearn", runtime_reason=f"compiled form rejected at load: {problem}", session=None,
+                   onnx_bytes=None)  # fmt: skip

@@ -42,11 +42,13 @@ class ModelStore:
         state_dir: Path,
         poll_seconds: float = 5.0,
         bootstrap: Callable[[], ModelRef] | None = None,
+        runtime_setting: str = "auto",
     ):
         self.registry = registry
         self.state_dir = Path(state_dir)
         self.poll_seconds = poll_seconds
         self.bootstrap = bootstrap
+        self.runtime_setting = runtime_setting
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.registry_available = True
@@ -171,7 +173,7 @@ class ModelStore:
             if not download:
                 raise FileNotFoundError(f"{ref.name} version {ref.version} is not in this machine's cache")
             self._download(ref, path)
-        loaded = load_model_dir(path, ref)
+        loaded = load_model_dir(path, ref, self.runtime_setting)
         # Keep the last few versions, so swapping back and forth does not reload from disk.
         self._loaded = {**dict(list(self._loaded.items())[-2:]), ref: loaded}
         self._failed.pop(ref, None)

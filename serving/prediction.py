@@ -1,12 +1,15 @@
-"""Prediction as a plain function: request body in, answer out; the view only adapts HTTP."""
+"""Prediction as a plain function: request body in, answer out; the view only adapts HTTP.
+
+Valid rows go from the parsed JSON straight into the arrays the runtime takes: one (n, 1) array per
+column for ONNX Runtime, a DataFrame only when scikit-learn serves the version.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from marshmallow import ValidationError
 
-from serving.loaded_model import LoadedModel
+from serving.loaded_model import FLOAT32_MAX, LoadedModel
 
 # The batch forms: ours ("records") and those of MLflow's scoring server.
 BATCH_KEYS = ("records", "dataframe_records", "dataframe_split", "instances", "inputs")
@@ -39,13 +42,13 @@ def _rows_from_lists(rows: list, columns: list[str], where: str) -> list:
     return objects
 
 
-def parse_rows(body, feature_names: list[str]) -> tuple[list, bool]:
-    """The rows of a body in any accepted form, and whether it was the one-row form."""
+def parse_rows(body, feature_names: list[str]) -> tuple[list, str | None]:
+    """The rows of a body in any accepted form, and the batch key the client used (None: one row)."""
     if not isinstance(body, dict):
         raise BadInput({"body": ['a JSON object: one row {feature: value, ...} or {"records": [...]}']})
     batch_keys = [key for key in BATCH_KEYS if key in body]
     if not batch_keys:
-        return [body], True
+        return [body], None
     if len(body) != 1:
         extra = sorted(set(body) - {batch_keys[0]})
         raise BadInput({key: ["Unknown field."] for key in extra})
@@ -71,41 +74,47 @@ def parse_rows(body, feature_names: list[str]) -> tuple[list, bool]:
         raise BadInput({key: ["a list of rows"]})
     if not rows:
         raise BadInput({key: ["the batch is empty; send at least one row"]})
-    return rows, False
+    return rows, key
 
 
-def _fast_columns(model: LoadedModel, rows: list) -> dict | None:
+def fast_columns(model: LoadedModel, rows: list) -> dict | None:
     """Columns as arrays when every row is valid, checked a column at a time; None if any is not.
 
-    Accepts exactly what the marshmallow schema accepts (tests/test_validation.py checks both agree);
-    the schema then only runs on failing bodies, to say what is wrong.
+    Numbers become float64 arrays (NaN for a missing value), text an object array (None for a
+    missing value). Accepts exactly what the marshmallow schema accepts (tests/test_validation.py
+    checks both agree); the schema then only runs on failing bodies, to say what is wrong.
     """
-    names = model.feature_names
-    expected = set(names)
+    expected = model.feature_set
     if not all(type(row) is dict and row.keys() == expected for row in rows):
         return None
     columns = {}
     for feature in model.features:
-        values = [row[feature.name] for row in rows]
-        allowed = _ALLOWED_TYPES[feature.kind] + (() if feature.required else (type(None),))
+        name = feature.name
+        values = [row[name] for row in rows]
+        allowed = feature.allowed_types
         if not all(type(v) in allowed for v in values):
             return None
         if feature.kind == "number":
-            present = values if feature.required else [v for v in values if v is not None]
             try:
-                if not np.isfinite(np.array(present, dtype="float64")).all():
-                    return None  # NaN or Infinity (Python's JSON parser accepts both)
+                if feature.required:
+                    column = present = np.array(values, dtype="float64")
+                else:
+                    present = np.array([v for v in values if v is not None], dtype="float64")
+                    column = np.array([np.nan if v is None else v for v in values], dtype="float64")
             except OverflowError:
                 return None  # an integer too large for a float: the schema says "Number too large."
-            columns[feature.name] = np.array([np.nan if v is None else v for v in values], dtype="float64")
+            # Within what 32-bit floats hold (the runtime's type); `not <=` also catches NaN and Infinity.
+            if len(present) and not np.abs(present).max() <= FLOAT32_MAX:
+                return None
+            columns[name] = column
         elif feature.kind == "text":
-            columns[feature.name] = np.array([np.nan if v is None else v for v in values], dtype=object)
+            columns[name] = np.array(values, dtype=object)
         else:
-            columns[feature.name] = np.array(values, dtype=bool)
+            columns[name] = np.array(values, dtype=bool)
     return columns
 
 
-def _row_errors(model: LoadedModel, rows: list, single: bool) -> dict:
+def row_errors(model: LoadedModel, rows: list, key: str | None) -> dict:
     """What is wrong, per field (one row) or per row index (a batch), from the marshmallow schema."""
     errors = {}
     for index, row in enumerate(rows):
@@ -114,7 +123,7 @@ def _row_errors(model: LoadedModel, rows: list, single: bool) -> dict:
                 raise ValidationError({"_row": ["each row must be an object {feature: value, ...}"]})
             model.schema.load(row)
         except ValidationError as exc:
-            if single:
+            if key is None:
                 return exc.messages
             errors[str(index)] = exc.messages
             if len(errors) >= MAX_REPORTED_ROWS:
@@ -122,31 +131,76 @@ def _row_errors(model: LoadedModel, rows: list, single: bool) -> dict:
     return errors
 
 
-def validate_rows(model: LoadedModel, rows: list, single: bool, max_rows: int) -> pd.DataFrame:
-    """The rows as a frame in the model's column order and types, or BadInput saying what is wrong."""
+def validate_rows(model: LoadedModel, rows: list, key: str | None, max_rows: int) -> dict:
+    """The rows as one array per feature, or BadInput saying what is wrong under the client's own key."""
     if len(rows) > max_rows:
-        raise BadInput({"records": [f"{len(rows)} rows; at most {max_rows} per request"]})
-    columns = _fast_columns(model, rows)
+        raise BadInput({key or "body": [f"{len(rows)} rows; at most {max_rows} per request"]})
+    columns = fast_columns(model, rows)
     if columns is None:
-        errors = _row_errors(model, rows, single)
+        errors = row_errors(model, rows, key)
         if not errors:  # both validators must agree; if they do not, refuse rather than guess
             errors = {"body": ["the rows do not match the model's features"]}
-        raise BadInput(errors if single else {"rows": errors})
-    return pd.DataFrame(columns, columns=model.feature_names)
+        raise BadInput(errors if key is None else {key: errors})
+    return columns
+
+
+def _onnx_probabilities(model: LoadedModel, columns: dict) -> np.ndarray:
+    feeds = {}
+    for feature in model.features:
+        column = columns[feature.name]
+        if feature.kind == "number":
+            feeds[feature.name] = column.astype(np.float32).reshape(-1, 1)
+        else:  # ONNX strings cannot be missing: the compiled form reads "" as missing
+            feeds[feature.name] = np.array(["" if v is None else v for v in column], dtype=object).reshape(-1, 1)
+    return model.session.run(model.onnx_probability_output, feeds)[0]
+
+
+def _sklearn_frame(model: LoadedModel, columns: dict):
+    import pandas as pd
+
+    frame = {}
+    for feature in model.features:
+        column = columns[feature.name]
+        if feature.kind == "text" and not feature.required:
+            column = np.array([np.nan if v is None else v for v in column], dtype=object)
+        frame[feature.name] = column
+    return pd.DataFrame(frame, columns=model.feature_names)
+
+
+def probabilities_of(model: LoadedModel, columns: dict, key: str | None) -> np.ndarray:
+    """Class probabilities per row, from ONNX Runtime when the version is compiled.
+
+    A row that overflows 32-bit arithmetic (an extreme but finite value) is scored again by
+    scikit-learn in 64 bits; a row no runtime can score is a 400, never a NaN in the answer.
+    """
+    if model.session is not None:
+        probabilities = _onnx_probabilities(model, columns)
+        if np.isfinite(probabilities).all() or model.estimator is None:
+            return _finite_or_bad(probabilities, key)
+    return _finite_or_bad(model.estimator.predict_proba(_sklearn_frame(model, columns)), key)
+
+
+def _finite_or_bad(probabilities: np.ndarray, key: str | None) -> np.ndarray:
+    finite = np.isfinite(probabilities).all(axis=1)
+    if finite.all():
+        return probabilities
+    message = "the model cannot score these values (they overflow its arithmetic); send smaller numbers"
+    if key is None:
+        raise BadInput({"body": [message]})
+    raise BadInput({key: {str(index): [message] for index in np.flatnonzero(~finite)[:MAX_REPORTED_ROWS]}})
 
 
 def predict(model: LoadedModel, body, max_rows: int) -> dict:
     """Predict on a request body: labels and, where the estimator has them, class probabilities."""
-    rows, single = parse_rows(body, model.feature_names)
-    frame = validate_rows(model, rows, single, max_rows)
-    answer = {"model": model.ref.as_dict()}
+    rows, key = parse_rows(body, model.feature_names)
+    columns = validate_rows(model, rows, key, max_rows)
+    answer = {"model": model.answer_model}
     if model.has_probabilities:
-        probabilities = model.estimator.predict_proba(frame)
+        probabilities = probabilities_of(model, columns, key)
         # The label is the most probable class, as scikit-learn's own predict() does for these models.
-        labels = np.asarray(model.classes, dtype=object)[probabilities.argmax(axis=1)]
-        keys = [str(label) for label in model.classes]
-        answer["predictions"] = labels.tolist()
+        answer["predictions"] = model.class_array[probabilities.argmax(axis=1)].tolist()
+        keys = model.class_keys
         answer["probabilities"] = [dict(zip(keys, row)) for row in probabilities.tolist()]
     else:
-        answer["predictions"] = model.estimator.predict(frame).tolist()
+        answer["predictions"] = model.estimator.predict(_sklearn_frame(model, columns)).tolist()
     return answer

@@ -24,6 +24,8 @@ from serving.locks import file_lock
 log = logging.getLogger(__name__)
 
 ACTIVE_TAG = "serving.active_model"
+# Beside the model in its folder: which runtime serves the version and why (written at registration).
+COMPILED_FILE = "compiled.json"
 # A malformed version ("abc") is INVALID_PARAMETER_VALUE: for a lookup, that too is "no such model".
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}
 
@@ -83,6 +85,15 @@ def _json_or_empty(text: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def runtime_of(tags: dict, forced_runtime: str | None = None) -> dict:
+    """Which runtime serves a version, and why: its registration's verdict unless a setting forces one."""
+    if forced_runtime == "sklearn":
+        return {"runtime": "sklearn", "runtime_reason": "SERVING_RUNTIME=sklearn forces scikit-learn"}
+    if tags.get("runtime") not in ("onnx", "sklearn"):
+        return {"runtime": "sklearn", "runtime_reason": "registered before compiled inference; no ONNX form"}
+    return {"runtime": tags["runtime"], "runtime_reason": tags.get("runtime_reason", "")}
+
+
 def _iso(timestamp_ms: int | None) -> str | None:
     if timestamp_ms is None:
         return None
@@ -140,8 +151,11 @@ class Registry:
             if not token:
                 return versions
 
-    def list_models(self) -> list[dict]:
-        """What `/models` answers: one entry per version, newest first, with its tags and aliases."""
+    def list_models(self, forced_runtime: str | None = None) -> list[dict]:
+        """What `/models` answers: one entry per version, newest first, with its tags and aliases.
+
+        `forced_runtime` ("sklearn") is SERVING_RUNTIME when it overrides the versions' compiled forms.
+        """
         active = self.get_active_model()
         aliases = self.search_aliases()
         entries = []
@@ -158,6 +172,7 @@ class Registry:
                     "run_id": mv.run_id,
                     "aliases": sorted(aliases.get((mv.name, str(mv.version)), [])),
                     "active": active == ModelRef(mv.name, str(mv.version)),
+                    **runtime_of(tags, forced_runtime),
                 }
             )
         entries.sort(key=lambda e: (e["created_at"] or "", e["name"], int(e["version"])), reverse=True)
@@ -265,30 +280,48 @@ def log_model_version(
     model_name: str,
     tags: dict,
     metrics: dict,
+    holdout=None,
 ) -> ModelRef:
     """Log a fitted pipeline to the active run in skops format and register it as a new version.
 
     Called inside `mlflow.start_run(...)` by the training job. The signature (feature names and
     types) and the input example come from the training rows; the class labels are the model's own.
+    The version's model folder also holds its compiled form (`extra_files/model.onnx`) when that
+    agrees with scikit-learn on the hold-out and training rows, and `extra_files/compiled.json`
+    saying which runtime serves it and why; MLflow clients still load the scikit-learn model.
     """
+    import tempfile
+
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
     from serving.trusted_types import TRUSTED_TYPES
+    from training.compile import ONNX_FILE, compile_pipeline
 
     signature = infer_signature(features, model.predict(features.head(20)))
-    info = mlflow.sklearn.log_model(
-        model,
-        name="model",
-        serialization_format="skops",
-        skops_trusted_types=TRUSTED_TYPES,
-        signature=signature,
-        input_example=features.head(3),
-        # Stated, not inferred: inference starts a Python subprocess and costs seconds per job.
-        pip_requirements=_pinned_requirements(),
-    )
-    version_tags = {**tags, "metrics": json.dumps(metrics)}
+    compiled = compile_pipeline(model, features, features.head(0) if holdout is None else holdout)
+    with tempfile.TemporaryDirectory() as folder:
+        extra_files = [str(Path(folder) / COMPILED_FILE)]
+        verdict = {"runtime": compiled.runtime, "reason": compiled.reason, "classes": model.classes_.tolist()}
+        Path(extra_files[0]).write_text(json.dumps(verdict))
+        if compiled.onnx is not None:
+            (Path(folder) / ONNX_FILE).write_bytes(compiled.onnx)
+            extra_files.append(str(Path(folder) / ONNX_FILE))
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            serialization_format="skops",
+            skops_trusted_types=TRUSTED_TYPES,
+            signature=signature,
+            input_example=features.head(3),
+            # Stated, not inferred: inference starts a Python subprocess and costs seconds per job.
+            pip_requirements=_pinned_requirements(),
+            extra_files=extra_files,
+        )
+    mlflow.set_tags({"runtime": compiled.runtime, "runtime_reason": compiled.reason})
+    version_tags = {**tags, "metrics": json.dumps(metrics), "runtime": compiled.runtime,
+                    "runtime_reason": compiled.reason}  # fmt: skip
     created = translate_errors(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
     return ModelRef(created.name, str(created.version))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import orjson
 from flask import request
 from marshmallow import Schema, ValidationError
 
@@ -20,8 +21,13 @@ def json_body(example: dict | None = None):
             "Send the body as JSON with the header Content-Type: application/json.",
             **details,
         )
+    data = request.get_data()
     try:
-        return json.loads(request.get_data())
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass  # not strict JSON: Python's parser reads NaN and huge integers, so validation can name the field
+    try:
+        return json.loads(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise APIError(400, "malformed_json", f"The body is not valid JSON: {exc}.", **details) from exc
 

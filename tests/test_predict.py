@@ -14,7 +14,7 @@ def test_one_row_gets_label_and_probabilities(client, store):
     response = client.post("/predict", json=IRIS_ROW)
     assert response.status_code == 200
     body = response.json
-    assert body["model"] == store["default"].as_dict()
+    assert body["model"] == {**store["default"].as_dict(), "runtime": "onnx"}
     assert body["model"]["name"] == DEFAULT_NAME
     assert body["predictions"] == ["setosa"]
     assert set(body["probabilities"][0]) == {"setosa", "versicolor", "virginica"}

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from serving.prediction import BadInput, _fast_columns, _row_errors, parse_rows
+from serving.loaded_model import FLOAT32_MAX
+from serving.prediction import BadInput, fast_columns, parse_rows, row_errors
 from tests.conftest import IRIS_ROW
 
 
@@ -31,8 +32,15 @@ BAD_BODIES = {
     "records_not_list": ({"records": IRIS_ROW}, "records"),
     "empty_batch": ({"records": []}, "records"),
     "empty_instances": ({"instances": []}, "instances"),
-    "row_not_object": ({"records": [IRIS_ROW, [1, 2, 3, 4]]}, "rows"),
-    "bad_row_in_batch": ({"records": [IRIS_ROW, with_value("sepal_width_cm", "x")]}, "rows"),
+    "row_not_object": ({"records": [IRIS_ROW, [1, 2, 3, 4]]}, "records"),
+    "bad_row_in_batch": ({"records": [IRIS_ROW, with_value("sepal_width_cm", "x")]}, "records"),
+    "bad_row_in_instances": ({"instances": [IRIS_ROW, with_value("sepal_width_cm", "x")]}, "instances"),
+    "too_large_for_float32": (with_value("sepal_length_cm", 1e39), "sepal_length_cm"),
+    "too_small_for_float32": (with_value("sepal_length_cm", -3.5e38), "sepal_length_cm"),
+    "too_large_in_a_batch": (
+        {"dataframe_records": [IRIS_ROW, with_value("petal_width_cm", 1e300)]},
+        "dataframe_records",
+    ),
     "split_wrong_width": ({"dataframe_split": {"columns": list(IRIS_ROW), "data": [[1.0, 2.0]]}}, "dataframe_split"),
     "split_no_data": ({"dataframe_split": {"columns": list(IRIS_ROW)}}, "dataframe_split"),
     "instances_wrong_width": ({"instances": [[1.0, 2.0, 3.0]]}, "instances"),
@@ -118,15 +126,18 @@ def test_example_is_a_real_training_row(app):
 
 @pytest.mark.parametrize("name", BAD_BODIES)
 def test_fast_path_and_schema_agree(app, name):
-    """The column-at-a-time check rejects exactly what the marshmallow schema rejects."""
+    """Every bad body is refused: by its shape before either validator, or by both validators alike."""
     model = app.extensions["model_store"].get()
-    body, _ = BAD_BODIES[name]
+    body, field = BAD_BODIES[name]
     try:
-        rows, single = parse_rows(body, model.feature_names)
-    except BadInput:
-        return  # the shape is wrong before either validator runs
-    assert _fast_columns(model, rows) is None
-    assert _row_errors(model, rows, single)
+        rows, key = parse_rows(body, model.feature_names)
+    except BadInput as exc:  # the shape is wrong before either validator runs: the error names the key
+        assert field in exc.errors, exc.errors
+        return
+    assert fast_columns(model, rows) is None
+    errors = row_errors(model, rows, key)
+    assert errors
+    assert field in json.dumps(errors) or key == field
 
 
 @pytest.mark.parametrize(
@@ -134,11 +145,36 @@ def test_fast_path_and_schema_agree(app, name):
     [
         IRIS_ROW,
         {k: int(v) for k, v in IRIS_ROW.items()},
-        with_value("sepal_length_cm", 1e300),
+        with_value("sepal_length_cm", FLOAT32_MAX),
+        with_value("sepal_length_cm", -3.4e38),
+        with_value("sepal_length_cm", 1e-300),
         with_value("sepal_length_cm", -0.0),
     ],
 )
 def test_both_validators_accept_good_rows(app, row):
     model = app.extensions["model_store"].get()
-    assert _fast_columns(model, [row]) is not None
-    assert _row_errors(model, [row], True) == {}
+    assert fast_columns(model, [row]) is not None
+    assert row_errors(model, [row], None) == {}
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39, 3.5e38, 10**39])
+def test_number_beyond_float32_is_400_naming_the_limit(client, value):
+    """The issue's curl: a tree model computes in float32, so 1e39 is a 400, not a 500."""
+    response = client.post("/predict", json=with_value("sepal_length_cm", value))
+    check_bad(client, response, "sepal_length_cm")
+    assert "32-bit" in response.json["errors"]["sepal_length_cm"][0]
+
+
+@pytest.mark.parametrize("value", [3.4e38, -3.4e38, FLOAT32_MAX])
+def test_extreme_but_holdable_numbers_get_200(client, value):
+    response = client.post("/predict", json={"records": [with_value(name, value) for name in IRIS_ROW]})
+    assert response.status_code == 200, response.json
+    probabilities = response.json["probabilities"]
+    assert len(probabilities) == 4 and all(abs(sum(p.values()) - 1) < 1e-6 for p in probabilities)
+
+
+def test_too_many_rows_names_the_key_used(client, app):
+    app.config["MAX_BATCH_ROWS"] = 2
+    response = client.post("/predict", json={"instances": [IRIS_ROW] * 3})
+    assert response.status_code == 400
+    assert list(response.json["errors"]) == ["instances"]

@@ -95,7 +95,7 @@ def run_training(registry: Registry, spec: TrainingSpec, dataset: Dataset, run_i
         _log_confusion_matrix(evaluation["confusion_matrix"], evaluation["classes"])
 
         tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
-        ref = log_model_version(registry, model, train_x, model_name, tags, metrics)
+        ref = log_model_version(registry, model, train_x, model_name, tags, metrics, holdout=test_x)
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         if spec.activate:
             # Recorded first, so a job that dies after this point can hand the previous model back.
