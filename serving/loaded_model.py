@@ -255,14 +255,14 @@ def _checked(model: LoadedModel, example_rows: list[dict]) -> LoadedModel:
         return model
     from dataclasses import replace
 
-    from serving.prediction import _onnx_probabilities, _sklearn_frame, fast_columns
+    from serving.prediction import _onnx_probabilities, _sklearn_frame, fast_columns, label_indices
 
     columns = fast_columns(model, example_rows)
     try:
         compiled = _onnx_probabilities(model, columns)
         expected = model.estimator.predict_proba(_sklearn_frame(model, columns))
         agree = compiled.shape == expected.shape and np.allclose(compiled, expected, atol=1e-5)
-        agree = agree and (compiled.argmax(axis=1) == expected.argmax(axis=1)).all()
+        agree = agree and (label_indices(compiled, True) == label_indices(expected, False)).all()
     except Exception as exc:
         agree, problem = False, f"{type(exc).__name__}: {exc}"
     else:

@@ -14,11 +14,22 @@ from serving.loaded_model import FLOAT32_MAX, LoadedModel
 # The batch forms: ours ("records") and those of MLflow's scoring server.
 BATCH_KEYS = ("records", "dataframe_records", "dataframe_split", "instances", "inputs")
 MAX_REPORTED_ROWS = 20
+# ONNX forms compute in float32: a tie in scikit-learn's float64 probabilities (7 trees of 15 for each of
+# two classes) arrives as two values a few 1e-8 apart. Within this margin the first class wins, as
+# scikit-learn's argmax picks the first of equal values.
+TIE_MARGIN = 1e-6
 _ALLOWED_TYPES = {
     "number": (int, float),
     "text": (str,),
     "boolean": (bool,),
 }
+
+
+def label_indices(probabilities: np.ndarray, compiled: bool) -> np.ndarray:
+    """The most probable class per row; for a compiled form, the first of those within TIE_MARGIN of the top."""
+    if not compiled:
+        return probabilities.argmax(axis=1)
+    return (probabilities >= probabilities.max(axis=1, keepdims=True) - TIE_MARGIN).argmax(axis=1)
 
 
 class BadInput(Exception):
@@ -167,8 +178,8 @@ def _sklearn_frame(model: LoadedModel, columns: dict):
     return pd.DataFrame(frame, columns=model.feature_names)
 
 
-def probabilities_of(model: LoadedModel, columns: dict, key: str | None) -> np.ndarray:
-    """Class probabilities per row, from ONNX Runtime when the version is compiled.
+def probabilities_of(model: LoadedModel, columns: dict, key: str | None) -> tuple[np.ndarray, bool]:
+    """Class probabilities per row, and whether ONNX Runtime computed them (the version is compiled).
 
     A row that overflows 32-bit arithmetic (an extreme but finite value) is scored again by
     scikit-learn in 64 bits; a row no runtime can score is a 400, never a NaN in the answer.
@@ -176,8 +187,8 @@ def probabilities_of(model: LoadedModel, columns: dict, key: str | None) -> np.n
     if model.session is not None:
         probabilities = _onnx_probabilities(model, columns)
         if np.isfinite(probabilities).all() or model.estimator is None:
-            return _finite_or_bad(probabilities, key)
-    return _finite_or_bad(model.estimator.predict_proba(_sklearn_frame(model, columns)), key)
+            return _finite_or_bad(probabilities, key), True
+    return _finite_or_bad(model.estimator.predict_proba(_sklearn_frame(model, columns)), key), False
 
 
 def _finite_or_bad(probabilities: np.ndarray, key: str | None) -> np.ndarray:
@@ -196,9 +207,9 @@ def predict(model: LoadedModel, body, max_rows: int) -> dict:
     columns = validate_rows(model, rows, key, max_rows)
     answer = {"model": model.answer_model}
     if model.has_probabilities:
-        probabilities = probabilities_of(model, columns, key)
+        probabilities, compiled = probabilities_of(model, columns, key)
         # The label is the most probable class, as scikit-learn's own predict() does for these models.
-        answer["predictions"] = model.class_array[probabilities.argmax(axis=1)].tolist()
+        answer["predictions"] = model.class_array[label_indices(probabilities, compiled)].tolist()
         keys = model.class_keys
         answer["probabilities"] = [dict(zip(keys, row)) for row in probabilities.tolist()]
     else:

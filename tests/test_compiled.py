@@ -1,0 +1,196 @@
+"""Compiled inference: each version's ONNX form agrees with scikit-learn, or says why it has none."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnxruntime
+import pandas as pd
+import pytest
+
+from serving.loaded_model import load_model_dir
+from serving.prediction import label_indices
+from training.compile import compile_pipeline, feeds_from_frame
+from training.datasets import from_frame, load_builtin
+from training.estimators import ESTIMATORS
+from training.pipeline import build_pipeline, split
+
+# Small ensembles keep the 45 fits of this table quick; the conversion is the same at any size.
+PARAMS = {
+    "RandomForestClassifier": {"n_estimators": 15},
+    "ExtraTreesClassifier": {"n_estimators": 15},
+    "GradientBoostingClassifier": {"n_estimators": 15},
+    "HistGradientBoostingClassifier": {"max_iter": 15},
+}
+MUST_COMPILE = {
+    "LogisticRegression",
+    "RandomForestClassifier",
+    "ExtraTreesClassifier",
+    "GradientBoostingClassifier",
+    "DecisionTreeClassifier",
+    "GaussianNB",
+}
+
+
+def customers(missing_text: bool):
+    """Text and numbers with gaps, like a CRM export (the README's churn example has this shape)."""
+    rng = np.random.default_rng(7)
+    n = 240
+    frame = pd.DataFrame(
+        {
+            "plan": rng.choice(["basic", "pro", "team"], n).astype(object),
+            "region": rng.choice(["eu", "us", "apac"], n).astype(object),
+            "monthly_spend": rng.normal(50, 20, n).round(2),
+            "seats": rng.integers(1, 20, n),
+        }
+    )
+    frame.loc[rng.choice(n, 25, replace=False), "monthly_spend"] = np.nan
+    if missing_text:
+        frame.loc[rng.choice(n, 20, replace=False), "region"] = None
+    frame["churned"] = np.where((frame.plan == "basic") & (frame.seats < 8), "yes", "no")
+    return from_frame(frame, "churned", "customers", "inline", {"max_rows": 10_000, "max_columns": 100})
+
+
+DATASETS = {
+    "iris": lambda: load_builtin("iris"),
+    "wine": lambda: load_builtin("wine"),
+    "breast_cancer": lambda: load_builtin("breast_cancer"),
+    "digits": lambda: load_builtin("digits"),
+    "text_and_missing": lambda: customers(missing_text=True),
+}
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    return {name: make() for name, make in DATASETS.items()}
+
+
+@pytest.mark.parametrize("dataset_name", DATASETS)
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_compiled_form_agrees_or_says_why(datasets, estimator, dataset_name):
+    dataset = datasets[dataset_name]
+    train_x, test_x, train_y, _ = split(dataset.features, dataset.labels)
+    pipeline = build_pipeline(dataset.features, estimator, PARAMS.get(estimator, {}))
+    pipeline.fit(train_x, train_y)
+    compiled = compile_pipeline(pipeline, train_x, test_x)
+    if compiled.onnx is None:
+        assert compiled.runtime == "sklearn"
+        assert len(compiled.reason) > 20, compiled.reason  # a sentence that says which piece and why
+        assert not (estimator in MUST_COMPILE and dataset_name != "text_and_missing"), compiled.reason
+        return
+    # Checked here again, independently of compile_pipeline's own verdict.
+    session = onnxruntime.InferenceSession(compiled.onnx, providers=["CPUExecutionProvider"])
+    for rows in (test_x, train_x):
+        _, probabilities = session.run(None, feeds_from_frame(rows))
+        expected = pipeline.predict_proba(rows)
+        classes = np.asarray(pipeline.classes_)
+        assert (classes[label_indices(probabilities, compiled=True)] == pipeline.predict(rows)).all()
+        np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+def test_histgradientboosting_reason_names_the_estimator(datasets):
+    dataset = datasets["iris"]
+    train_x, test_x, train_y, _ = split(dataset.features, dataset.labels)
+    pipeline = build_pipeline(dataset.features, "HistGradientBoostingClassifier", {"max_iter": 5})
+    pipeline.fit(train_x, train_y)
+    compiled = compile_pipeline(pipeline, train_x, test_x)
+    if compiled.onnx is None:
+        assert "HistGradientBoostingClassifier" in compiled.reason
+
+
+def test_text_with_empty_string_values_stays_with_sklearn():
+    frame = pd.DataFrame({"plan": ["", "pro"] * 20, "spend": np.arange(40.0), "label": ["a", "b"] * 20})
+    dataset = from_frame(frame, "label", "empty", "inline", {"max_rows": 100, "max_columns": 10})
+    train_x, test_x, train_y, _ = split(dataset.features, dataset.labels)
+    pipeline = build_pipeline(dataset.features, "LogisticRegression", {}).fit(train_x, train_y)
+    compiled = compile_pipeline(pipeline, train_x, test_x)
+    assert compiled.onnx is None and '""' in compiled.reason
+
+
+@pytest.fixture(scope="module")
+def mixed_versions(store):
+    """Versions trained by the real job: a compiled one with text and gaps, and one that cannot compile."""
+    from training.job import TrainingSpec, run_training
+
+    registry = store["registry"]
+    made = {}
+    for key, spec, dataset in [
+        ("text", TrainingSpec("LogisticRegression", {}, "churn-lr", activate=False), customers(missing_text=True)),
+        ("hgb", TrainingSpec("HistGradientBoostingClassifier", {"max_iter": 5}, "iris-hgb", activate=False),
+         load_builtin("iris")),
+    ]:  # fmt: skip
+        made[key] = run_training(registry, spec, dataset)["model"]
+    return made
+
+
+def test_models_list_says_runtime_and_reason(client, mixed_versions):
+    entries = {(m["name"], m["version"]): m for m in client.get("/models").json["models"]}
+    text = entries[(mixed_versions["text"]["name"], mixed_versions["text"]["version"])]
+    assert text["runtime"] == "onnx" and "verified" in text["runtime_reason"]
+    hgb = entries[(mixed_versions["hgb"]["name"], mixed_versions["hgb"]["version"])]
+    if hgb["runtime"] == "sklearn":
+        assert "HistGradientBoostingClassifier" in hgb["runtime_reason"]
+
+
+def _use(client, model):
+    response = client.post("/use-model", json=model, headers={"Authorization": "Bearer test-token"})
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def test_text_and_missing_values_served_by_onnx_match_sklearn(client, app, mixed_versions):
+    app.config["API_TOKEN"] = "test-token"
+    answer = _use(client, mixed_versions["text"])
+    assert answer["model"]["runtime"] == "onnx"
+    rows = [
+        {"plan": "basic", "region": "eu", "monthly_spend": 40.0, "seats": 3},
+        {"plan": "team", "region": None, "monthly_spend": None, "seats": 12},
+        {"plan": "unseen-plan", "region": "mars", "monthly_spend": 10.5, "seats": 1},
+    ]
+    served = client.post("/predict", json={"records": rows}).json
+    assert served["model"]["runtime"] == "onnx"
+    estimator = app.extensions["model_store"].get().estimator
+    frame = pd.DataFrame(rows).astype({"monthly_spend": "float64", "seats": "float64"})
+    frame["region"] = frame["region"].map(lambda v: np.nan if v is None else v).astype(object)
+    expected = estimator.predict_proba(frame)
+    assert served["predictions"] == estimator.predict(frame).tolist()
+    got = np.array([[p[str(c)] for c in estimator.classes_] for p in served["probabilities"]])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_version_without_compiled_form_is_served_by_sklearn(client, app, mixed_versions):
+    app.config["API_TOKEN"] = "test-token"
+    answer = _use(client, mixed_versions["hgb"])
+    row = client.post("/predict", json={}).json["example"]
+    served = client.post("/predict", json=row).json
+    assert served["model"]["runtime"] == answer["model"]["runtime"]
+    assert served["predictions"][0] in {"setosa", "versicolor", "virginica"}
+
+
+def test_serving_runtime_sklearn_forces_scikit_learn_with_same_labels(store, app_config, client):
+    from serving import create_app
+
+    forced = create_app({**app_config, "SERVING_RUNTIME": "sklearn", "STATE_DIR": app_config["STATE_DIR"] + "-sk"})
+    try:
+        rows = load_builtin("iris").features.sample(40, random_state=1).to_dict("records")
+        ours = client.post("/predict", json={"records": rows}).json
+        theirs = forced.test_client().post("/predict", json={"records": rows}).json
+        assert ours["model"]["runtime"] == "onnx" and theirs["model"]["runtime"] == "sklearn"
+        assert ours["predictions"] == theirs["predictions"]
+        listed = forced.test_client().get("/models").json["models"]
+        assert all(m["runtime"] == "sklearn" and "SERVING_RUNTIME" in m["runtime_reason"] for m in listed)
+    finally:
+        forced.extensions["model_store"].stop()
+
+
+def test_version_registered_before_compilation_loads_with_sklearn(app, tmp_path):
+    """A model folder without the compiled verdict (as every version before this change) still serves."""
+    store = app.extensions["model_store"]
+    current = store.get()
+    folder = tmp_path / "old"
+    shutil.copytree(store._cache_dir(current.ref), folder)
+    shutil.rmtree(folder / "extra_files")
+    old = load_model_dir(folder, current.ref)
+    assert old.runtime == "sklearn" and "before compiled inference" in old.runtime_reason
+    assert old.session is None and old.estimator is not None
