@@ -23,8 +23,10 @@ if preload_app:
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
-max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "5000"))
-max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "500"))
+# A recycle is a safety valve against slow leaks, not a routine: at a few thousand answers a second,
+# 5000 meant a new worker every few seconds. `make soak` shows a worker's memory flat without it.
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "200000"))
+max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "20000"))
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
@@ -43,6 +45,16 @@ def on_starting(server):
         os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))
 
 
+def pre_fork(server, worker):
+    # Everything the master built (modules, the app, the model) moves to the GC's permanent generation:
+    # a worker's collections then never walk those objects, which would stall its first requests and
+    # copy the pages it shares with the master.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def post_fork(server, worker):
     if server.cfg.preload_app:
         from serving.forking import after_fork
@@ -54,3 +66,18 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server, worker):
+    # A worker leaves without Python's finalisation: ONNX Runtime, loaded by the master before the fork,
+    # hangs or aborts when its globals are torn down in a forked child (microsoft/onnxruntime#31961).
+    # The worker has finished its requests by now; only flushing is left, and the exit code is kept.
+    import logging
+    import sys
+
+    error = sys.exc_info()[1]
+    code = error.code if isinstance(error, SystemExit) else (1 if error else 0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)

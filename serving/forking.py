@@ -21,4 +21,25 @@ def after_fork(app: Flask) -> None:
             engine.dispose(close=False)  # new pool in this process; the master's connections stay its own
     store = app.extensions.get("model_store")
     if store is not None:
+        warm_up(app, store)
         store.start_watcher()
+
+
+def warm_up(app: Flask, store) -> None:
+    """Do, before the first request, what would otherwise stall it: open this process's registry
+    connection, catch up with the registry, and run one prediction end to end (the runtime's first
+    call, the metric files of this process)."""
+    import logging
+
+    from serving import metrics
+    from serving.prediction import predict
+
+    store.follow_registry()  # this worker's own MLflow connection, opened now rather than under load
+    model = store.get()
+    if model is None:
+        return
+    try:
+        predict(model, model.example, 1)
+    except Exception:  # a warm-up must never stop a worker from starting
+        logging.getLogger(__name__).exception("warm-up prediction failed")
+    metrics.warm_up(model.ref.name, model.ref.version)

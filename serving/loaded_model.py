@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 _NUMBER_TYPES = {"double", "float", "long", "integer"}
 # The largest number the runtimes hold: the ONNX forms take float32, as scikit-learn's trees do inside.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_SESSION_LOCK = threading.Lock()
+_INHERITED_SESSIONS: list = []  # sessions copied from a parent process: kept, never destroyed in the child
 _KIND_TYPES = {"number": (int, float), "text": (str,), "boolean": (bool,)}
 
 
@@ -94,11 +98,14 @@ class LoadedModel:
     has_probabilities: bool
     runtime: str = "sklearn"  # "onnx" or "sklearn": what answers this version's predictions
     runtime_reason: str = ""
-    session: Any = None  # onnxruntime.InferenceSession when runtime is "onnx"
-    onnx_bytes: bytes | None = field(default=None, repr=False)
+    onnx_bytes: bytes | None = field(default=None, repr=False)  # the verified compiled form, when served
+    # This process's ONNX Runtime session: {"pid": ..., "session": ...}, made again after a fork (below).
+    _session: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # Derived once per version, not per request.
     feature_names: list = field(init=False)
     feature_set: frozenset = field(init=False)
+    number_features: list = field(init=False)
+    text_features: list = field(init=False)
     class_array: np.ndarray = field(init=False, repr=False)
     class_keys: list = field(init=False)
     answer_model: dict = field(init=False)
@@ -109,11 +116,32 @@ class LoadedModel:
         set_ = object.__setattr__  # frozen: the derived fields are set once, here
         set_(self, "feature_names", names)
         set_(self, "feature_set", frozenset(names))
+        set_(self, "number_features", [f.name for f in self.features if f.kind == "number"])
+        set_(self, "text_features", [f.name for f in self.features if f.kind != "number"])
         set_(self, "class_array", np.asarray(self.classes, dtype=object))
         set_(self, "class_keys", [str(label) for label in self.classes])
         set_(self, "answer_model", {**self.ref.as_dict(), "runtime": self.runtime})
-        outputs = [o.name for o in self.session.get_outputs()] if self.session is not None else []
-        set_(self, "onnx_probability_output", outputs[1:2])
+        set_(self, "onnx_probability_output", ["probabilities"])  # skl2onnx's name, with zipmap off
+
+    @property
+    def session(self):
+        """The ONNX Runtime session of this process (None when scikit-learn serves the version).
+
+        ONNX Runtime's objects do not survive fork: a gunicorn worker that inherits the master's
+        session makes its own on first use, and never destroys the inherited one (that would touch
+        thread state that belongs to the master).
+        """
+        if self.onnx_bytes is None:
+            return None
+        holder = self._session
+        if holder.get("pid") != os.getpid():
+            with _SESSION_LOCK:
+                if holder.get("pid") != os.getpid():
+                    if "session" in holder:
+                        _INHERITED_SESSIONS.append(holder["session"])
+                    holder["session"] = onnx_session(self.onnx_bytes)
+                    holder["pid"] = os.getpid()
+        return holder["session"]
 
     def describe(self) -> dict:
         """The version and how it is served, as /ready and /use-model show it."""
@@ -204,13 +232,12 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
     features = tuple(features)
     example_rows = _input_example(path, mlmodel, features, ref)
     onnx_bytes, reason = _compiled_form(path, ref, runtime_setting)
-    session = None
     if onnx_bytes is not None:
         try:
-            session = onnx_session(onnx_bytes)
+            onnx_session(onnx_bytes)  # loadable by this ONNX Runtime (the model's own session is made per process)
         except Exception as exc:  # e.g. an ONNX Runtime too old for the file's opset
             onnx_bytes, reason = None, f"ONNX Runtime could not load the compiled form: {exc}"
-    if estimator is None and session is None:
+    if estimator is None and onnx_bytes is None:
         raise ModelLoadError(
             f"{ref.name} version {ref.version} has no compiled form ({reason}) and scikit-learn is not installed"
         )
@@ -222,10 +249,9 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         classes=classes,
         example=example_rows[0],
         schema=build_schema(features, f"Row_{ref.name}_{ref.version}"),
-        has_probabilities=session is not None or hasattr(estimator, "predict_proba"),
-        runtime="onnx" if session is not None else "sklearn",
+        has_probabilities=onnx_bytes is not None or hasattr(estimator, "predict_proba"),
+        runtime="onnx" if onnx_bytes is not None else "sklearn",
         runtime_reason=reason,
-        session=session,
         onnx_bytes=onnx_bytes,
     )
     return _checked(model, example_rows)
@@ -251,7 +277,7 @@ def _classes(path: Path, estimator, ref: ModelRef) -> tuple:
 
 def _checked(model: LoadedModel, example_rows: list[dict]) -> LoadedModel:
     """Before a compiled version serves: ONNX and scikit-learn agree on its input example, or sklearn serves."""
-    if model.session is None or model.estimator is None:
+    if model.onnx_bytes is None or model.estimator is None:
         return model
     from dataclasses import replace
 
@@ -270,5 +296,5 @@ def _checked(model: LoadedModel, example_rows: list[dict]) -> LoadedModel:
     if agree:
         return model
     log.error("%s version %s: the compiled form is not used: %s", model.ref.name, model.ref.version, problem)
-    return replace(model, runtime="sklearn", runtime_reason=f"compiled form rejected at load: {problem}", session=None,
+    return replace(model, runtime="sklearn", runtime_reason=f"compiled form rejected at load: {problem}",
                    onnx_bytes=None)  # fmt: skip

@@ -23,6 +23,21 @@ LATENCY = Histogram(
 PREDICTED_ROWS = Counter("predicted_rows_total", "Rows predicted, by model", ["model", "version"])
 
 
+_children: dict = {}
+
+
+def _child(metric, *labels: str):
+    """The metric's child for these labels, looked up once: `labels()` takes a lock and builds a key each call.
+
+    The label sets are bounded (URL rules, methods, statuses, registered versions), and so is this cache.
+    """
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def instrument(app: Flask) -> None:
     """Time every request and count it by endpoint (the URL rule, so ids do not explode the labels)."""
 
@@ -33,15 +48,23 @@ def instrument(app: Flask) -> None:
     @app.after_request
     def record(response):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        _child(REQUESTS, endpoint, request.method, str(response.status_code)).inc()
         if "started" in g:
-            LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
+            _child(LATENCY, endpoint).observe(time.perf_counter() - g.started)
         response.headers["X-Worker-Pid"] = str(os.getpid())  # which gunicorn worker answered
         return response
 
 
+def warm_up(model: str, version: str) -> None:
+    """Create this process's common metric series now (in multiprocess mode each opens a file) without counting."""
+    for status in ("200", "400"):
+        _child(REQUESTS, "/predict", "POST", status)
+    _child(LATENCY, "/predict")
+    _child(PREDICTED_ROWS, model, version)
+
+
 def count_predictions(model: str, version: str, rows: int) -> None:
-    PREDICTED_ROWS.labels(model, version).inc(rows)
+    _child(PREDICTED_ROWS, model, version).inc(rows)
 
 
 @bp.get("/metrics")

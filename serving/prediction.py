@@ -32,6 +32,18 @@ def label_indices(probabilities: np.ndarray, compiled: bool) -> np.ndarray:
     return (probabilities >= probabilities.max(axis=1, keepdims=True) - TIE_MARGIN).argmax(axis=1)
 
 
+def _labels(model: LoadedModel, probabilities: np.ndarray, rows: list[list[float]], compiled: bool) -> list:
+    """Each row's label, as label_indices picks it (in plain Python for a few rows: no numpy call setup)."""
+    if len(rows) > SMALL_BATCH:
+        return model.class_array[label_indices(probabilities, compiled)].tolist()
+    margin = TIE_MARGIN if compiled else 0.0
+    labels = []
+    for row in rows:
+        top = max(row) - margin
+        labels.append(model.classes[next(i for i, p in enumerate(row) if p >= top)])
+    return labels
+
+
 class BadInput(Exception):
     """The body cannot be predicted on; `errors` says what is wrong, per field or per row."""
 
@@ -88,16 +100,33 @@ def parse_rows(body, feature_names: list[str]) -> tuple[list, str | None]:
     return rows, key
 
 
-def fast_columns(model: LoadedModel, rows: list) -> dict | None:
-    """Columns as arrays when every row is valid, checked a column at a time; None if any is not.
+# Up to this many rows, plain Python checks and labels are faster than numpy's per-call setup.
+SMALL_BATCH = 32
 
-    Numbers become float64 arrays (NaN for a missing value), text an object array (None for a
-    missing value). Accepts exactly what the marshmallow schema accepts (tests/test_validation.py
-    checks both agree); the schema then only runs on failing bodies, to say what is wrong.
+
+def _within_float32(values: list) -> bool:
+    """Every value is a number a 32-bit float holds (NaN and Infinity fail the comparison)."""
+    if len(values) <= SMALL_BATCH:
+        # Python compares any int with a float exactly: 10**400 fails here without an OverflowError.
+        return all(-FLOAT32_MAX <= v <= FLOAT32_MAX for v in values)
+    try:
+        array = np.array(values, dtype="float64")
+    except OverflowError:
+        return False  # an integer too large for a float: the schema says "Number too large."
+    return bool(np.abs(array).max() <= FLOAT32_MAX)
+
+
+def fast_columns(model: LoadedModel, rows: list) -> dict | None:
+    """The rows as one list of values per feature when every row is valid, checked a column at a time.
+
+    None if any row is not valid. Accepts exactly what the marshmallow schema accepts
+    (tests/test_validation.py checks both agree); the schema then only runs on failing bodies, to
+    say what is wrong. None stands for a missing value where the training data had gaps.
     """
     expected = model.feature_set
-    if not all(type(row) is dict and row.keys() == expected for row in rows):
-        return None
+    for row in rows:
+        if type(row) is not dict or row.keys() != expected:
+            return None
     columns = {}
     for feature in model.features:
         name = feature.name
@@ -106,22 +135,10 @@ def fast_columns(model: LoadedModel, rows: list) -> dict | None:
         if not all(type(v) in allowed for v in values):
             return None
         if feature.kind == "number":
-            try:
-                if feature.required:
-                    column = present = np.array(values, dtype="float64")
-                else:
-                    present = np.array([v for v in values if v is not None], dtype="float64")
-                    column = np.array([np.nan if v is None else v for v in values], dtype="float64")
-            except OverflowError:
-                return None  # an integer too large for a float: the schema says "Number too large."
-            # Within what 32-bit floats hold (the runtime's type); `not <=` also catches NaN and Infinity.
-            if len(present) and not np.abs(present).max() <= FLOAT32_MAX:
+            present = values if feature.required else [v for v in values if v is not None]
+            if present and not _within_float32(present):
                 return None
-            columns[name] = column
-        elif feature.kind == "text":
-            columns[name] = np.array(values, dtype=object)
-        else:
-            columns[name] = np.array(values, dtype=bool)
+        columns[name] = values
     return columns
 
 
@@ -156,13 +173,13 @@ def validate_rows(model: LoadedModel, rows: list, key: str | None, max_rows: int
 
 
 def _onnx_probabilities(model: LoadedModel, columns: dict) -> np.ndarray:
-    feeds = {}
-    for feature in model.features:
-        column = columns[feature.name]
-        if feature.kind == "number":
-            feeds[feature.name] = column.astype(np.float32).reshape(-1, 1)
-        else:  # ONNX strings cannot be missing: the compiled form reads "" as missing
-            feeds[feature.name] = np.array(["" if v is None else v for v in column], dtype=object).reshape(-1, 1)
+    numbers = model.number_features
+    # One array for every number column (None, a missing value, becomes NaN, which the compiled imputer
+    # fills); each input is a contiguous (n, 1) view of one of its rows.
+    matrix = np.array([columns[name] for name in numbers], dtype=np.float32) if numbers else None
+    feeds = {name: matrix[i].reshape(-1, 1) for i, name in enumerate(numbers)}
+    for name in model.text_features:  # ONNX strings cannot be missing: the compiled form reads "" as missing
+        feeds[name] = np.array(["" if v is None else v for v in columns[name]], dtype=object).reshape(-1, 1)
     return model.session.run(model.onnx_probability_output, feeds)[0]
 
 
@@ -171,10 +188,13 @@ def _sklearn_frame(model: LoadedModel, columns: dict):
 
     frame = {}
     for feature in model.features:
-        column = columns[feature.name]
-        if feature.kind == "text" and not feature.required:
-            column = np.array([np.nan if v is None else v for v in column], dtype=object)
-        frame[feature.name] = column
+        values = columns[feature.name]
+        if feature.kind == "number":
+            frame[feature.name] = np.array(values, dtype="float64")
+        elif feature.kind == "text":
+            frame[feature.name] = np.array([np.nan if v is None else v for v in values], dtype=object)
+        else:
+            frame[feature.name] = np.array(values, dtype=bool)
     return pd.DataFrame(frame, columns=model.feature_names)
 
 
@@ -186,7 +206,9 @@ def probabilities_of(model: LoadedModel, columns: dict, key: str | None) -> tupl
     """
     if model.session is not None:
         probabilities = _onnx_probabilities(model, columns)
-        if np.isfinite(probabilities).all() or model.estimator is None:
+        if np.isfinite(probabilities).all():
+            return probabilities, True
+        if model.estimator is None:
             return _finite_or_bad(probabilities, key), True
     return _finite_or_bad(model.estimator.predict_proba(_sklearn_frame(model, columns)), key), False
 
@@ -208,10 +230,11 @@ def predict(model: LoadedModel, body, max_rows: int) -> dict:
     answer = {"model": model.answer_model}
     if model.has_probabilities:
         probabilities, compiled = probabilities_of(model, columns, key)
+        rows = probabilities.tolist()
         # The label is the most probable class, as scikit-learn's own predict() does for these models.
-        answer["predictions"] = model.class_array[label_indices(probabilities, compiled)].tolist()
+        answer["predictions"] = _labels(model, probabilities, rows, compiled)
         keys = model.class_keys
-        answer["probabilities"] = [dict(zip(keys, row)) for row in probabilities.tolist()]
+        answer["probabilities"] = [dict(zip(keys, row)) for row in rows]
     else:
         answer["predictions"] = model.estimator.predict(_sklearn_frame(model, columns)).tolist()
     return answer
