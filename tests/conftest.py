@@ -21,6 +21,11 @@ IRIS_ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def ref(model: dict) -> dict:
+    """The name and version of an answer's `model` object (which also says the runtime serving it)."""
+    return {"name": model["name"], "version": model["version"]}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

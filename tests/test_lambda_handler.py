@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IRIS_ROW, ROOT, stop
+from tests.conftest import IRIS_ROW, ROOT, ref, stop
 from tests.lambda_events import http_v2, rest_v1
 from tests.servers import S3Server, start_mlflow_server
 
@@ -146,7 +146,7 @@ def test_handler_answers_api_gateway_events(api, built_package, s3, tracking_ser
     assert set(bad_body["example"]) == set(IRIS_ROW)
     assert malformed["statusCode"] == 400
     assert json.loads(health["body"]) == {"status": "ok", "role": "inference"}
-    assert json.loads(ready["body"])["model"] == {"name": "iris-RandomForestClassifier", "version": "1"}
+    assert ref(json.loads(ready["body"])["model"]) == {"name": "iris-RandomForestClassifier", "version": "1"}
     assert train["statusCode"] == 404  # the inference role has no training endpoint
     assert use_model["statusCode"] == 401  # API_TOKEN arrived through remote_env from S3
     print(f"\ncold start ({api}): {cold:.2f} s from process start to the first /predict answer")

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_NAME, IRIS_ROW, ROOT
+from tests.conftest import DEFAULT_NAME, IRIS_ROW, ROOT, ref
 from tests.servers import S3Server, Service, create_database, drop_database, require_postgres, start_mlflow_server
 
 BUCKET = "mlflow-artifacts"
@@ -133,7 +133,7 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
                 answer = predict(url)
                 worst_first_answer = max(worst_first_answer, time.perf_counter() - started)
                 assert answer.status_code == 200
-                assert answer.json()["model"] == target
+                assert ref(answer.json()["model"]) == target
                 pids.add(answer.headers["X-Worker-Pid"])
     finally:
         done.set()
@@ -151,8 +151,8 @@ def test_restart_serves_the_last_chosen_version(gunicorn_service, stack):
     assert requests.post(f"{gunicorn_service.url}/use-model", json=target, timeout=60).status_code == 200
     gunicorn_service.stop()
     gunicorn_service.start()
-    assert requests.get(f"{gunicorn_service.url}/ready", timeout=30).json()["model"] == target
-    assert predict(gunicorn_service.url).json()["model"] == target
+    assert ref(requests.get(f"{gunicorn_service.url}/ready", timeout=30).json()["model"]) == target
+    assert ref(predict(gunicorn_service.url).json()["model"]) == target
 
 
 def test_two_instances_follow_each_others_swaps(stack, tmp_path):
@@ -168,7 +168,7 @@ def test_two_instances_follow_each_others_swaps(stack, tmp_path):
             streak = 0
             while streak < 10:  # ten answers in a row from the new version: every worker followed
                 assert time.monotonic() - swapped < 15, "the other instance did not follow within 15 s"
-                streak = streak + 1 if predict(follower.url).json()["model"] == target else 0
+                streak = streak + 1 if ref(predict(follower.url).json()["model"]) == target else 0
             print(f"\nother instance followed in {time.monotonic() - swapped:.2f} s (poll interval 1 s)")
     finally:
         first.stop()

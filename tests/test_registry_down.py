@@ -6,7 +6,7 @@ import time
 
 from serving import create_app
 from serving.registry import ModelRef
-from tests.conftest import IRIS_ROW, stop
+from tests.conftest import IRIS_ROW, ref, stop
 from tests.servers import start_mlflow_server
 
 
@@ -25,7 +25,7 @@ def test_predict_serves_through_an_outage_and_everything_recovers(tmp_path):
         stop(process)
         log.close()
 
-        assert client.post("/predict", json=IRIS_ROW).json["model"] == default
+        assert ref(client.post("/predict", json=IRIS_ROW).json["model"]) == default
         started = time.monotonic()
         models = client.get("/models")
         elapsed = time.monotonic() - started
@@ -35,7 +35,7 @@ def test_predict_serves_through_an_outage_and_everything_recovers(tmp_path):
         assert elapsed < 30, f"/models took {elapsed:.1f}s with the server down; gunicorn's timeout is 120 s"
         assert client.post("/use-model", json=default).status_code == 503
         time.sleep(1.5)  # the watcher fails a few polls meanwhile, and the model stays
-        assert client.post("/predict", json=IRIS_ROW).json["model"] == default
+        assert ref(client.post("/predict", json=IRIS_ROW).json["model"]) == default
         assert store.registry_available is False
 
         process, _, log = start_mlflow_server(
@@ -75,7 +75,7 @@ def test_a_version_that_fails_to_load_is_not_retried_in_a_loop(store, app_config
             model_store.follow_registry()
         assert len(attempts) == 1
         assert "pickle" in model_store.last_error
-        assert app.test_client().post("/predict", json=IRIS_ROW).json["model"] == store["default"].as_dict()
+        assert ref(app.test_client().post("/predict", json=IRIS_ROW).json["model"]) == store["default"].as_dict()
     finally:
         store["registry"].set_active_model(store["default"])
 

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from serving import create_app
-from tests.conftest import IRIS_ROW, ROOT
+from tests.conftest import IRIS_ROW, ROOT, ref
 
 
 def test_inference_role_has_no_training_and_serves_the_registry(store, tmp_path):
@@ -37,7 +37,7 @@ def test_inference_role_has_no_training_and_serves_the_registry(store, tmp_path)
     assert result["training_imported"] is False
     assert result["train"] == 404
     assert result["jobs"] == 404
-    assert result["predict"]["model"] == store["registry"].get_active_model().as_dict()
+    assert ref(result["predict"]["model"]) == store["registry"].get_active_model().as_dict()
     assert "/train" not in result["paths"]
 
 
