@@ -541,6 +541,7 @@ def main() -> int:
     args = parse_args()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started in the background
     info = machine(args)
     command = "make bench" if os.environ.get("MAKELEVEL") else "python scripts/bench_serving.py"
     info["command"] = " ".join([command, *sys.argv[1:]]) + (
