@@ -124,6 +124,22 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def cpu_seconds(leader: int) -> float:
+    """CPU time (user + system) used so far by a process and everything below it, exited children included.
+
+    Unlike req/s, CPU time per request does not depend on what else the shared machine is running.
+    """
+    total = 0.0
+    for pid in [leader, *descendants(leader)]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # utime, stime, and cutime, cstime: the waited-for children that are no longer in the tree.
+        total += sum(int(value) for value in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def memory_mb(pid: int) -> dict:
     """Resident and proportional set size of one process, in MB (10^6 bytes, as the target says)."""
     values = {}
@@ -187,9 +203,13 @@ def wrk_command(args, port: int, path: str, seconds: float) -> list[str]:
     ]  # fmt: skip
 
 
-def run_wrk(processes: Processes, args, port: int, path: str, body: bytes, seconds: float, during=None) -> dict:
-    """One wrk run; `during(process)` is called right after wrk starts (the recycle run uses it)."""
+def run_wrk(processes: Processes, args, server: int, port: int, path: str, body: bytes, seconds: float, during=None):
+    """One wrk run against the server whose process is `server`, with the CPU time the server spent per request.
+
+    `during(process)` is called right after wrk starts (the recycle run uses it).
+    """
     command = wrk_command(args, port, path, seconds)
+    cpu_before = cpu_seconds(server)
     process = processes.start(
         command, env={**os.environ, "BENCH_BODY": body.decode()}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -199,12 +219,16 @@ def run_wrk(processes: Processes, args, port: int, path: str, body: bytes, secon
     if process.returncode != 0:
         raise RuntimeError(f"wrk exited with {process.returncode}:\n{text}")
     result = parse_wrk(text)
+    result["server_cpu_ms_per_request"] = round((cpu_seconds(server) - cpu_before) * 1000 / result["requests"], 3)
     result.update(command=" ".join(command[:-1] + [path]), seconds=seconds, report=text)
     return result
 
 
 def summary(run: dict) -> str:
-    return f"{run['requests_per_s']:.0f} req/s, p50 {ms(run['p50_ms'])}, p99 {ms(run['p99_ms'])}{flag(run)}"
+    return (
+        f"{run['requests_per_s']:.0f} req/s, p50 {ms(run['p50_ms'])}, p99 {ms(run['p99_ms'])}, "
+        f"server CPU {ms(run['server_cpu_ms_per_request'])}/request{flag(run)}"
+    )
 
 
 # ---- the two services --------------------------------------------------------------------------------------
@@ -254,11 +278,11 @@ def measure_server(processes, args, folder, kind: str, start, path: str, body: b
         process = start(port, log)
         try:
             startup, answer = first_answer(process, started, port, path, body, args.start_timeout)
-            cold = run_wrk(processes, args, port, path, body, args.cold_seconds)
+            cold = run_wrk(processes, args, process.pid, port, path, body, args.cold_seconds)
             print(f"[bench]   first answer {startup:.2f} s after start; cold: {summary(cold)}", flush=True)
             pids_before = sorted(workers(process.pid))
-            run_wrk(processes, args, port, path, body, args.warmup_seconds)
-            warm = run_wrk(processes, args, port, path, body, args.seconds)
+            run_wrk(processes, args, process.pid, port, path, body, args.warmup_seconds)
+            warm = run_wrk(processes, args, process.pid, port, path, body, args.seconds)
             print(f"[bench]   warm: {summary(warm)}", flush=True)
             pids_after = sorted(workers(process.pid))
             result = {
@@ -292,7 +316,7 @@ def recycle_run(processes, args, master: int, port: int, path: str, body: bytes)
         os.kill(victim, signal.SIGTERM)
         stopped.append(victim)
 
-    result = run_wrk(processes, args, port, path, body, args.cold_seconds, during=stop_one_worker)
+    result = run_wrk(processes, args, master, port, path, body, args.cold_seconds, during=stop_one_worker)
     print(f"[bench]   one worker recycled: {summary(result)}", flush=True)
     result["stopped_worker"] = stopped[0]
     return result
@@ -375,7 +399,7 @@ def machine(args) -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "versions": {name: package_version(name) for name in packages + optional},
-        "wrk": wrk[0] if wrk else "",
+        "wrk": wrk[0].split(" Copyright")[0] if wrk else "",
         "commit": commit.stdout.strip(),
         "load_average_at_start": os.getloadavg(),
     }
@@ -390,6 +414,13 @@ def flag(run: dict) -> str:
     return " ⚠ " + ", ".join(f"{k} {v}" for k, v in errors.items()) if errors else ""
 
 
+def cell(run: dict) -> str:
+    return (
+        f"{run['requests_per_s']:.0f}, {ms(run['p50_ms'])}, {ms(run['p99_ms'])}, "
+        f"{ms(run['server_cpu_ms_per_request'])}{flag(run)}"
+    )
+
+
 def check(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -400,8 +431,9 @@ def table(results: dict, info: dict, args) -> str:
     lines = [
         f"### `make bench`: this service against `mlflow models serve` ({connections})",
         "",
-        "| model | run | this service: req/s, p50, p99 | `mlflow models serve`: req/s, p50, p99 | req/s ratio | target met |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | run | this service: req/s, p50, p99, server CPU/request | `mlflow models serve`: the same "
+        "| req/s ratio | CPU/request ratio (theirs/ours) | target met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     targets = {"LogisticRegression": 6, "RandomForestClassifier": 15}
     for name, result in results["models"].items():
@@ -413,16 +445,15 @@ def table(results: dict, info: dict, args) -> str:
             other = theirs.get(run)
             reference = other or theirs["warm"]
             ratio = mine["requests_per_s"] / reference["requests_per_s"]
-            ours_cell = f"{mine['requests_per_s']:.0f}, {ms(mine['p50_ms'])}, {ms(mine['p99_ms'])}{flag(mine)}"
-            theirs_cell = (
-                f"{other['requests_per_s']:.0f}, {ms(other['p50_ms'])}, {ms(other['p99_ms'])}{flag(other)}"
-                if other
-                else "(its workers never recycle; compared with its warm run)"
-            )
+            cpu_ratio = reference["server_cpu_ms_per_request"] / mine["server_cpu_ms_per_request"]
+            ours_cell = cell(mine)
+            theirs_cell = cell(other) if other else "(its workers never recycle; compared with its warm run)"
             verdict = [f"p99 < their p50: {check(mine['p99_ms'] < reference['p50_ms'])}"]
             if run == "warm":
                 verdict.insert(0, f"≥ {targets[name]}x: {check(ratio >= targets[name])}")
-            lines.append(f"| {name} | {label} | {ours_cell} | {theirs_cell} | {ratio:.2f}x | {'; '.join(verdict)} |")
+            lines.append(
+                f"| {name} | {label} | {ours_cell} | {theirs_cell} | {ratio:.2f}x | {cpu_ratio:.2f}x | {'; '.join(verdict)} |"
+            )
     lines += [
         "",
         "| model | measure | this service | reference | ratio | target met |",
@@ -460,10 +491,13 @@ def table(results: dict, info: dict, args) -> str:
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gb']} GB RAM, Linux {info['kernel']}, "
         f"Python {info['python']}; {versions}; {info['wrk']}. Commit {info['commit']}, {info['date']}; load "
         f"average {info['load_average_at_start'][0]:.2f} at the start, {info['load_average_at_end'][0]:.2f} at the end.",
+        "",
         f"Command: `{info['command']}`. Both servers run {WORKERS} workers on the same registered version, one after "
         f"the other; this service: gunicorn with gunicorn.conf.py (POST {args.ours_path}, one-row form), "
         f"`mlflow models serve --env-manager local -w {WORKERS}` (POST /invocations, `dataframe_records`); "
-        f"wrk's --timeout is 10 s. Workers of this service replaced by gunicorn's max_requests during the warm-up "
+        f"wrk's --timeout is 10 s. Server CPU/request: user + system CPU time of the server's processes during "
+        f"the run divided by the requests wrk completed (much less dependent on the machine's other load than "
+        f"req/s and latency). Workers of this service replaced by gunicorn's max_requests during the warm-up "
         f"and warm run: {', '.join(f'{name} {count}' for name, count in recycled.items())}.",
     ]
     return "\n".join(lines)
@@ -544,9 +578,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started in the background
     info = machine(args)
     command = "make bench" if os.environ.get("MAKELEVEL") else "python scripts/bench_serving.py"
-    info["command"] = " ".join([command, *sys.argv[1:]]) + (
-        f" (BENCH_SECONDS={os.environ['BENCH_SECONDS']})" if os.environ.get("BENCH_SECONDS") else ""
-    )
+    seconds = f"BENCH_SECONDS={os.environ['BENCH_SECONDS']} " if os.environ.get("BENCH_SECONDS") else ""
+    info["command"] = seconds + " ".join([command, *sys.argv[1:]])
     folder = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     processes = Processes()
