@@ -421,6 +421,11 @@ def cell(run: dict) -> str:
     )
 
 
+def same_label(result: dict) -> str:
+    ours, theirs = result["ours"]["first_answer"], result["theirs"]["first_answer"]
+    return check(ours.get("predictions") == theirs.get("predictions"))
+
+
 def check(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -438,6 +443,9 @@ def table(results: dict, info: dict, args) -> str:
     targets = {"LogisticRegression": 6, "RandomForestClassifier": 15}
     for name, result in results["models"].items():
         ours, theirs = result["ours"], result["theirs"]
+        # The runtime the answer names (the compiled path adds it to the answer's model object), if any.
+        runtime = (ours["first_answer"].get("model") or {}).get("runtime")
+        model = f"{name} ({runtime})" if runtime else name
         for run, label in (("cold", f"cold: first {args.cold_seconds:g} s after the first answer"),
                            ("warm", f"warm: {args.seconds:g} s after a {args.warmup_seconds:g} s warm-up"),
                            ("recycle", f"one worker recycled 0.5 s into {args.cold_seconds:g} s")):  # fmt: skip
@@ -452,7 +460,7 @@ def table(results: dict, info: dict, args) -> str:
             if run == "warm":
                 verdict.insert(0, f"≥ {targets[name]}x: {check(ratio >= targets[name])}")
             lines.append(
-                f"| {name} | {label} | {ours_cell} | {theirs_cell} | {ratio:.2f}x | {cpu_ratio:.2f}x | {'; '.join(verdict)} |"
+                f"| {model} | {label} | {ours_cell} | {theirs_cell} | {ratio:.2f}x | {cpu_ratio:.2f}x | {'; '.join(verdict)} |"
             )
     lines += [
         "",
@@ -498,7 +506,8 @@ def table(results: dict, info: dict, args) -> str:
         f"wrk's --timeout is 10 s. Server CPU/request: user + system CPU time of the server's processes during "
         f"the run divided by the requests wrk completed (much less dependent on the machine's other load than "
         f"req/s and latency). Workers of this service replaced by gunicorn's max_requests during the warm-up "
-        f"and warm run: {', '.join(f'{name} {count}' for name, count in recycled.items())}.",
+        f"and warm run: {', '.join(f'{name} {count}' for name, count in recycled.items())}. Same label from both "
+        f"for the benchmark row: {', '.join(f'{name} {same_label(result)}' for name, result in results['models'].items())}.",
     ]
     return "\n".join(lines)
 
