@@ -282,8 +282,15 @@ def measure_server(processes, args, folder, kind: str, start, path: str, body: b
             print(f"[bench]   first answer {startup:.2f} s after start; cold: {summary(cold)}", flush=True)
             pids_before = sorted(workers(process.pid))
             run_wrk(processes, args, process.pid, port, path, body, args.warmup_seconds)
-            warm = run_wrk(processes, args, process.pid, port, path, body, args.seconds)
+            profiler = []
+            during = None
+            if args.profile:
+                output = args.out / f"profile-{kind}.txt"
+                during = lambda _wrk: profiler.append(start_profiler(processes, workers(process.pid)[0], args, output))  # noqa: E731
+            warm = run_wrk(processes, args, process.pid, port, path, body, args.seconds, during=during)
             print(f"[bench]   warm: {summary(warm)}", flush=True)
+            if profiler:
+                warm["profile"] = finish_profiler(processes, profiler[0], output)
             pids_after = sorted(workers(process.pid))
             result = {
                 "start_to_first_answer_s": round(startup, 3),
@@ -304,6 +311,57 @@ def measure_server(processes, args, folder, kind: str, start, path: str, body: b
             raise
         finally:
             processes.stop(process)
+
+
+def start_profiler(processes: Processes, pid: int, args, output: Path) -> subprocess.Popen:
+    """py-spy on one worker for the warm run, without pausing it, to collapsed stacks (flamegraph input).
+
+    Only samples of a thread holding the GIL count: the worker's 4 threads otherwise show mostly waiting.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        str(BIN / "py-spy"), "record", "--pid", str(pid), "--duration", str(max(1, round(args.seconds))),
+        "--rate", "100", "--gil", "--nonblocking", "--format", "raw", "--output", str(output),
+    ]  # fmt: skip
+    return processes.start(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+_THREAD_FRAMES = (
+    "Thread._bootstrap (threading.py)",
+    "Thread._bootstrap_inner (threading.py)",
+    "Thread.run (threading.py)",
+    "_worker (concurrent/futures/thread.py)",
+    "_WorkItem.run (concurrent/futures/thread.py)",
+)
+
+
+def finish_profiler(processes: Processes, profiler: subprocess.Popen, output: Path, top: int = 15) -> dict:
+    """The share of samples in which each function is on the stack (inclusive) and on top of it (self)."""
+    error = profiler.communicate(timeout=60)[1].decode(errors="replace")
+    if profiler.returncode != 0 or not output.exists():
+        return {"error": error.strip()[-500:]}
+    inclusive, own, total = {}, {}, 0
+    for line in output.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count)
+        total += count
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+        for frame in set(frames) - set(_THREAD_FRAMES):  # on every stack: they say nothing
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+
+    def shares(counts: dict) -> list:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        return [[frame, round(100 * count / total, 1)] for frame, count in ranked]
+
+    return {
+        "samples": total,
+        "stacks": str(output),
+        "inclusive_percent": shares(inclusive),
+        "self_percent": shares(own),
+    }
 
 
 def recycle_run(processes, args, master: int, port: int, path: str, body: bytes) -> dict:
@@ -494,6 +552,12 @@ def table(results: dict, info: dict, args) -> str:
         for name, result in results["models"].items()
     }
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    profiles = [
+        (f"{name}, {side}", result[side]["warm"]["profile"])
+        for name, result in results["models"].items()
+        for side in ("ours", "theirs")
+        if "profile" in result[side]["warm"]
+    ]
     lines += [
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gb']} GB RAM, Linux {info['kernel']}, "
@@ -509,6 +573,20 @@ def table(results: dict, info: dict, args) -> str:
         f"and warm run: {', '.join(f'{name} {count}' for name, count in recycled.items())}. Same label from both "
         f"for the benchmark row: {', '.join(f'{name} {same_label(result)}' for name, result in results['models'].items())}.",
     ]
+    for title, profile in profiles:
+        lines += [
+            "",
+            f"Profile of one worker during the warm run, {title} (py-spy, {profile.get('samples')} samples "
+            "holding the GIL):",
+        ]
+        if "error" in profile:
+            lines.append(f"py-spy failed: {profile['error']}")
+            continue
+        lines += ["", "| on the stack (inclusive) | % | on top of the stack (self) | % |", "| --- | --- | --- | --- |"]
+        for (frame, share), (own, own_share) in zip(
+            profile["inclusive_percent"], profile["self_percent"], strict=False
+        ):
+            lines.append(f"| `{frame}` | {share} | `{own}` | {own_share} |")
     return "\n".join(lines)
 
 
@@ -574,6 +652,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (store and server logs)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        default=os.environ.get("BENCH_PROFILE", "").lower() in ("1", "true", "yes"),
+        help="py-spy one worker of each server during the warm run (env BENCH_PROFILE=1); it costs some CPU",
+    )
     args = parser.parse_args()
     args.cold_seconds = min(5.0, args.seconds)
     args.warmup_seconds = min(3.0, args.seconds)
