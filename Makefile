@@ -54,8 +54,8 @@ format: setup ## Format the code with ruff
 mlflow-ui: setup ## Open the MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
-bench: setup ## Time a 10,000-row /predict against scikit-learn's own predict_proba
-	$(BIN)/python scripts/bench_predict.py
+bench: setup ## This service against `mlflow models serve` with wrk, in one run (BENCH_SECONDS=3 shortens it)
+	$(BIN)/python scripts/bench_serving.py
 
 clean: ## Remove the embedded MLflow store (all models), caches and build output
 	rm -rf .mlflow .pytest_cache .ruff_cache dist build handler_venv
