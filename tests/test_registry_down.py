@@ -21,7 +21,7 @@ def test_predict_serves_through_an_outage_and_everything_recovers(tmp_path):
     client = app.test_client()
     store = app.extensions["model_store"]
     try:
-        default = client.post("/predict", json=IRIS_ROW).json["model"]
+        default = ref(client.post("/predict", json=IRIS_ROW).json["model"])
         stop(process)
         log.close()
 
