@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,10 +39,10 @@ class Feature:
     kind: str  # "number", "text" or "boolean"
     required: bool  # False when the training data had missing values: null is then accepted
 
-    @property
-    def allowed_types(self) -> tuple:
+    @functools.cached_property
+    def allowed_types(self) -> frozenset:
         """The JSON value types (exact Python types) this feature accepts."""
-        return _KIND_TYPES[self.kind] + (() if self.required else (type(None),))
+        return frozenset(_KIND_TYPES[self.kind] + (() if self.required else (type(None),)))
 
 
 class Number(fields.Float):

@@ -131,8 +131,7 @@ def fast_columns(model: LoadedModel, rows: list) -> dict | None:
     for feature in model.features:
         name = feature.name
         values = [row[name] for row in rows]
-        allowed = feature.allowed_types
-        if not all(type(v) in allowed for v in values):
+        if not set(map(type, values)) <= feature.allowed_types:  # exact types: a bool is not a number
             return None
         if feature.kind == "number":
             present = values if feature.required else [v for v in values if v is not None]
