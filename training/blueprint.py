@@ -50,7 +50,7 @@ def read_train_request() -> tuple[dict, object]:
         if "dataset" in parsed:
             dataset = load_builtin(parsed["dataset"])
         elif upload is not None:
-            dataset = from_csv(upload.read(), parsed["target"], _limits(), upload.filename or "upload.csv")
+            dataset = from_csv(upload.stream, parsed["target"], _limits(), upload.filename or "upload.csv")
         else:
             dataset = from_records(parsed["data"], parsed["target"], _limits())
     except ValidationError as exc:
