@@ -1,6 +1,6 @@
 """Who may call: the management token (always required unless API_AUTH=off), PREDICT_TOKEN, the Host check.
 
-`python -m serving.auth` (`make token`) prints the management token, generating it if need be.
+`make token` (`main`) prints the management token, generating it if need be.
 """
 
 from __future__ import annotations
@@ -195,7 +195,3 @@ def main() -> int:
         return 1
     print(token)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Configuration: one typed, validated settings object; defaults, then the environment, then a test's overrides.
 
 Every setting is a field of `Settings` below, read from the environment variable of the same name;
-its description is the documentation (the README's table is `python -m serving.config`). Adding one
+its description is the documentation (the README's table is `settings_table()`). Adding one
 is one line here. An invalid value stops the process with one line that names the setting.
 """
 
@@ -249,7 +249,3 @@ def check_tracking_uri(tracking_uri: str) -> None:
     scheme = urlparse(tracking_uri).scheme
     if scheme not in TRACKING_SCHEMES:
         raise ValueError(f"MLFLOW_TRACKING_URI has an unsupported scheme: {tracking_uri!r}")
-
-
-if __name__ == "__main__":
-    print(settings_table())

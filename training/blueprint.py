@@ -162,8 +162,13 @@ def _document(spec) -> None:
         operations={
             "get": {
                 "summary": "A training job's status and result",
+                "security": [{"bearer": []}],
                 "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "the job"}, "404": {"description": "no such job", **error}},
+                "responses": {
+                    "200": {"description": "the job"},
+                    "401": {"description": "token missing or wrong", **error},
+                    "404": {"description": "no such job", **error},
+                },
             }
         },
     )
