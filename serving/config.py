@@ -205,18 +205,27 @@ def settings_table() -> str:
 
 
 def _allowed(name: str, field) -> str:
-    annotation = str(field.annotation)
+    """What a field takes, in words, from its type and bounds."""
     if field.annotation is bool:
         return "true/false, 1/0, yes/no, on/off"
-    if "Literal" in annotation:
+    if "Literal" in str(field.annotation):
         return ", ".join(f"`{value}`" for value in field.annotation.__args__)
-    bounds = [f"≥ {m.ge}" for m in field.metadata if getattr(m, "ge", None) is not None]
-    bounds += [f"> {m.gt}" for m in field.metadata if getattr(m, "gt", None) is not None]
-    bounds += [f"≤ {m.le}" for m in field.metadata if getattr(m, "le", None) is not None]
-    kind = {int: "integer", float: "number"}.get(field.annotation, "text")
     if name == "LOG_LEVEL":
         return "`debug`, `info`, `warning`, `error`, `critical`"
-    return " ".join([kind, *bounds])
+    if "SecretStr" in str(field.annotation):
+        return "text (secret: never logged)"
+    if "tuple" in str(field.annotation):
+        return "names"
+    bounds = {
+        kind: getattr(m, kind)
+        for m in field.metadata
+        for kind in ("ge", "gt", "le")
+        if getattr(m, kind, None) is not None
+    }
+    kind = {int: "integer", float: "number"}.get(field.annotation, "text")
+    if "ge" in bounds and "le" in bounds:
+        return f"{kind} {bounds['ge']} to {bounds['le']}"
+    return " ".join([kind, *(f"{'≥' if k == 'ge' else '>'} {v}" for k, v in bounds.items())])
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
