@@ -21,7 +21,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = PROJECT_ROOT / ".mlflow"
 
-ROLES = ("all", "inference", "training")
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks", "")
@@ -78,7 +77,7 @@ class Settings(BaseSettings):
     ACTIVE_ALIAS: Name = Field("active", description="the MLflow alias that marks the version every instance serves")
     BOOTSTRAP_DEFAULT_MODEL: Flag = Field(True, description="train the default model on a first start with an empty registry (role `all` only)")
     STATE_DIR: str = Field("", description="this machine's model cache, active-model pointer, jobs and generated API token (default: `serving-state/` beside the SQLite file, or under the temp folder)")
-    ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, description="how often a worker checks the registry for a swap made on another instance")
+    ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often a worker checks the registry for a swap made on another instance")
     WATCH_REGISTRY: Flag = Field(True, description="poll the registry in a background thread (gunicorn.conf.py turns it off in a preloading master)")
     START_MODEL_STORE: Flag = Field(True, description="load the active model at start (tests turn it off)")
     MLFLOW_HTTP_REQUEST_TIMEOUT: Positive = Field(5, description="seconds for one call to a tracking server")
