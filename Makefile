@@ -19,7 +19,7 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test lint format mlflow-ui bench clean package upload-project lambda-deploy lambda-update
+.PHONY: help setup run serve token test lint format mlflow-ui bench clean package upload-project lambda-deploy lambda-update
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ setup: $(BIN)/.installed ## Create .venv and install the pinned requirements
 
 run: setup ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the embedded MLflow
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+
+token: setup ## Print the API token /train and /use-model need (made in STATE_DIR if API_TOKEN is unset)
+	@$(BIN)/python -c 'import sys; from serving.auth import main; sys.exit(main())'
 
 serve: setup ## Production: gunicorn.conf.py on 0.0.0.0:PORT, WEB_CONCURRENCY workers (default 4)
 	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app

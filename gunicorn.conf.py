@@ -12,11 +12,15 @@ before its first answer. GUNICORN_PRELOAD=false turns it off.
 import os
 import tempfile
 
+os.environ.setdefault("HOST", "127.0.0.1")  # the app's Host check (serving/auth.py) needs the bind's address
+from serving.config import settings_or_exit  # noqa: E402
+
+settings = settings_or_exit()  # an invalid setting stops gunicorn here, in one line, before anything forks
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-preload_app = os.environ.get("GUNICORN_PRELOAD", "true").lower() != "false"
+preload_app = settings.GUNICORN_PRELOAD
 if preload_app:
     os.environ["WATCH_REGISTRY"] = "false"  # the master does not watch; each worker does, after the fork
 # A first start on an empty registry trains the default model inside one worker's start-up.

@@ -88,7 +88,9 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="bench-train-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "PORT": str(port), "HOST": "127.0.0.1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "PORT": str(port), "HOST": "127.0.0.1",
+           "API_TOKEN": "bench-token"}  # fmt: skip
+    auth = {"Authorization": "Bearer bench-token"}
     with open(Path(folder) / "gunicorn.log", "w") as log:
         server = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"],
                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -98,13 +100,13 @@ def main() -> None:
             idle = load(url, args.requests, args.clients)
 
             job = requests.post(f"{url}/train", json={"estimator": "GradientBoostingClassifier", "dataset": "digits",
-                                                      "params": {"n_estimators": 150}, "activate": False}, timeout=30).json()  # fmt: skip
+                                                      "params": {"n_estimators": 150}, "activate": False}, timeout=30, headers=auth).json()  # fmt: skip
             started = time.monotonic()
             state = {"status": "queued"}
 
             def poll():
                 while state["status"] not in ("succeeded", "failed") and time.monotonic() - started < 300:
-                    state["status"] = requests.get(f"{url}{job['location']}", timeout=30).json()["status"]
+                    state["status"] = requests.get(f"{url}{job['location']}", timeout=30, headers=auth).json()["status"]
                     time.sleep(0.5)
 
             poller = threading.Thread(target=poll)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from flask import Flask
 
-from serving.config import load_config
+from serving import auth, requests
+from serving.config import load_settings
 from serving.errors import register_error_handlers
 from serving.json_provider import OrjsonProvider
 from serving.model_store import ModelStore
@@ -17,17 +18,22 @@ from serving.registry import registry_from_config
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the app for `APP_ROLE`: all (default), inference (never trains) or training.
 
-    `test_config` overrides the environment; `START_MODEL_STORE=False` leaves the model unloaded,
-    `WATCH_REGISTRY=False` skips the background watcher (tests drive it by hand).
+    `test_config` overrides the environment (a dict of settings, checked like the environment);
+    `START_MODEL_STORE=False` leaves the model unloaded, `WATCH_REGISTRY=False` skips the background
+    watcher (tests drive it by hand). An invalid setting raises ConfigError before anything starts.
     """
-    config = load_config(test_config)
+    settings = load_settings(test_config)
+    config = settings.model_dump()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
     app.config.update(config)
+    app.extensions["settings"] = settings
     app.json = OrjsonProvider(app)
     registry = registry_from_config(config)
     app.extensions["registry"] = registry
     register_error_handlers(app)
+    requests.init_app(app)
+    auth.init_app(app, settings)
 
     from serving import docs, metrics
 
@@ -56,7 +62,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         )
         app.extensions["model_store"] = store
         app.register_blueprint(inference.bp)
-        if config.get("START_MODEL_STORE", True):
+        if config["START_MODEL_STORE"]:
             store.start(watch=config["WATCH_REGISTRY"])
 
     if config["APP_ROLE"] in ("all", "training"):

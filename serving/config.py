@@ -1,66 +1,231 @@
-"""Configuration: defaults that work on a fresh machine, overridden by the environment, then by tests."""
+"""Configuration: one typed, validated settings object; defaults, then the environment, then a test's overrides.
+
+Every setting is a field of `Settings` below, read from the environment variable of the same name;
+its description is the documentation (the README's table is `settings_table()`). Adding one
+is one line here. An invalid value stops the process with one line that names the setting.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
+import ipaddress
+import sys
 import tempfile
 from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlparse
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = PROJECT_ROOT / ".mlflow"
 
-ROLES = ("all", "inference", "training")
-RUNTIMES = ("auto", "sklearn")
-
-# name: (default, parser). Every key may be set in the environment under the same name.
-_SETTINGS: dict[str, tuple[object, type]] = {
-    "APP_ROLE": ("all", str),
-    "MLFLOW_TRACKING_URI": (f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}", str),
-    "MLFLOW_EXPERIMENT_NAME": ("model-serving", str),
-    "DEFAULT_MODEL_NAME": ("iris-RandomForestClassifier", str),
-    "ACTIVE_ALIAS": ("active", str),
-    "STATE_DIR": ("", str),
-    "ACTIVE_POLL_SECONDS": (5.0, float),
-    "MODEL_WAIT_SECONDS": (30.0, float),
-    "MAX_CONTENT_LENGTH": (6 * 1024 * 1024, int),
-    "MAX_BATCH_ROWS": (50_000, int),
-    "API_TOKEN": ("", str),
-    "BOOTSTRAP_DEFAULT_MODEL": (True, bool),
-    # "auto": versions with a verified ONNX form are served by ONNX Runtime; "sklearn": all by scikit-learn.
-    "SERVING_RUNTIME": ("auto", str),
-    # gunicorn.conf.py turns this off in the master when it preloads the app; each worker starts its own.
-    "WATCH_REGISTRY": (True, bool),
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": (5, int),
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": (2, int),
-    "TRAIN_MAX_CONCURRENT_JOBS": (2, int),
-    "TRAIN_TIME_LIMIT_SECONDS": (600, int),
-    "TRAIN_MAX_ROWS": (50_000, int),
-    "TRAIN_MAX_COLUMNS": (200, int),
-}
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks", "")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
-def _parse(value: str, kind: type) -> object:
-    if kind is bool:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return kind(value)
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with; the message is one line naming it."""
+
+
+def _flag(value: object) -> object:
+    """true/false, 1/0, yes/no, on/off (any case) and nothing else: `ture` is an error, not false."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ValueError(f"not a boolean; use one of {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}")
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ValueError("not a boolean")
+
+
+def _host_list(value: object) -> object:
+    """ALLOWED_HOSTS from the environment: comma-separated names, '*' for any."""
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return value
+
+
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+Name = Annotated[str, Field(min_length=1)]
+HostList = Annotated[tuple[str, ...] | None, NoDecode, BeforeValidator(_host_list)]
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(lambda v: str(v).strip().lower())
+]
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, each read from the environment variable of the same name."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, extra="forbid", frozen=True)
+
+    # One line per setting: NAME: type = Field(default, description=...). fmt: off keeps them one line each.
+    # fmt: off
+    # The service
+    APP_ROLE: Literal["all", "inference", "training"] = Field("all", description="`all` (serves and trains), `inference` (never trains) or `training` (no `/predict`)")
+    MLFLOW_TRACKING_URI: Name = Field(f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}", description="the MLflow store; for a SQLite file, artifacts go to `artifacts/` beside it, so an empty folder is a complete, separate store")
+    MLFLOW_EXPERIMENT_NAME: Name = Field("model-serving", description="the experiment holding the service's runs and its active-model pointer")
+    DEFAULT_MODEL_NAME: Name = Field("iris-RandomForestClassifier", description="the model trained and served on a first start with an empty registry")
+    ACTIVE_ALIAS: Name = Field("active", description="the MLflow alias that marks the version every instance serves")
+    BOOTSTRAP_DEFAULT_MODEL: Flag = Field(True, description="train the default model on a first start with an empty registry (role `all` only)")
+    STATE_DIR: str = Field("", description="this machine's model cache, active-model pointer, jobs and generated API token (default: `serving-state/` beside the SQLite file, or under the temp folder)")
+    ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often a worker checks the registry for a swap made on another instance")
+    WATCH_REGISTRY: Flag = Field(True, description="poll the registry in a background thread (gunicorn.conf.py turns it off in a preloading master)")
+    START_MODEL_STORE: Flag = Field(True, description="load the active model at start (tests turn it off)")
+    MLFLOW_HTTP_REQUEST_TIMEOUT: Positive = Field(5, description="seconds for one call to a tracking server")
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES: Count = Field(2, description="retries of a failed call to a tracking server")
+    # Requests
+    MAX_CONTENT_LENGTH: Positive = Field(6 * 1024 * 1024, description="request body limit in bytes, with Content-Length or chunked (over it: 413)")
+    MAX_BATCH_ROWS: Positive = Field(50_000, description="rows per `/predict`")
+    SERVING_RUNTIME: Literal["auto", "sklearn"] = Field("auto", description="`auto`: versions with a verified ONNX form are served by ONNX Runtime, the others by scikit-learn; `sklearn`: every version by scikit-learn")
+    # Who may call
+    API_TOKEN: SecretStr | None = Field(None, description="the token `/train`, `/train/jobs/*` and `/use-model` require; when unset, one is generated into `STATE_DIR/api-token` (mode 0600) on first start and `make token` prints it")
+    API_AUTH: Flag = Field(True, description="`off` opens `/train`, `/train/jobs/*` and `/use-model` to anyone who can reach the service (the log warns at every start)")
+    PREDICT_TOKEN: SecretStr | None = Field(None, description="when set, `/predict` and `/invocations` require it too")
+    ALLOWED_HOSTS: HostList = Field(None, description="Host header names answered (any port), comma-separated, `*` for any; default: `localhost,127.0.0.1,[::1]` when `HOST` is a loopback address, any otherwise")
+    # Training
+    TRAIN_MAX_CONCURRENT_JOBS: Positive = Field(2, description="training jobs at once on this machine (over it: 429)")
+    TRAIN_TIME_LIMIT_SECONDS: Positive = Field(600, description="a job running longer is killed and marked failed")
+    TRAIN_MAX_ROWS: Positive = Field(50_000, description="rows of client data (inline or CSV)")
+    TRAIN_MAX_COLUMNS: Positive = Field(200, description="feature columns of client data (inline or CSV)")
+    # gunicorn (gunicorn.conf.py)
+    HOST: str | None = Field(None, description="where gunicorn listens (`make run` and gunicorn.conf.py: `127.0.0.1`; `make serve`: `0.0.0.0`)")
+    PORT: int = Field(8000, ge=1, le=65535, description="the port gunicorn listens on")
+    WEB_CONCURRENCY: Positive = Field(2, description="gunicorn workers (`make serve`: 4)")
+    GUNICORN_THREADS: Positive = Field(4, description="threads per worker")
+    GUNICORN_TIMEOUT: Count = Field(120, description="seconds before a silent worker is restarted")
+    GUNICORN_GRACEFUL_TIMEOUT: Count = Field(30, description="seconds a worker has to finish on a restart")
+    GUNICORN_MAX_REQUESTS: Count = Field(200_000, description="requests before a worker is recycled (0: never); a safety valve against slow leaks, not a routine")
+    GUNICORN_MAX_REQUESTS_JITTER: Count = Field(20_000, description="random spread of `GUNICORN_MAX_REQUESTS`")
+    GUNICORN_PRELOAD: Flag = Field(True, description="load the app and model once in the master, shared by the workers")
+    LOG_LEVEL: LogLevel = Field("info", description="gunicorn's log level")
+    # fmt: on
+
+    @field_validator("MLFLOW_TRACKING_URI")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        scheme = urlparse(uri).scheme
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme!r}; one of {', '.join(s for s in TRACKING_SCHEMES if s)}")
+        return uri
+
+    @field_validator("API_TOKEN", "PREDICT_TOKEN")
+    @classmethod
+    def _no_blank_token(cls, token: SecretStr | None) -> SecretStr | None:
+        value = token.get_secret_value() if token is not None else None
+        if value is not None and (not value.strip() or value != value.strip()):
+            raise ValueError("a token cannot be blank, nor start or end with spaces")
+        return token
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        if not self.STATE_DIR:
+            object.__setattr__(self, "STATE_DIR", str(default_state_dir(self.MLFLOW_TRACKING_URI)))
+        return self
+
+    def allowed_hosts(self) -> tuple[str, ...] | None:
+        """The Host names answered (lower case, IPv6 in brackets), or None for any."""
+        names = self.ALLOWED_HOSTS
+        if names is None:
+            names = LOOPBACK_NAMES if is_loopback(self.HOST) else ("*",)
+        if "*" in names:
+            return None
+        return tuple(_bracketed(name.lower()) for name in names)
+
+
+def _bracketed(name: str) -> str:
+    return f"[{name}]" if ":" in name and not name.startswith("[") else name
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a bind that only this machine can reach: localhost, 127.0.0.0/8, ::1."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _describe(error: dict) -> str:
+    name = ".".join(str(part) for part in error["loc"]) or "settings"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{name}: not a setting"
+    if any(word in name for word in ("TOKEN", "PASSWORD", "SECRET", "_URI", "_URL")):
+        return f"{name}: {message}"  # never echo a secret (URIs can hold a password)
+    shown = repr(error["input"])
+    return f"{name}={shown[:60] + '...' if len(shown) > 60 else shown}: {message}"
+
+
+def load_settings(overrides: dict | None = None) -> Settings:
+    """The settings: defaults, then the environment, then `overrides`; ConfigError (one line) if any is invalid."""
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError("Invalid configuration: " + "; ".join(_describe(e) for e in exc.errors())) from None
 
 
 def load_config(overrides: dict | None = None) -> dict:
-    """Return the settings: defaults, then the environment, then `overrides` (a test's config)."""
-    config = {name: default for name, (default, _) in _SETTINGS.items()}
-    for name, (_, kind) in _SETTINGS.items():
-        if os.environ.get(name):
-            config[name] = _parse(os.environ[name], kind)
-    config.update(overrides or {})
-    if config["APP_ROLE"] not in ROLES:
-        raise ValueError(f"APP_ROLE must be one of {ROLES}, not {config['APP_ROLE']!r}")
-    if config["SERVING_RUNTIME"] not in RUNTIMES:
-        raise ValueError(f"SERVING_RUNTIME must be one of {RUNTIMES}, not {config['SERVING_RUNTIME']!r}")
-    if not config["STATE_DIR"]:
-        config["STATE_DIR"] = str(default_state_dir(config["MLFLOW_TRACKING_URI"]))
-    return config
+    """The settings as the dict Flask's `app.config` and the job processes read (`config["NAME"]`)."""
+    return load_settings(overrides).model_dump()
+
+
+def settings_or_exit() -> Settings:
+    """The environment's settings, or exit 2 with the one-line reason (gunicorn.conf.py, before it forks; the CLIs)."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def settings_table() -> str:
+    """The README's configuration table, made from the fields' types, defaults and descriptions."""
+    rows = ["| variable | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if name == "MLFLOW_TRACKING_URI":
+            default = "sqlite:///<project>/.mlflow/mlflow.db"
+        shown = (
+            "unset" if default in (None, "") else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        )
+        rows.append(f"| `{name}` | {shown} | {_allowed(name, field)} | {field.description} |")
+    return "\n".join(rows)
+
+
+def _allowed(name: str, field) -> str:
+    """What a field takes, in words, from its type and bounds."""
+    if field.annotation is bool:
+        return "true/false, 1/0, yes/no, on/off"
+    if "Literal" in str(field.annotation):
+        return ", ".join(f"`{value}`" for value in field.annotation.__args__)
+    if name == "LOG_LEVEL":
+        return "`debug`, `info`, `warning`, `error`, `critical`"
+    if "SecretStr" in str(field.annotation):
+        return "text (secret: never logged)"
+    if "tuple" in str(field.annotation):
+        return "names"
+    bounds = {
+        kind: getattr(m, kind)
+        for m in field.metadata
+        for kind in ("ge", "gt", "le")
+        if getattr(m, kind, None) is not None
+    }
+    kind = {int: "integer", float: "number"}.get(field.annotation, "text")
+    if "ge" in bounds and "le" in bounds:
+        return f"{kind} {bounds['ge']} to {bounds['le']}"
+    return " ".join([kind, *(f"{'≥' if k == 'ge' else '>'} {v}" for k, v in bounds.items())])
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -91,5 +256,5 @@ def default_state_dir(tracking_uri: str) -> Path:
 def check_tracking_uri(tracking_uri: str) -> None:
     """Fail fast on a tracking URI MLflow cannot use, before any request is served."""
     scheme = urlparse(tracking_uri).scheme
-    if scheme not in ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks", ""):
+    if scheme not in TRACKING_SCHEMES:
         raise ValueError(f"MLFLOW_TRACKING_URI has an unsupported scheme: {tracking_uri!r}")

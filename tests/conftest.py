@@ -16,6 +16,8 @@ from serving.registry import ModelRef, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NAME = "iris-RandomForestClassifier"
+TOKEN = "test-api-token"  # every test app's API_TOKEN; `client` and `client_of` send it
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 IRIS_ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4, "petal_width_cm": 0.2}
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -62,7 +64,8 @@ def store(tmp_path_factory) -> dict:
     """A local MLflow store with the default model bootstrapped (as `make run` does on first start)."""
     folder = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    config = {"MLFLOW_TRACKING_URI": uri, "STATE_DIR": str(folder / "bootstrap-state"), "WATCH_REGISTRY": False}
+    config = {"MLFLOW_TRACKING_URI": uri, "STATE_DIR": str(folder / "bootstrap-state"), "WATCH_REGISTRY": False,
+              "API_TOKEN": TOKEN}  # fmt: skip
     app = create_app(config)
     registry = app.extensions["registry"]
     return {"uri": uri, "folder": folder, "registry": registry, "default": registry.get_active_model()}
@@ -71,7 +74,8 @@ def store(tmp_path_factory) -> dict:
 @pytest.fixture
 def app_config(store, tmp_path) -> dict:
     """The settings of a test's app: the shared store, with this test's own state folder."""
-    return {"MLFLOW_TRACKING_URI": store["uri"], "STATE_DIR": str(tmp_path / "state"), "WATCH_REGISTRY": False}
+    return {"MLFLOW_TRACKING_URI": store["uri"], "STATE_DIR": str(tmp_path / "state"), "WATCH_REGISTRY": False,
+            "API_TOKEN": TOKEN}  # fmt: skip
 
 
 @pytest.fixture
@@ -83,9 +87,16 @@ def app(store, app_config):
     app.extensions["model_store"].stop()
 
 
+def client_of(app):
+    """A test client that sends the API token with every request, as a user who ran `make token` does."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+    return client
+
+
 @pytest.fixture
 def client(app):
-    return app.test_client()
+    return client_of(app)
 
 
 @pytest.fixture(scope="session")

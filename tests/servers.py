@@ -13,18 +13,25 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, free_port, stop, wait_for_http
+from tests.conftest import ROOT, TOKEN, free_port, stop, wait_for_http
 
 BIN = Path(sys.executable).parent
 
 
 class Service:
-    """The service under gunicorn (gunicorn.conf.py, as `make serve` runs it)."""
+    """The service under gunicorn (gunicorn.conf.py, as `make serve` runs it), with the tests' API token."""
 
     def __init__(self, env: dict, folder: Path, workers: int = 4):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port), "WEB_CONCURRENCY": str(workers)}
+        self.env = {
+            **os.environ,
+            "API_TOKEN": TOKEN,
+            **env,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": str(workers),
+        }
         self.folder = folder
         self.process: subprocess.Popen | None = None
         self.log = None

@@ -134,13 +134,12 @@ def test_models_list_says_runtime_and_reason(client, mixed_versions):
 
 
 def _use(client, model):
-    response = client.post("/use-model", json=model, headers={"Authorization": "Bearer test-token"})
+    response = client.post("/use-model", json=model)  # the client fixture sends the test token
     assert response.status_code == 200, response.json
     return response.json
 
 
 def test_text_and_missing_values_served_by_onnx_match_sklearn(client, app, mixed_versions):
-    app.config["API_TOKEN"] = "test-token"
     answer = _use(client, mixed_versions["text"])
     assert answer["model"]["runtime"] == "onnx"
     rows = [
@@ -160,7 +159,6 @@ def test_text_and_missing_values_served_by_onnx_match_sklearn(client, app, mixed
 
 
 def test_version_without_compiled_form_is_served_by_sklearn(client, app, mixed_versions):
-    app.config["API_TOKEN"] = "test-token"
     answer = _use(client, mixed_versions["hgb"])
     row = client.post("/predict", json={}).json["example"]
     served = client.post("/predict", json=row).json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_NAME, IRIS_ROW, ref
+from tests.conftest import AUTH, DEFAULT_NAME, IRIS_ROW, ref
 from tests.servers import Service
 
 
@@ -21,7 +21,7 @@ def test_empty_store_bootstraps_once_and_swaps_reach_every_worker(tmp_path, prel
         models = requests.get(f"{service.url}/models", timeout=30).json()["models"]
         assert [(m["name"], m["version"]) for m in models] == [(DEFAULT_NAME, "1")]
         trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris",
-                                                               "model_name": "iris-nb", "wait": True}, timeout=300)  # fmt: skip
+                                                               "model_name": "iris-nb", "wait": True}, timeout=300, headers=AUTH)  # fmt: skip
         assert trained.status_code == 201, trained.text
         pids, sent = set(), 0
         # Right after the 201, whichever worker answers serves the new version. The kernel picks the
@@ -43,7 +43,7 @@ def test_recycled_workers_serve_the_current_version(tmp_path):
     service = Service(env, tmp_path, workers=2).start()
     try:
         trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris",
-                                                               "model_name": "iris-nb", "wait": True}, timeout=300)  # fmt: skip
+                                                               "model_name": "iris-nb", "wait": True}, timeout=300, headers=AUTH)  # fmt: skip
         assert trained.status_code == 201, trained.text
         pids = set()
         for _ in range(80):  # every worker is replaced several times over

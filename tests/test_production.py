@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_NAME, IRIS_ROW, ROOT, ref
+from tests.conftest import AUTH, DEFAULT_NAME, IRIS_ROW, ROOT, ref
 from tests.servers import S3Server, Service, create_database, drop_database, require_postgres, start_mlflow_server
 
 BUCKET = "mlflow-artifacts"
@@ -96,7 +96,7 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
     versions = [{"name": DEFAULT_NAME, "version": "1"}, alternative]
     expected = {}
     for version in versions:
-        assert requests.post(f"{url}/use-model", json=version, timeout=60).status_code == 200
+        assert requests.post(f"{url}/use-model", json=version, timeout=60, headers=AUTH).status_code == 200
         expected[version["name"]] = predict(url).json()["probabilities"][0]
     assert expected[DEFAULT_NAME] != expected["iris-nb"]
 
@@ -127,7 +127,7 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
     try:
         for swap in range(12):
             target = versions[swap % 2]
-            assert requests.post(f"{url}/use-model", json=target, timeout=60).status_code == 200
+            assert requests.post(f"{url}/use-model", json=target, timeout=60, headers=AUTH).status_code == 200
             for _ in range(24):  # right after the answer: every worker already serves the new version
                 started = time.perf_counter()
                 answer = predict(url)
@@ -148,7 +148,7 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
 
 def test_restart_serves_the_last_chosen_version(gunicorn_service, stack):
     target = {"name": "iris-nb", "version": "1"}
-    assert requests.post(f"{gunicorn_service.url}/use-model", json=target, timeout=60).status_code == 200
+    assert requests.post(f"{gunicorn_service.url}/use-model", json=target, timeout=60, headers=AUTH).status_code == 200
     gunicorn_service.stop()
     gunicorn_service.start()
     assert ref(requests.get(f"{gunicorn_service.url}/ready", timeout=30).json()["model"]) == target
@@ -163,7 +163,7 @@ def test_two_instances_follow_each_others_swaps(stack, tmp_path):
             (first, second, {"name": DEFAULT_NAME, "version": "1"}),
             (second, first, {"name": "iris-nb", "version": "1"}),
         ):
-            assert requests.post(f"{source.url}/use-model", json=target, timeout=60).status_code == 200
+            assert requests.post(f"{source.url}/use-model", json=target, timeout=60, headers=AUTH).status_code == 200
             swapped = time.monotonic()
             streak = 0
             while streak < 10:  # ten answers in a row from the new version: every worker followed

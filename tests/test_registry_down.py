@@ -6,7 +6,7 @@ import time
 
 from serving import create_app
 from serving.registry import ModelRef
-from tests.conftest import IRIS_ROW, ref, stop
+from tests.conftest import IRIS_ROW, TOKEN, client_of, ref, stop
 from tests.servers import start_mlflow_server
 
 
@@ -16,9 +16,9 @@ def test_predict_serves_through_an_outage_and_everything_recovers(tmp_path):
     )
     port = uri.rsplit(":", 1)[1]
     config = {"MLFLOW_TRACKING_URI": uri, "STATE_DIR": str(tmp_path / "state"), "ACTIVE_POLL_SECONDS": 0.5,
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": 2, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1}  # fmt: skip
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": 2, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1, "API_TOKEN": TOKEN}  # fmt: skip
     app = create_app(config)
-    client = app.test_client()
+    client = client_of(app)
     store = app.extensions["model_store"]
     try:
         default = ref(client.post("/predict", json=IRIS_ROW).json["model"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from serving import create_app
-from tests.conftest import DEFAULT_NAME, IRIS_ROW
+from tests.conftest import DEFAULT_NAME, IRIS_ROW, TOKEN, client_of
 
 
 def test_service_against_mlflow_server(mlflow_server, tmp_path):
@@ -11,9 +11,10 @@ def test_service_against_mlflow_server(mlflow_server, tmp_path):
         "MLFLOW_TRACKING_URI": mlflow_server["uri"],
         "STATE_DIR": str(tmp_path / "state"),
         "WATCH_REGISTRY": False,
+        "API_TOKEN": TOKEN,
     }
     app = create_app(config)
-    client = app.test_client()
+    client = client_of(app)
     answer = client.post("/predict", json=IRIS_ROW)
     assert answer.status_code == 200
     assert answer.json["model"]["name"] == DEFAULT_NAME

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from serving import create_app
-from tests.conftest import IRIS_ROW, ROOT, ref
+from tests.conftest import IRIS_ROW, ROOT, client_of, ref
 
 
 def test_inference_role_has_no_training_and_serves_the_registry(store, tmp_path):
@@ -50,7 +50,7 @@ def test_sagemaker_routes(client):
 
 def test_training_role_trains_but_does_not_serve(store, app_config):
     app = create_app({**app_config, "APP_ROLE": "training"})
-    client = app.test_client()
+    client = client_of(app)
     assert client.post("/predict", json=IRIS_ROW).status_code == 404
     assert client.post("/train", json={"estimator": "SVC", "dataset": "nope"}).status_code == 400
     assert client.get("/health").json["role"] == "training"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving import create_app
-from tests.conftest import DEFAULT_NAME, IRIS_ROW, ref
+from tests.conftest import DEFAULT_NAME, IRIS_ROW, client_of, ref
 
 
 def test_not_ready_before_a_model_is_loaded(app_config):
@@ -33,7 +33,7 @@ def test_bootstrap_registers_exactly_one_default_version(tmp_path):
 
 def test_restart_serves_the_last_chosen_version(store, app_config, wine_tree):
     app = create_app(app_config)
-    response = app.test_client().post("/use-model", json=wine_tree.as_dict())
+    response = client_of(app).post("/use-model", json=wine_tree.as_dict())
     assert response.status_code == 200, response.json
     restarted = create_app(app_config)
     assert ref(restarted.test_client().get("/ready").json["model"]) == wine_tree.as_dict()

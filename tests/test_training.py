@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from serving import create_app
-from tests.conftest import ref
+from tests.conftest import client_of, ref
 from training.estimators import ESTIMATORS
 
 SMALL = {
@@ -204,7 +204,7 @@ def test_bad_training_request_is_400_and_registers_nothing(client, store, body, 
 
 def test_oversized_data_is_400(store, app_config):
     app = create_app({**app_config, "TRAIN_MAX_ROWS": 50, "TRAIN_MAX_COLUMNS": 3})
-    client = app.test_client()
+    client = client_of(app)
     many_rows = client.post("/train", json={"estimator": "SVC", "data": customer_rows(60), "target": "churned"})
     assert many_rows.status_code == 400
     assert "at most 50" in json.dumps(many_rows.json["errors"])
@@ -229,18 +229,18 @@ def test_over_the_job_limit_is_429(store, app_config, tmp_path):
     slot.parent.mkdir(parents=True, exist_ok=True)
     with open(slot, "a") as held:  # a running job holds the only slot
         fcntl.flock(held, fcntl.LOCK_EX)
-        response = app.test_client().post("/train", json={"estimator": "GaussianNB", "dataset": "iris"})
+        response = client_of(app).post("/train", json={"estimator": "GaussianNB", "dataset": "iris"})
     assert response.status_code == 429
     assert response.headers["Retry-After"]
     assert response.json["error"] == "too_many_jobs"
-    freed = app.test_client().post("/train", json={"estimator": "GaussianNB", "dataset": "iris", "activate": False})
+    freed = client_of(app).post("/train", json={"estimator": "GaussianNB", "dataset": "iris", "activate": False})
     assert freed.status_code == 202
-    assert wait_done(app.test_client(), freed.json["location"])["status"] == "succeeded"
+    assert wait_done(client_of(app), freed.json["location"])["status"] == "succeeded"
 
 
 def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     app = create_app({**app_config, "TRAIN_TIME_LIMIT_SECONDS": 1})
-    client = app.test_client()
+    client = client_of(app)
     before = version_count(store)
     body = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 300}, "dataset": "digits"}
     response = client.post("/train", json=body)

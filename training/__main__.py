@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-activate", action="store_true", help="register without making it active")
     args = parser.parse_args(argv)
 
-    from serving.config import load_config
+    from serving.config import settings_or_exit
     from serving.registry import registry_from_config
     from training.datasets import DatasetError, from_csv, load_builtin
     from training.job import TrainingSpec, run_training
     from training.schemas import load_train_request
 
-    config = load_config()
+    config = settings_or_exit().model_dump()  # an invalid setting: one line on stderr, exit 2
     body = {"estimator": args.estimator, "params": args.params, "activate": not args.no_activate}
     if args.dataset:
         body["dataset"] = args.dataset

@@ -50,7 +50,7 @@ def read_train_request() -> tuple[dict, object]:
         if "dataset" in parsed:
             dataset = load_builtin(parsed["dataset"])
         elif upload is not None:
-            dataset = from_csv(upload.read(), parsed["target"], _limits(), upload.filename or "upload.csv")
+            dataset = from_csv(upload.stream, parsed["target"], _limits(), upload.filename or "upload.csv")
         else:
             dataset = from_records(parsed["data"], parsed["target"], _limits())
     except ValidationError as exc:
@@ -162,8 +162,13 @@ def _document(spec) -> None:
         operations={
             "get": {
                 "summary": "A training job's status and result",
+                "security": [{"bearer": []}],
                 "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "the job"}, "404": {"description": "no such job", **error}},
+                "responses": {
+                    "200": {"description": "the job"},
+                    "401": {"description": "token missing or wrong", **error},
+                    "404": {"description": "no such job", **error},
+                },
             }
         },
     )

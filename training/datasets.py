@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import re
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -120,6 +122,15 @@ def _typed_features(features: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(typed).reset_index(drop=True)
 
 
+def _header_width(stream: BinaryIO) -> int:
+    """The number of fields in the CSV's first record (quotes and quoted line breaks respected)."""
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    try:
+        return len(next(csv.reader(text), []))
+    finally:
+        text.detach()  # leave the caller's stream open
+
+
 def from_records(records: list, target: str, limits: dict) -> Dataset:
     """Inline rows: a list of objects, each with the target column."""
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
@@ -127,11 +138,25 @@ def from_records(records: list, target: str, limits: dict) -> Dataset:
     return from_frame(pd.DataFrame.from_records(records), target, "inline", "inline", limits)
 
 
-def from_csv(content: bytes, target: str, limits: dict, filename: str = "upload.csv") -> Dataset:
-    """A CSV file with a header row."""
+def from_csv(content: bytes | BinaryIO, target: str, limits: dict, filename: str = "upload.csv") -> Dataset:
+    """A CSV file with a header row (bytes or a seekable binary file), held to the limits before it is parsed.
+
+    The header alone says how many columns there are: an over-wide file is refused after reading one
+    line. The parse then stops one row past the row limit, so an over-long file is never read whole.
+    """
+    stream = io.BytesIO(content) if isinstance(content, bytes | bytearray) else content
     try:
-        frame = pd.read_csv(io.BytesIO(content))
+        columns = _header_width(stream)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError({"file": f"not a readable CSV file: {exc}"}) from exc
+    if columns > limits["max_columns"] + 1:
+        raise DatasetError({"data": f"{columns} columns; at most {limits['max_columns']} features"})
+    stream.seek(0)
+    try:
+        frame = pd.read_csv(stream, nrows=limits["max_rows"] + 1)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DatasetError({"file": f"not a readable CSV file: {exc}"}) from exc
+    if len(frame) > limits["max_rows"]:
+        raise DatasetError({"data": f"more than {limits['max_rows']} rows; at most {limits['max_rows']}"})
     name = readable_name(filename.rsplit(".", 1)[0]) or "csv"
     return from_frame(frame, target, name, "csv", limits)
