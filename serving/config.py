@@ -31,7 +31,14 @@ _SETTINGS: dict[str, tuple[object, type]] = {
     "WATCH_REGISTRY": (True, bool),
     "MLFLOW_HTTP_REQUEST_TIMEOUT": (5, int),
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": (2, int),
-    "TRAIN_MAX_CONCURRENT_JOBS": (2, int),
+    # Training jobs: "local" runs them on this machine (no broker); "celery" sends them to `make worker`s.
+    "TRAIN_EXECUTOR": ("local", str),
+    "CELERY_BROKER_URL": ("", str),
+    "CELERY_BROKER_TRANSPORT_OPTIONS": ("{}", str),  # JSON, e.g. {"region": "eu-west-1"} for SQS
+    "TRAIN_QUEUE": ("training", str),
+    "TRAIN_WORKER_CONCURRENCY": (1, int),  # jobs at once per worker (per machine in local mode)
+    "TRAIN_MAX_QUEUED": (20, int),  # jobs waiting beyond this: 429
+    "TRAIN_MAX_ATTEMPTS": (2, int),  # a job whose worker vanished runs again up to this many times
     "TRAIN_TIME_LIMIT_SECONDS": (600, int),
     "TRAIN_MAX_ROWS": (50_000, int),
     "TRAIN_MAX_COLUMNS": (200, int),
@@ -53,6 +60,10 @@ def load_config(overrides: dict | None = None) -> dict:
     config.update(overrides or {})
     if config["APP_ROLE"] not in ROLES:
         raise ValueError(f"APP_ROLE must be one of {ROLES}, not {config['APP_ROLE']!r}")
+    if config["TRAIN_EXECUTOR"] not in ("local", "celery"):
+        raise ValueError(f"TRAIN_EXECUTOR must be 'local' or 'celery', not {config['TRAIN_EXECUTOR']!r}")
+    if config["TRAIN_EXECUTOR"] == "celery" and not config["CELERY_BROKER_URL"]:
+        raise ValueError("TRAIN_EXECUTOR=celery needs CELERY_BROKER_URL (redis://... or sqs://...)")
     if not config["STATE_DIR"]:
         config["STATE_DIR"] = str(default_state_dir(config["MLFLOW_TRACKING_URI"]))
     return config
