@@ -13,8 +13,11 @@ import json
 import logging
 import os
 
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.request import Request
+from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlStore
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
+from mlflow.utils import request_utils
 
 from serving.registry import registry_from_config
 from training.jobs import ExecutorUnavailable, execute_job, fail_job, time_limit_error
@@ -44,6 +47,18 @@ class JobRequest(Request):
             fail_job(registry_from_config(config), self.id, time_limit_error(config["TRAIN_TIME_LIMIT_SECONDS"]))
 
 
+@signals.worker_process_init.connect(weak=False, dispatch_uid="training.fresh_connections")
+def _fresh_connections(**kwargs) -> None:
+    """A job process forked from the worker drops the MLflow connections the worker itself opened.
+
+    Quick, and no imports: the worker gives a new process a few seconds to report that it is up.
+    """
+    request_utils._cached_get_request_session.cache_clear()
+    for store_class in (TrackingSqlStore, RegistrySqlStore):
+        for engine in store_class._engine_map.values():
+            engine.dispose(close=False)
+
+
 def make_celery(config: dict) -> Celery:
     """The Celery app for these settings; connects to the broker only when it sends or works."""
     limit = config["TRAIN_TIME_LIMIT_SECONDS"]
@@ -67,6 +82,7 @@ def make_celery(config: dict) -> Celery:
         worker_concurrency=config["TRAIN_WORKER_CONCURRENCY"],
         worker_max_tasks_per_child=1,  # a fresh process per job: nothing one job leaves behind reaches the next
         worker_hijack_root_logger=False,
+        worker_proc_alive_timeout=60,  # a fresh job process on a busy machine may take a while to say it is up
         task_serializer="json",
         accept_content=["json"],
     )
