@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 
 from mlflow.entities import DatasetInput, InputTag, RunStatus, RunTag
 
@@ -69,7 +70,9 @@ def _log_dataset_input(registry: Registry, run, dataset: Dataset) -> None:
     frame = dataset.features.assign(**{target: dataset.labels.values})
     source = f"{run.info.artifact_uri.rstrip('/')}/{DATASET_ARTIFACT}"
     try:
-        data = mlflow.data.from_pandas(frame, source=source, name=dataset.name, digest=dataset.digest, targets=target)
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is the run's artifact either way
+            warnings.simplefilter("ignore", UserWarning)
+            data = mlflow.data.from_pandas(frame, source=source, name=dataset.name, digest=dataset.digest, targets=target)
     except Exception:  # a source scheme MLflow cannot resolve here: the artifact path is still in the tags
         data = mlflow.data.from_pandas(frame, name=dataset.name, digest=dataset.digest)
     context = InputTag(key="mlflow.data.context", value="training")
