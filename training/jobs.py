@@ -72,7 +72,9 @@ def _log_dataset_input(registry: Registry, run, dataset: Dataset) -> None:
     try:
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is the run's artifact either way
             warnings.simplefilter("ignore", UserWarning)
-            data = mlflow.data.from_pandas(frame, source=source, name=dataset.name, digest=dataset.digest, targets=target)
+            data = mlflow.data.from_pandas(
+                frame, source=source, name=dataset.name, digest=dataset.digest, targets=target
+            )
     except Exception:  # a source scheme MLflow cannot resolve here: the artifact path is still in the tags
         data = mlflow.data.from_pandas(frame, name=dataset.name, digest=dataset.digest)
     context = InputTag(key="mlflow.data.context", value="training")
