@@ -160,7 +160,7 @@ def test_inline_rows_with_text_and_missing_values(client):
     assert row["properties"]["seats"]["type"] == "number"
 
 
-def test_csv_upload_trains_and_predicts_raw_text(client):
+def test_csv_upload_trains_and_predicts_raw_text(client, store):
     frame = pd.DataFrame(customer_rows(80, seed=1))
     data = {
         "file": (io.BytesIO(frame.to_csv(index=False).encode()), "customers.csv"),
@@ -172,6 +172,15 @@ def test_csv_upload_trains_and_predicts_raw_text(client):
     response = client.post("/train", data=data, content_type="multipart/form-data")
     assert response.status_code == 201, response.json
     assert response.json["model"]["name"] == "customers-LogisticRegression"
+    # The rows travel with the job's run, not through a local file: an artifact, and the run's input in MLflow.
+    tracking = MlflowClient(store["uri"])
+    run = tracking.get_run(response.json["run_id"])
+    (logged,) = run.inputs.dataset_inputs
+    assert logged.dataset.name == "customers" and logged.dataset.digest == run.data.params["dataset_digest"]
+    assert {"plan", "monthly_spend", "seats"} <= {
+        c["name"] for c in json.loads(logged.dataset.schema)["mlflow_colspec"]
+    }
+    assert "dataset/rows.json" in {a.path for a in tracking.list_artifacts(run.info.run_id, "dataset")}
     answer = client.post("/predict", json={"plan": "enterprise", "monthly_spend": 320.5, "seats": 12})
     assert answer.status_code == 200
     assert answer.json["predictions"] == ["no"]
