@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from serving.config import _SETTINGS, PROJECT_ROOT, load_config
+from serving.config import PROJECT_ROOT, load_config
 from training.jobs import ExecutorUnavailable
 
 SLOT_POLL_SECONDS = 0.5
@@ -28,13 +28,14 @@ class LocalExecutor:
 
     def __init__(self, config: dict):
         self.config = config
+        # The job's process gets this app's settings (a test's overrides included), by their names.
+        self.settings = {name: str(config[name]) for name in load_config() if config.get(name) is not None}
 
     def send(self, job_id: str) -> None:
         """Start the job's process; ExecutorUnavailable if it cannot start."""
         folder = Path(self.config["STATE_DIR"]) / "jobs"
         folder.mkdir(parents=True, exist_ok=True)
-        settings = {name: str(value) for name, value in self.config.items() if name in _SETTINGS}
-        env = {**os.environ, **settings, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **self.settings, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
         try:
             with open(folder / f"{job_id}.log", "w") as output:
                 # The launcher forks the job's process and exits at once: no zombie for the serving worker.
