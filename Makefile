@@ -19,7 +19,7 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve token test lint format mlflow-ui bench clean package upload-project lambda-deploy lambda-update
+.PHONY: help setup run serve token worker test lint format mlflow-ui bench clean package upload-project lambda-deploy lambda-update
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ token: setup ## Print the API token /train and /use-model need (made in STATE_DI
 
 serve: setup ## Production: gunicorn.conf.py on 0.0.0.0:PORT, WEB_CONCURRENCY workers (default 4)
 	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+
+worker: setup ## Start a training worker for TRAIN_EXECUTOR=celery (CELERY_BROKER_URL; WORKER_ARGS for celery's options)
+	$(BIN)/python -m training.celery_worker $(WORKER_ARGS)
 
 test: setup $(LAMBDA_RUNTIME)/.installed ## Run the test suite (builds the Lambda package first where Python 3.12 exists)
 	@if [ -n "$(LAMBDA_PYTHON)" ]; then $(MAKE) --no-print-directory package; \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -92,7 +93,13 @@ class Settings(BaseSettings):
     PREDICT_TOKEN: SecretStr | None = Field(None, description="when set, `/predict` and `/invocations` require it too")
     ALLOWED_HOSTS: HostList = Field(None, description="Host header names answered (any port), comma-separated, `*` for any; default: `localhost,127.0.0.1,[::1]` when `HOST` is a loopback address, any otherwise")
     # Training
-    TRAIN_MAX_CONCURRENT_JOBS: Positive = Field(2, description="training jobs at once on this machine (over it: 429)")
+    TRAIN_EXECUTOR: Literal["local", "celery"] = Field("local", description="`local`: jobs run on this machine in their own processes (no broker); `celery`: jobs go through `CELERY_BROKER_URL` to `make worker` machines and this one never trains")
+    CELERY_BROKER_URL: str = Field("", description="the Celery broker for `TRAIN_EXECUTOR=celery`: `redis://host:6379/0` or `sqs://` (never logged: it may hold a password)")
+    CELERY_BROKER_TRANSPORT_OPTIONS: str = Field("{}", description='the broker\'s transport options as a JSON object, e.g. `{"region": "eu-west-1"}` for SQS')
+    TRAIN_QUEUE: Name = Field("training", description="the queue (Redis list or SQS queue name) training jobs go through")
+    TRAIN_WORKER_CONCURRENCY: Positive = Field(1, description="jobs at once per worker (`make worker`), or on this machine with `TRAIN_EXECUTOR=local`")
+    TRAIN_MAX_QUEUED: Positive = Field(20, description="jobs waiting for a worker; beyond it `/train` answers 429 with `Retry-After`")
+    TRAIN_MAX_ATTEMPTS: Positive = Field(2, description="a job whose worker vanished runs again until this many attempts, then fails")
     TRAIN_TIME_LIMIT_SECONDS: Positive = Field(600, description="a job running longer is killed and marked failed")
     TRAIN_MAX_ROWS: Positive = Field(50_000, description="rows of client data (inline or CSV)")
     TRAIN_MAX_COLUMNS: Positive = Field(200, description="feature columns of client data (inline or CSV)")
@@ -125,8 +132,21 @@ class Settings(BaseSettings):
             raise ValueError("a token cannot be blank, nor start or end with spaces")
         return token
 
+    @field_validator("CELERY_BROKER_TRANSPORT_OPTIONS")
+    @classmethod
+    def _json_object(cls, text: str) -> str:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("a JSON object, like {}")
+        return text
+
     @model_validator(mode="after")
     def _derived(self) -> Settings:
+        if self.TRAIN_EXECUTOR == "celery" and not self.CELERY_BROKER_URL:
+            raise ValueError("TRAIN_EXECUTOR=celery needs CELERY_BROKER_URL (redis://... or sqs://...)")
         if not self.STATE_DIR:
             object.__setattr__(self, "STATE_DIR", str(default_state_dir(self.MLFLOW_TRACKING_URI)))
         return self

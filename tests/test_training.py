@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,8 +16,30 @@ import pytest
 from mlflow import MlflowClient
 
 from serving import create_app
-from tests.conftest import client_of, ref
+from tests.conftest import ref
 from training.estimators import ESTIMATORS
+
+TOKEN = "training-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PHASES = ("validating", "fitting", "evaluating", "converting", "registering")
+
+
+@pytest.fixture
+def app_config(app_config) -> dict:
+    """Every app here has an explicit token (management endpoints need one)."""
+    return {**app_config, "API_TOKEN": TOKEN}
+
+
+def authorized(app):
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+    return client
+
+
+@pytest.fixture
+def client(app):
+    return authorized(app)
+
 
 SMALL = {
     "RandomForestClassifier": {"n_estimators": 10},
@@ -138,7 +161,7 @@ def test_inline_rows_with_text_and_missing_values(client):
     assert row["properties"]["seats"]["type"] == "number"
 
 
-def test_csv_upload_trains_and_predicts_raw_text(client):
+def test_csv_upload_trains_and_predicts_raw_text(client, store):
     frame = pd.DataFrame(customer_rows(80, seed=1))
     data = {
         "file": (io.BytesIO(frame.to_csv(index=False).encode()), "customers.csv"),
@@ -150,6 +173,15 @@ def test_csv_upload_trains_and_predicts_raw_text(client):
     response = client.post("/train", data=data, content_type="multipart/form-data")
     assert response.status_code == 201, response.json
     assert response.json["model"]["name"] == "customers-LogisticRegression"
+    # The rows travel with the job's run, not through a local file: an artifact, and the run's input in MLflow.
+    tracking = MlflowClient(store["uri"])
+    run = tracking.get_run(response.json["run_id"])
+    (logged,) = run.inputs.dataset_inputs
+    assert logged.dataset.name == "customers" and logged.dataset.digest == run.data.params["dataset_digest"]
+    assert {"plan", "monthly_spend", "seats"} <= {
+        c["name"] for c in json.loads(logged.dataset.schema)["mlflow_colspec"]
+    }
+    assert "dataset/rows.json" in {a.path for a in tracking.list_artifacts(run.info.run_id, "dataset")}
     answer = client.post("/predict", json={"plan": "enterprise", "monthly_spend": 320.5, "seats": 12})
     assert answer.status_code == 200
     assert answer.json["predictions"] == ["no"]
@@ -204,7 +236,7 @@ def test_bad_training_request_is_400_and_registers_nothing(client, store, body, 
 
 def test_oversized_data_is_400(store, app_config):
     app = create_app({**app_config, "TRAIN_MAX_ROWS": 50, "TRAIN_MAX_COLUMNS": 3})
-    client = client_of(app)
+    client = authorized(app)
     many_rows = client.post("/train", json={"estimator": "SVC", "data": customer_rows(60), "target": "churned"})
     assert many_rows.status_code == 400
     assert "at most 50" in json.dumps(many_rows.json["errors"])
@@ -223,27 +255,69 @@ def test_unreadable_csv_is_400(client):
     assert response.status_code == 400
 
 
-def test_over_the_job_limit_is_429(store, app_config, tmp_path):
-    app = create_app({**app_config, "TRAIN_MAX_CONCURRENT_JOBS": 1})
-    slot = tmp_path / "state" / "train-slots" / "slot-0.lock"
+def slow_job(**extra) -> dict:
+    return {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 300}, "dataset": "digits", **extra}
+
+
+def test_jobs_beyond_capacity_wait_queued_then_429(store, app_config):
+    app = create_app({**app_config, "TRAIN_WORKER_CONCURRENCY": 1, "TRAIN_MAX_QUEUED": 1})
+    client = authorized(app)
+    slot = Path(app_config["STATE_DIR"]) / "train-slots" / "slot-0.lock"
     slot.parent.mkdir(parents=True, exist_ok=True)
-    with open(slot, "a") as held:  # a running job holds the only slot
+    with open(slot, "a") as held:  # a running job holds the machine's only slot
         fcntl.flock(held, fcntl.LOCK_EX)
-        response = client_of(app).post("/train", json={"estimator": "GaussianNB", "dataset": "iris"})
-    assert response.status_code == 429
-    assert response.headers["Retry-After"]
-    assert response.json["error"] == "too_many_jobs"
-    freed = client_of(app).post("/train", json={"estimator": "GaussianNB", "dataset": "iris", "activate": False})
-    assert freed.status_code == 202
-    assert wait_done(client_of(app), freed.json["location"])["status"] == "succeeded"
+        first = client.post("/train", json={"estimator": "GaussianNB", "dataset": "iris", "activate": False})
+        assert first.status_code == 202, first.json
+        time.sleep(1.5)
+        waiting = client.get(first.json["location"]).json
+        assert waiting["status"] == "queued"
+        assert waiting["waited_seconds"] >= 1.5
+        refused = client.post("/train", json={"estimator": "GaussianNB", "dataset": "iris"})
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"]
+        assert refused.json["error"] == "too_many_jobs"
+    job = wait_done(client, first.json["location"])
+    assert job["status"] == "succeeded", job
+    assert job["waited_seconds"] >= 1.5
+    assert job["attempt"] == 1 and job["elapsed_seconds"] > 0
+
+
+def test_running_job_shows_its_phase_and_elapsed_time(client, store):
+    body = {**slow_job(activate=False), "params": {"n_estimators": 60}}
+    location = client.post("/train", json=body).json["location"]
+    deadline = time.monotonic() + 240
+    seen = set()
+    while True:
+        job = client.get(location).json
+        if job["status"] in ("succeeded", "failed"):
+            break
+        if job["status"] == "running":
+            assert job["phase"] in PHASES
+            assert job["elapsed_seconds"] >= 0 and job["phase_elapsed_seconds"] >= 0
+            seen.add(job["phase"])
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    assert "fitting" in seen
+    assert job["elapsed_seconds"] > 0 and job["finished_at"]
+
+
+def test_reading_a_job_writes_nothing(client, store):
+    body = {"estimator": "GaussianNB", "dataset": "iris", "activate": False}
+    location = client.post("/train", json=body).json["location"]
+    job = wait_done(client, location)
+    tracking = MlflowClient(store["uri"])
+    before = tracking.get_run(job["job_id"]).data.tags
+    for _ in range(3):
+        assert client.get(location).json == job
+    assert tracking.get_run(job["job_id"]).data.tags == before
 
 
 def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     app = create_app({**app_config, "TRAIN_TIME_LIMIT_SECONDS": 1})
-    client = client_of(app)
+    client = authorized(app)
     before = version_count(store)
-    body = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 300}, "dataset": "digits"}
-    response = client.post("/train", json=body)
+    response = client.post("/train", json=slow_job())
     job = wait_done(client, response.json["location"])
     assert job["status"] == "failed"
     assert "time limit" in job["error"]
@@ -251,24 +325,44 @@ def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     assert MlflowClient(store["uri"]).get_run(job["job_id"]).info.status == "FAILED"
 
 
-def test_killed_job_is_reported_failed(client, store):
-    before = version_count(store)
-    body = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 300}, "dataset": "digits"}
-    location = client.post("/train", json=body).json["location"]
-    tracking = MlflowClient(store["uri"])
-    run_id = location.rsplit("/", 1)[1]
+def _fitting_pid(tracking, run_id: str) -> int:
     deadline = time.monotonic() + 60
-    while "job.pid" not in tracking.get_run(run_id).data.tags:
+    while tracking.get_run(run_id).data.tags.get("job.phase") != "fitting":
         assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.kill(int(tracking.get_run(run_id).data.tags["job.pid"]), signal.SIGKILL)
-    job = wait_done(client, location, timeout=30)
+        time.sleep(0.1)
+    return int(tracking.get_run(run_id).data.tags["job.pid"])
+
+
+def test_killed_job_is_reported_failed(store, app_config):
+    app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 1})
+    client = authorized(app)
+    before = version_count(store)
+    location = client.post("/train", json=slow_job()).json["location"]
+    run_id = location.rsplit("/", 1)[1]
+    os.kill(_fitting_pid(MlflowClient(store["uri"]), run_id), signal.SIGKILL)
+    job = wait_done(client, location, timeout=60)
     assert job["status"] == "failed"
-    assert "ended without reporting" in job["error"]
-    # The training child dies with its supervisor: nothing may appear, even after the job would have finished.
-    time.sleep(1)
+    assert "was lost" in job["error"] and "No attempts left" in job["error"]
+    deadline = time.monotonic() + 30  # the job's process exits once it has recorded the failure
+    while [p for p in os.listdir("/proc") if p.isdigit() and _is_job_of(p, run_id)]:
+        assert time.monotonic() < deadline, "a process of the failed job survived"
+        time.sleep(0.2)
     assert version_count(store) == before
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_job_of(p, run_id)], "a training process survived"
+
+
+def test_killed_attempt_is_retried_and_registers_one_version(store, app_config):
+    app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 2})
+    client = authorized(app)
+    body = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 60}, "dataset": "digits",
+            "activate": False, "model_name": "digits-retried"}  # fmt: skip
+    location = client.post("/train", json=body).json["location"]
+    run_id = location.rsplit("/", 1)[1]
+    os.kill(_fitting_pid(MlflowClient(store["uri"]), run_id), signal.SIGKILL)
+    job = wait_done(client, location, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["attempt"] == 2
+    assert "Attempt 1" in job["lost_attempt"]
+    assert len(MlflowClient(store["uri"]).search_model_versions(f"run_id = '{run_id}'")) == 1
 
 
 def _is_job_of(pid: str, run_id: str) -> bool:
@@ -287,6 +381,7 @@ def test_unknown_job_is_404(client, job_id):
 
 
 def test_train_needs_the_token_when_configured(store, app_config):
-    app = create_app({**app_config, "API_TOKEN": "t0ken"})
+    app = create_app(app_config)
     response = app.test_client().post("/train", json={"estimator": "GaussianNB", "dataset": "iris"})
     assert response.status_code == 401
+    assert app.test_client().get(f"/train/jobs/{'0' * 32}").status_code == 401

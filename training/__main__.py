@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-from marshmallow import ValidationError
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description="Train and register one model.")
@@ -33,42 +31,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.config import settings_or_exit
     from serving.registry import registry_from_config
-    from training.datasets import DatasetError, from_csv, load_builtin
-    from training.job import TrainingSpec, run_training
-    from training.schemas import load_train_request
+    from training.job import run_training
+    from training.schemas import InvalidTrainingRequest, parse_train_request
 
     config = settings_or_exit().model_dump()  # an invalid setting: one line on stderr, exit 2
     body = {"estimator": args.estimator, "params": args.params, "activate": not args.no_activate}
-    if args.dataset:
-        body["dataset"] = args.dataset
-    if args.target:
-        body["target"] = args.target
-    if args.model_name:
-        body["model_name"] = args.model_name
+    for key, value in (("dataset", args.dataset), ("target", args.target), ("model_name", args.model_name)):
+        if value:
+            body[key] = value
+    limits = {"max_rows": config["TRAIN_MAX_ROWS"], "max_columns": config["TRAIN_MAX_COLUMNS"]}
     try:
-        from training.estimators import validate_params
-
-        request = load_train_request(body, uploaded_file=args.csv is not None)
-        request["params"] = validate_params(request["estimator"], request["params"])
-        if args.dataset:
-            dataset = load_builtin(args.dataset)
-        else:
-            limits = {"max_rows": config["TRAIN_MAX_ROWS"], "max_columns": config["TRAIN_MAX_COLUMNS"]}
-            dataset = from_csv(args.csv.read_bytes(), args.target, limits, args.csv.name)
-    except (ValidationError, DatasetError) as exc:
-        errors = exc.messages if isinstance(exc, ValidationError) else exc.errors
-        print(json.dumps({"error": "invalid_training_request", "errors": errors}, indent=2), file=sys.stderr)
+        upload = (args.csv.read_bytes(), args.csv.name) if args.csv else None
+        parsed = parse_train_request(body, limits, upload)
+    except InvalidTrainingRequest as exc:
+        print(json.dumps({"error": "invalid_training_request", "errors": exc.errors}, indent=2), file=sys.stderr)
         return 2
     except OSError as exc:
         print(json.dumps({"error": "invalid_training_request", "errors": {"csv": [str(exc)]}}), file=sys.stderr)
         return 2
 
+    from training.datasets import load_builtin
+
+    dataset = load_builtin(parsed.dataset) if isinstance(parsed.dataset, str) else parsed.dataset
     registry = registry_from_config(config)
-    spec = TrainingSpec(request["estimator"], request["params"], request.get("model_name"), request["activate"])
     try:
         # MLflow prints progress ("View run at ...") to stdout: keep stdout for the JSON result alone.
         with contextlib.redirect_stdout(sys.stderr):
-            result = run_training(registry, spec, dataset)
+            result = run_training(registry, parsed.spec, dataset)
     except Exception as exc:  # a failed job: report it; run_training registered nothing
         print(json.dumps({"error": "training_failed", "message": f"{type(exc).__name__}: {exc}"}), file=sys.stderr)
         return 1

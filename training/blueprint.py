@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from flask import Blueprint, Flask, current_app, request
-from marshmallow import ValidationError
 
 from serving.auth import require_token
 from serving.errors import APIError, registry_unavailable
 from serving.registry import RegistryUnavailable
 from serving.requests import json_body
-from training.datasets import DatasetError, from_csv, from_records, load_builtin
-from training.estimators import validate_params
-from training.jobs import JobNotFound, JobNotStarted, TooManyJobs, get_job, submit_job, wait_for_job
-from training.schemas import load_train_request
+from training.jobs import ExecutorUnavailable, JobNotFound, QueueFull, create_job, discard_job, get_job, wait_for_job
+from training.schemas import InvalidTrainingRequest, TrainingRequest, parse_train_request
 
 bp = Blueprint("training", __name__)
 
@@ -23,90 +20,104 @@ def _registry():
     return current_app.extensions["registry"]
 
 
-def _limits() -> dict:
-    return {"max_rows": current_app.config["TRAIN_MAX_ROWS"], "max_columns": current_app.config["TRAIN_MAX_COLUMNS"]}
-
-
-def _bad(errors: dict, message: str = "The training request is not valid; nothing was trained.") -> APIError:
-    return APIError(400, "invalid_training_request", message, errors=errors, example=EXAMPLE)
-
-
 def _unavailable(exc: Exception) -> APIError:
     return registry_unavailable(exc, "nothing was trained")
 
 
-def read_train_request() -> tuple[dict, object]:
+def read_train_request() -> TrainingRequest:
     """The validated request and its dataset, from a JSON body or a multipart CSV upload."""
-    upload = request.files.get("file") if request.mimetype == "multipart/form-data" else None
+    upload = None
     if request.mimetype == "multipart/form-data":
         body = request.form.to_dict()
+        file = request.files.get("file")
+        upload = (file.stream, file.filename) if file is not None else None  # streamed: limits apply before a parse
     else:
         body = json_body(example=EXAMPLE)
         if not isinstance(body, dict):
-            raise _bad({"body": ["A JSON object."]})
+            raise APIError(400, "invalid_training_request", "The training request is not valid; nothing was trained.",
+                           errors={"body": ["A JSON object."]}, example=EXAMPLE)  # fmt: skip
+    limits = {"max_rows": current_app.config["TRAIN_MAX_ROWS"], "max_columns": current_app.config["TRAIN_MAX_COLUMNS"]}
     try:
-        parsed = load_train_request(body, uploaded_file=upload is not None)
-        parsed["params"] = validate_params(parsed["estimator"], parsed["params"])
-        if "dataset" in parsed:
-            dataset = load_builtin(parsed["dataset"])
-        elif upload is not None:
-            dataset = from_csv(upload.stream, parsed["target"], _limits(), upload.filename or "upload.csv")
-        else:
-            dataset = from_records(parsed["data"], parsed["target"], _limits())
-    except ValidationError as exc:
-        raise _bad(exc.messages) from exc
-    except DatasetError as exc:
-        raise _bad(exc.errors, f"The data cannot be trained on: {exc}") from exc
-    return parsed, dataset
+        return parse_train_request(body, limits, upload)
+    except InvalidTrainingRequest as exc:
+        raise APIError(400, "invalid_training_request", exc.message, errors=exc.errors, example=EXAMPLE) from exc
+
+
+def _follow_if_behind(job: dict) -> None:
+    """Read-your-writes: once a job answers `activated`, this machine serves its version (or a newer choice)."""
+    result = job.get("result") or {}
+    store = current_app.extensions.get("model_store")
+    if not result.get("activated") or store is None:
+        return
+    pointer = store.read_pointer()
+    if pointer is None or pointer.as_dict() != result["model"]:
+        store.follow_registry()  # loads what the registry names now: this job's version, or a later swap
 
 
 @bp.post("/train")
 @require_token
 def train():
-    """Start a training job: 202 with its location, or 201 with the result when `wait` is true."""
-    parsed, dataset = read_train_request()
+    """Queue a training job: 202 with its location, or 201 with the result when `wait` is true."""
+    parsed = read_train_request()
     registry = _registry()
+    config = current_app.config
     try:
-        job = submit_job(registry, current_app.config, parsed, dataset)
-    except TooManyJobs as exc:
+        job_id = create_job(registry, parsed.spec, parsed.dataset, config["TRAIN_MAX_QUEUED"])
+    except QueueFull as exc:
         raise APIError(429, "too_many_jobs", f"{exc}; try again later.", headers={"Retry-After": "30"}) from exc
-    except JobNotStarted as exc:
-        raise APIError(503, "job_not_started", "The training process could not be started; nothing was trained.",
-                       headers={"Retry-After": "30"}) from exc  # fmt: skip
     except RegistryUnavailable as exc:
         raise _unavailable(exc) from exc
-    if not parsed["wait"]:
-        return job, 202, {"Location": job["location"]}
     try:
-        job = wait_for_job(registry, job["job_id"], current_app.config["TRAIN_TIME_LIMIT_SECONDS"] + 60)
+        current_app.extensions["train_executor"].send(job_id)
+    except ExecutorUnavailable as exc:
+        discard_job(registry, job_id)
+        message = ("The training queue cannot be reached (CELERY_BROKER_URL); nothing was queued. Predictions "
+                   "are not affected.") if config["TRAIN_EXECUTOR"] == "celery" else (
+                   "The training process could not be started; nothing was trained.")  # fmt: skip
+        raise APIError(503, "training_unavailable", message, headers={"Retry-After": "30"}) from exc
+    location = f"/train/jobs/{job_id}"
+    if not parsed.wait:
+        return {"job_id": job_id, "status": "queued", "location": location}, 202, {"Location": location}
+    try:
+        job = wait_for_job(registry, job_id, config["TRAIN_TIME_LIMIT_SECONDS"] + 60)
     except RegistryUnavailable as exc:
         raise _unavailable(exc) from exc
     if job["status"] not in ("succeeded", "failed"):  # still going: answer as if wait had not been asked
-        return job, 202, {"Location": job["location"]}
+        return job, 202, {"Location": location}
     if job["status"] == "failed":
         raise APIError(422, "training_failed", f"The training job failed: {job.get('error')}", job=job)
-    result = job["result"]
-    store = current_app.extensions.get("model_store")
-    if result["activated"] and store is not None:
-        # This machine follows the registry before the 201 leaves (other instances follow by polling);
-        # if a /use-model moved it since, that newer choice is what this machine serves.
-        store.follow_registry()
-    return result, 201, {"Location": job["location"]}
+    # This machine follows the registry before the 201 leaves (other instances follow by polling).
+    _follow_if_behind(job)
+    return job["result"], 201, {"Location": location}
 
 
 @bp.get("/train/jobs/<job_id>")
+@require_token
 def job_status(job_id: str):
-    """The job's status (queued, running, succeeded, failed) and, once it succeeded, its result."""
+    """The job's status, phase, times and attempt, and its result once it succeeded. Only reads the job."""
     try:
-        return get_job(_registry(), job_id)
+        job = get_job(_registry(), job_id)
     except JobNotFound as exc:
         raise APIError(404, "job_not_found", f"No training job {job_id!r}.") from exc
     except RegistryUnavailable as exc:
         raise _unavailable(exc) from exc
+    _follow_if_behind(job)
+    return job
+
+
+def _executor(config: dict):
+    if config["TRAIN_EXECUTOR"] == "celery":
+        from training.celery_app import CeleryExecutor
+
+        return CeleryExecutor(config)
+    from training.worker import LocalExecutor
+
+    return LocalExecutor(config)
 
 
 def register_training(app: Flask) -> None:
     """Add the training endpoints to the app and to its OpenAPI document."""
+    app.extensions["train_executor"] = _executor(app.config)
     app.register_blueprint(bp)
     app.extensions.setdefault("openapi_extenders", []).append(_document)
 
@@ -152,7 +163,8 @@ def _document(spec) -> None:
                     "400": {"description": "bad request; nothing trained", **error},
                     "401": {"description": "token missing or wrong", **error},
                     "422": {"description": "the job failed (with wait: true)", **error},
-                    "429": {"description": "too many jobs running; see Retry-After", **error},
+                    "429": {"description": "TRAIN_MAX_QUEUED jobs already wait; see Retry-After", **error},
+                    "503": {"description": "the training queue (broker) cannot be reached", **error},
                 },
             }
         },
@@ -161,7 +173,7 @@ def _document(spec) -> None:
         "/train/jobs/{job_id}",
         operations={
             "get": {
-                "summary": "A training job's status and result",
+                "summary": "A training job's status, phase, wait and run times, and result",
                 "security": [{"bearer": []}],
                 "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {

@@ -123,14 +123,11 @@ _SCHEMAS = {
 }
 
 
-def validate_params(estimator: str, params: dict | None) -> dict:
-    """The client's hyperparameters, checked against the estimator's schema; raises ValidationError."""
-    if estimator not in ESTIMATORS:
-        raise ValidationError({"estimator": [f"unknown estimator {estimator!r}; one of {sorted(ESTIMATORS)}"]})
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise ValidationError({"params": ["an object of hyperparameters"]})
+def validate_params(estimator: str, params: dict) -> dict:
+    """The hyperparameters of a known estimator (the request schema checked the name and the object).
+
+    Raises ValidationError.
+    """
     try:
         return _SCHEMAS[estimator].load(params)
     except ValidationError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlflow
@@ -64,11 +65,24 @@ def _log_confusion_matrix(matrix, classes) -> None:
     plt.close(figure)
 
 
-def run_training(registry: Registry, spec: TrainingSpec, dataset: Dataset, run_id: str | None = None) -> dict:
+def _no_phase(phase: str) -> None:
+    pass
+
+
+def run_training(
+    registry: Registry,
+    spec: TrainingSpec,
+    dataset: Dataset,
+    run_id: str | None = None,
+    on_phase: Callable[[str], None] = _no_phase,
+    log_dataset: bool = True,
+) -> dict:
     """Train `spec` on `dataset` inside an MLflow run (a new one, or the job's run) and register it.
 
     Returns `{"model": {"name", "version"}, "run_id", "metrics"}`. Anything that fails before the
     version is registered leaves nothing registered; a failure to activate removes the version again.
+    `on_phase` hears "fitting", "evaluating", "converting" and "registering" as each begins;
+    `log_dataset` False when the job's submitter already logged the dataset as the run's input.
     """
     mlflow.set_tracking_uri(registry.tracking_uri)
     mlflow.set_registry_uri(registry.tracking_uri)
@@ -81,13 +95,16 @@ def run_training(registry: Registry, spec: TrainingSpec, dataset: Dataset, run_i
         mlflow.log_params({k: v for k, v in description.items() if k not in ("feature_names", "classes")})
         mlflow.set_tags({"estimator": spec.estimator, "dataset": dataset.name, **library_versions()})
         mlflow.log_dict(description, "dataset.json")
-        mlflow.log_input(
-            mlflow.data.from_pandas(dataset.features, name=dataset.name, digest=dataset.digest), context="training"
-        )
+        if log_dataset:
+            mlflow.log_input(
+                mlflow.data.from_pandas(dataset.features, name=dataset.name, digest=dataset.digest), context="training"
+            )
 
         train_x, test_x, train_y, test_y = split(dataset.features, dataset.labels)
         model = build_pipeline(dataset.features, spec.estimator, spec.params)
+        on_phase("fitting")
         model.fit(train_x, train_y)
+        on_phase("evaluating")
         evaluation = evaluate(model, test_x, test_y)
         metrics = evaluation["metrics"]
         mlflow.log_metrics(metrics)
@@ -95,7 +112,9 @@ def run_training(registry: Registry, spec: TrainingSpec, dataset: Dataset, run_i
         _log_confusion_matrix(evaluation["confusion_matrix"], evaluation["classes"])
 
         tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
+        on_phase("converting")  # log_model_version compiles the ONNX form and checks it
         ref = log_model_version(registry, model, train_x, model_name, tags, metrics, holdout=test_x)
+        on_phase("registering")
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         if spec.activate:
             # Recorded first, so a job that dies after this point can hand the previous model back.

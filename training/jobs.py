@@ -1,178 +1,242 @@
-"""Training jobs: each runs in its own process, its state kept in its MLflow run for any worker to read.
+"""Training jobs: a job is an MLflow run, and only the code running it writes its record.
 
-A job is an MLflow run of the service's experiment. Its tags say the job's status (queued, running,
-succeeded, failed), its host, process id and deadline, and once it succeeded its model version; so
-`GET /train/jobs/<id>` answers the same from every worker and every instance. The concurrency limit
-is per machine: a job holds one of N lock files for its life, and the kernel frees it when the
-process ends, whatever the way.
+The submitter creates the run once: the request, the dataset (a built-in name, or the client's rows
+stored as the run's artifact and logged as its input), status SCHEDULED. From then on the job alone
+writes its record (`job.*` tags: status, phase, attempt, worker, timestamps, error) in the run, so
+`GET /train/jobs/<id>` reads the same from every worker and every instance, and never writes.
+Where the job runs is the executor's business: the same `execute_job` runs in a Celery worker
+(training/celery_app.py) or in this machine's local worker (training/worker.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
+import warnings
 
-from mlflow.entities import RunStatus
+from mlflow.entities import DatasetInput, InputTag, RunStatus, RunTag
 
-from serving.config import PROJECT_ROOT
 from serving.registry import ModelNotFound, ModelRef, Registry, _iso, translate_errors
-from training.datasets import Dataset
+from training.datasets import Dataset, _typed_features, load_builtin
+from training.job import TrainingSpec, run_training
 
 log = logging.getLogger(__name__)
 
 FINAL = ("succeeded", "failed")
-# A job whose process vanished is noticed by its deadline, plus this margin for a slow shutdown.
-DEADLINE_GRACE_SECONDS = 30
-
-
-class TooManyJobs(Exception):
-    """Every training slot of this machine is taken."""
-
-
-class JobNotStarted(Exception):
-    """The job's process could not be started; the job is recorded failed."""
+KIND_TAG = "job.kind"
+DATASET_ARTIFACT = "dataset/rows.json"
 
 
 class JobNotFound(Exception):
     """No training job with that id."""
 
 
-def _slot(state_dir: Path, slots: int):
-    """An open, locked slot file; TooManyJobs if all are held by running jobs."""
-    folder = state_dir / "train-slots"
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(slots):
-        handle = open(folder / f"slot-{index}.lock", "a")  # noqa: SIM115 - handed to the job process
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            handle.close()
-    raise TooManyJobs(f"{slots} training jobs are already running on this machine")
+class QueueFull(Exception):
+    """TRAIN_MAX_QUEUED jobs are already waiting."""
 
 
-def _save_dataset(dataset: Dataset, folder: Path) -> None:
-    """The validated rows, as JSON, for the job process (never pickle)."""
+class ExecutorUnavailable(Exception):
+    """The job could not be handed to any worker (the broker is unreachable); it was discarded."""
+
+
+# ---- the submitter: creates the job, then never writes to it again ----------------------------------
+@translate_errors
+def count_queued(registry: Registry, limit: int) -> int:
+    """How many jobs wait for a worker (up to `limit`): runs still SCHEDULED."""
+    runs = registry.client.search_runs(
+        [registry.get_experiment_id()],
+        filter_string=f"tags.`{KIND_TAG}` = 'training' and attributes.status = 'SCHEDULED'",
+        max_results=limit,
+    )
+    return len(runs)
+
+
+def _dataset_payload(dataset: Dataset) -> str:
+    """The validated rows as JSON (never pickle), in the form `load_job_dataset` reads back."""
     frame = dataset.features.astype(object).where(dataset.features.notna(), None)
-    payload = {
-        "name": dataset.name,
-        "source": dataset.source,
-        "digest": dataset.digest,
-        "columns": list(frame.columns),
-        "rows": frame.values.tolist(),
-        "labels": dataset.labels.tolist(),
-    }
-    (folder / "dataset.json").write_text(json.dumps(payload))
+    return json.dumps(
+        {"columns": list(frame.columns), "rows": frame.values.tolist(), "labels": dataset.labels.tolist()}
+    )
 
 
-def submit_job(registry: Registry, config: dict, request: dict, dataset: Dataset) -> dict:
-    """Start a training job in its own process; returns the job as `GET /train/jobs/<id>` shows it."""
-    slot = _slot(Path(config["STATE_DIR"]), config["TRAIN_MAX_CONCURRENT_JOBS"])
+def _log_dataset_input(registry: Registry, run, dataset: Dataset) -> None:
+    """The client's data as the run's input: the MLflow UI shows its name, digest and schema."""
+    import mlflow.data
+
+    target = "target" if "target" not in dataset.features.columns else "target_"
+    frame = dataset.features.assign(**{target: dataset.labels.values})
+    source = f"{run.info.artifact_uri.rstrip('/')}/{DATASET_ARTIFACT}"
     try:
-        limit = config["TRAIN_TIME_LIMIT_SECONDS"]
-        spec = {
-            "estimator": request["estimator"],
-            "params": request.get("params", {}),
-            "model_name": request.get("model_name"),
-            "activate": request.get("activate", True),
-            "time_limit": limit,
-        }
-        tags = {
-            "job.status": "queued",
-            "job.host": socket.gethostname(),
-            "job.deadline": str(time.time() + limit + DEADLINE_GRACE_SECONDS),
-            "job.request": json.dumps({**spec, "dataset": dataset.name}),
-            "estimator": spec["estimator"],
-            "dataset": dataset.name,
-        }
-        run = translate_errors(registry.client.create_run)(
-            registry.get_experiment_id(), tags=tags, run_name=f"{dataset.name}-{spec['estimator']}"
-        )
-        run_id = run.info.run_id
-        translate_errors(registry.client.update_run)(run_id, status=RunStatus.to_string(RunStatus.SCHEDULED))
-        folder = Path(config["STATE_DIR"]) / "jobs" / run_id
-        folder.mkdir(parents=True)
-        (folder / "spec.json").write_text(json.dumps(spec))
-        _save_dataset(dataset, folder)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri,
-               "MLFLOW_EXPERIMENT_NAME": registry.experiment_name, "ACTIVE_ALIAS": registry.alias,
-               "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
-        with open(folder / "job.log", "w") as output:
-            # The launcher forks the job's supervisor and exits at once, so the job belongs to no
-            # serving worker: no zombie to reap, and a recycled worker does not take the job with it.
-            try:
-                subprocess.run(
-                    [sys.executable, "-m", "training.worker", str(folder), run_id, str(slot.fileno())],
-                    cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, check=True, timeout=30,
-                    pass_fds=(slot.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL,
-                )  # fmt: skip
-            except (subprocess.SubprocessError, OSError) as exc:
-                fail_job(registry, run_id, f"The job process could not start: {exc}")
-                raise JobNotStarted(str(exc)) from exc
-    finally:
-        slot.close()  # the job process holds its own copy of the lock now
-    return {"job_id": run_id, "status": "queued", "location": f"/train/jobs/{run_id}"}
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is the run's artifact either way
+            warnings.simplefilter("ignore", UserWarning)
+            data = mlflow.data.from_pandas(
+                frame, source=source, name=dataset.name, digest=dataset.digest, targets=target
+            )
+    except Exception:  # a source scheme MLflow cannot resolve here: the artifact path is still in the tags
+        data = mlflow.data.from_pandas(frame, name=dataset.name, digest=dataset.digest)
+    context = InputTag(key="mlflow.data.context", value="training")
+    registry.client.log_inputs(run.info.run_id, datasets=[DatasetInput(data._to_mlflow_entity(), tags=[context])])
 
 
-def mark_job(registry: Registry, run_id: str, status: str, **details) -> None:
-    """Record a job's status in its run (and the run's own MLflow status, as the UI shows it)."""
-    tags = {"job.status": status, **{f"job.{k}": str(v)[:5000] for k, v in details.items()}}
-    for key, value in tags.items():
-        registry.client.set_tag(run_id, key, value)
-    if status == "running":
-        registry.client.update_run(run_id, status="RUNNING")
-    elif status in FINAL:
-        registry.client.set_terminated(run_id, "FINISHED" if status == "succeeded" else "FAILED")
+@translate_errors
+def create_job(registry: Registry, spec: TrainingSpec, dataset: str | Dataset, max_queued: int) -> str:
+    """Record a new job (SCHEDULED) with its request and its dataset; returns the job id (its run id).
 
-
-def remove_versions_of(registry: Registry, run_id: str) -> None:
-    """A failed job registers nothing: delete any version its run registered before it died.
-
-    If the job had already made its version active, the model that was active before comes back.
+    Raises QueueFull when `max_queued` jobs already wait.
     """
-    removed = set()
-    for mv in registry.client.search_model_versions(f"run_id = '{run_id}'"):
-        log.warning("removing %s version %s of failed job %s", mv.name, mv.version, run_id)
-        removed.add(ModelRef(mv.name, str(mv.version)))
+    if count_queued(registry, max_queued) >= max_queued:
+        raise QueueFull(f"{max_queued} training jobs are already waiting")
+    client = registry.client
+    name = dataset if isinstance(dataset, str) else dataset.name
+    if isinstance(dataset, str):
+        reference = {"builtin": name}
+    else:
+        reference = {"artifact": DATASET_ARTIFACT, "name": name, "source": dataset.source, "digest": dataset.digest}
+    request = {"estimator": spec.estimator, "params": spec.params, "model_name": spec.model_name,
+               "activate": spec.activate, "dataset": name}  # fmt: skip
+    tags = {KIND_TAG: "training", "job.request": json.dumps(request), "job.dataset": json.dumps(reference),
+            "job.created_at": repr(time.time()), "estimator": spec.estimator, "dataset": name}  # fmt: skip
+    run = client.create_run(registry.get_experiment_id(), tags=tags, run_name=f"{name}-{spec.estimator}")
+    try:
+        if not isinstance(dataset, str):
+            client.log_text(run.info.run_id, _dataset_payload(dataset), DATASET_ARTIFACT)
+            _log_dataset_input(registry, run, dataset)
+        client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.SCHEDULED))
+    except Exception:
+        discard_job(registry, run.info.run_id)
+        raise
+    return run.info.run_id
+
+
+def discard_job(registry: Registry, job_id: str) -> None:
+    """Undo `create_job` for a job that could not be handed to any executor (nobody will ever run it)."""
+    try:
+        registry.client.delete_run(job_id)
+    except Exception:
+        log.warning("could not delete the run of unsent job %s", job_id)
+
+
+# ---- the job itself: the one writer of its record ------------------------------------------------------
+def mark_job(registry: Registry, job_id: str, status: str | None = None, **details) -> None:
+    """Write the job's record (tags), and the run's MLflow status as the UI shows it."""
+    tags = {f"job.{key}": str(value)[:5000] for key, value in details.items()}
+    if status:
+        tags["job.status"] = status
+    registry.client.log_batch(job_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if status == "running":
+        registry.client.update_run(job_id, status="RUNNING")
+    elif status in FINAL:
+        registry.client.set_terminated(job_id, "FINISHED" if status == "succeeded" else "FAILED")
+
+
+def remove_versions_of(registry: Registry, job_id: str) -> None:
+    """A failed (or lost) attempt registers nothing: delete what it registered, hand the active model back."""
+    removed = {
+        ModelRef(mv.name, str(mv.version)) for mv in registry.client.search_model_versions(f"run_id = '{job_id}'")
+    }
     if not removed:
         return
-    previous = registry.client.get_run(run_id).data.tags.get("job.previous_active")
+    previous = registry.client.get_run(job_id).data.tags.get("job.previous_active")
     if registry.get_active_model() in removed and previous:
         registry.set_active_model(ModelRef(**json.loads(previous)))
     for ref in removed:
+        log.warning("removing %s version %s of job %s", ref.name, ref.version, job_id)
         registry.client.delete_model_version(ref.name, ref.version)
 
 
-def fail_job(registry: Registry, run_id: str, error: str) -> None:
-    remove_versions_of(registry, run_id)
-    mark_job(registry, run_id, "failed", error=error, finished_at=time.time())
+def fail_job(registry: Registry, job_id: str, error: str) -> None:
+    """Record the job failed, after removing any version it registered."""
+    remove_versions_of(registry, job_id)
+    mark_job(registry, job_id, "failed", error=error, finished_at=repr(time.time()))
 
 
-def _alive(pid: int) -> bool:
+def time_limit_error(seconds: int) -> str:
+    return f"The job exceeded its time limit of {seconds} seconds and was stopped; nothing was registered."
+
+
+def load_job_dataset(registry: Registry, job_id: str, reference: dict) -> Dataset:
+    """The job's data: a built-in dataset by name, or the client's rows from the run's artifacts."""
+    if "builtin" in reference:
+        return load_builtin(reference["builtin"])
+    import mlflow.artifacts
+    import pandas as pd
+
+    text = mlflow.artifacts.load_text(f"runs:/{job_id}/{reference['artifact']}")
+    payload = json.loads(text)
+    features = _typed_features(pd.DataFrame(payload["rows"], columns=payload["columns"]))
+    labels = pd.Series(payload["labels"], name="target")
+    return Dataset(reference["name"], features, labels, reference["source"], reference["digest"])
+
+
+def execute_job(registry: Registry, job_id: str, max_attempts: int, worker: str, time_limit: int) -> str:
+    """Run one attempt of a job, wherever it runs; returns its final status (or "skipped").
+
+    A job already finished (a message delivered twice) is left alone. A job with an earlier
+    attempt that never finished lost its worker: that attempt is recorded and whatever it
+    registered removed; then the job runs again, or fails once `max_attempts` were used.
+    """
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    mlflow_setup(registry)
+    tags = registry.client.get_run(job_id).data.tags
+    if tags.get("job.status") in FINAL:
+        log.warning("job %s already %s; not running it again", job_id, tags["job.status"])
+        return "skipped"
+    attempt = int(tags.get("job.attempt", "0")) + 1
+    if attempt > 1:
+        lost = f"Attempt {attempt - 1} on {tags.get('job.worker', 'a worker')} was lost: its process ended without reporting (killed or crashed)."
+        remove_versions_of(registry, job_id)
+        if attempt > max_attempts:
+            fail_job(registry, job_id, f"{lost} No attempts left (TRAIN_MAX_ATTEMPTS={max_attempts}).")
+            return "failed"
+        mark_job(registry, job_id, lost=lost)
+    now = repr(time.time())
+    mark_job(registry, job_id, "running", attempt=attempt, worker=worker, pid=os.getpid(), started_at=now,
+             phase="validating", phase_started_at=now)  # fmt: skip
+
+    def on_phase(phase: str) -> None:
+        mark_job(registry, job_id, phase=phase, phase_started_at=repr(time.time()))
+
+    request = json.loads(tags["job.request"])
+    reference = json.loads(tags["job.dataset"])
+    spec = TrainingSpec(request["estimator"], request["params"], request["model_name"], request["activate"])
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A finished child of this process stays a zombie until reaped; it is not alive.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
+        dataset = load_job_dataset(registry, job_id, reference)
+        result = run_training(registry, spec, dataset, run_id=job_id, on_phase=on_phase,
+                              log_dataset="builtin" in reference)  # fmt: skip
+    except SoftTimeLimitExceeded:
+        fail_job(registry, job_id, time_limit_error(time_limit))
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        fail_job(registry, job_id, f"{type(exc).__name__}: {exc}")
+        return "failed"
+    mark_job(registry, job_id, "succeeded", activated=result["activated"], finished_at=repr(time.time()))
+    return "succeeded"
+
+
+def mlflow_setup(registry: Registry) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    mlflow.set_registry_uri(registry.tracking_uri)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ---- reading: no side effects ------------------------------------------------------------------------
+def _seconds(later: float | None, earlier: float | None) -> float | None:
+    return round(later - earlier, 3) if later is not None and earlier is not None else None
 
 
 @translate_errors
 def get_job(registry: Registry, job_id: str) -> dict:
-    """The job's state from its run; a job whose process is gone is reported (and recorded) failed."""
+    """The job as its record says: status, phase, attempt, how long it waited and ran, its result or error."""
     if not (len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)):
         raise JobNotFound(job_id)
     try:
@@ -180,18 +244,15 @@ def get_job(registry: Registry, job_id: str) -> dict:
     except ModelNotFound as exc:  # the registry's "no such resource", here a run
         raise JobNotFound(job_id) from exc
     tags = run.data.tags
-    if "job.status" not in tags or run.info.experiment_id != registry.get_experiment_id():
+    if tags.get(KIND_TAG) != "training" or run.info.experiment_id != registry.get_experiment_id():
         raise JobNotFound(job_id)
-    status = tags["job.status"]
-    if status not in FINAL:
-        reason = None
-        if time.time() > float(tags.get("job.deadline", "inf")):
-            reason = "The job passed its time limit and its process is gone."
-        elif tags.get("job.host") == socket.gethostname() and "job.pid" in tags and not _alive(int(tags["job.pid"])):
-            reason = "The job's process ended without reporting a result (killed or crashed)."
-        if reason:
-            fail_job(registry, job_id, reason)
-            return get_job(registry, job_id)
+    if run.info.lifecycle_stage == "deleted":
+        raise JobNotFound(job_id)
+    status = tags.get("job.status", "queued")
+    now = time.time()
+    times = {
+        key: float(tags[f"job.{key}"]) for key in ("created_at", "started_at", "finished_at") if f"job.{key}" in tags
+    }
     request = json.loads(tags.get("job.request", "{}"))
     job = {
         "job_id": job_id,
@@ -202,11 +263,26 @@ def get_job(registry: Registry, job_id: str) -> dict:
         "created_at": _iso(run.info.start_time),
         "location": f"/train/jobs/{job_id}",
     }
+    if status == "queued":
+        job["waited_seconds"] = _seconds(now, times.get("created_at"))
+        return job
+    job.update(attempt=int(tags.get("job.attempt", "1")), worker=tags.get("job.worker"),
+               waited_seconds=_seconds(times.get("started_at"), times.get("created_at")),
+               started_at=_iso(int(times["started_at"] * 1000)) if "started_at" in times else None)  # fmt: skip
+    if status == "running":
+        job["phase"] = tags.get("job.phase")
+        job["phase_elapsed_seconds"] = _seconds(now, float(tags.get("job.phase_started_at", now)))
+        job["elapsed_seconds"] = _seconds(now, times.get("started_at"))
+    else:
+        job["finished_at"] = _iso(int(times["finished_at"] * 1000)) if "finished_at" in times else None
+        job["elapsed_seconds"] = _seconds(times.get("finished_at"), times.get("started_at"))
+    if "job.lost" in tags:
+        job["lost_attempt"] = tags["job.lost"]
     if status == "succeeded":
         job["result"] = {
             "model": {"name": tags["model_name"], "version": tags["model_version"]},
             "run_id": job_id,
-            "metrics": {k: v for k, v in run.data.metrics.items()},
+            "metrics": dict(run.data.metrics),
             "activated": tags.get("job.activated") == "True",
         }
     if status == "failed":

@@ -1,13 +1,15 @@
-"""The body of POST /train, as JSON or as the fields of a multipart CSV upload."""
+"""The body of POST /train (JSON or a multipart CSV upload) and of `python -m training`: one parse for both."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from training.datasets import BUILTIN_DATASETS
-from training.estimators import ESTIMATORS
+from training.datasets import BUILTIN_DATASETS, Dataset, DatasetError, from_csv, from_records
+from training.estimators import ESTIMATORS, validate_params
+from training.job import TrainingSpec
 
 MODEL_NAME = validate.Regexp(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", error="Letters, digits, '-', '_' and '.', at most 100, starting alphanumeric."
@@ -66,11 +68,56 @@ class TrainRequest(Schema):
                 "`target` goes with `data` or a CSV `file`; a built-in dataset has its own.", "target"
             )
 
+    @post_load
+    def estimator_params(self, data, **kwargs):
+        """The hyperparameters, checked against the chosen estimator's own schema."""
+        data["params"] = validate_params(data["estimator"], data["params"])
+        return data
+
     context_sources: tuple = ()
 
 
-def load_train_request(body: dict, uploaded_file: bool = False) -> dict:
-    """Validate a /train body; `uploaded_file` says a multipart `file` came with the form."""
+class InvalidTrainingRequest(ValueError):
+    """The request breaks a rule; `errors` says which, per field (marshmallow's shape)."""
+
+    def __init__(self, errors: dict, message: str = "The training request is not valid; nothing was trained."):
+        super().__init__(message)
+        self.errors = errors
+        self.message = message
+
+
+@dataclass
+class TrainingRequest:
+    """A validated request: what to train, on which data (a built-in name or the client's checked rows)."""
+
+    spec: TrainingSpec
+    dataset: str | Dataset
+    wait: bool = False
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset if isinstance(self.dataset, str) else self.dataset.name
+
+
+def parse_train_request(body: dict, limits: dict, upload: tuple | None = None) -> TrainingRequest:
+    """Turn a /train body (or the CLI's arguments) into a training spec and its dataset.
+
+    `upload` is a CSV file (bytes or a binary stream) and its name. `limits` has `max_rows` and `max_columns`. Raises
+    InvalidTrainingRequest; every check of the request happens here, once.
+    """
     schema = TrainRequest()
-    schema.context_sources = ("file",) if uploaded_file else ()
-    return schema.load(body)
+    schema.context_sources = ("file",) if upload is not None else ()
+    try:
+        parsed = schema.load(body)
+        if "dataset" in parsed:
+            dataset = parsed["dataset"]  # travels by name; the job loads it
+        elif upload is not None:
+            dataset = from_csv(upload[0], parsed["target"], limits, upload[1] or "upload.csv")
+        else:
+            dataset = from_records(parsed["data"], parsed["target"], limits)
+    except ValidationError as exc:
+        raise InvalidTrainingRequest(exc.messages) from exc
+    except DatasetError as exc:
+        raise InvalidTrainingRequest(exc.errors, f"The data cannot be trained on: {exc}") from exc
+    spec = TrainingSpec(parsed["estimator"], parsed["params"], parsed.get("model_name"), parsed["activate"])
+    return TrainingRequest(spec, dataset, parsed["wait"])

@@ -1,0 +1,99 @@
+"""Training throughput on Celery workers: jobs per minute for a burst of small jobs, with 1 and with 2 workers.
+
+Run: .venv/bin/python scripts/measure_train_queue.py [--jobs 12] [--workers 1 2]
+For each worker count it starts, on loopback: a fresh PostgreSQL database and an `mlflow server` on it,
+its own `redis-server`, the API under gunicorn (2 workers, TRAIN_EXECUTOR=celery) and that many
+`make worker` processes (concurrency 1). It sends --jobs small jobs at once (LogisticRegression and
+DecisionTree on iris, not activated), waits for all, and prints jobs per minute (from the first job's
+creation to the last one's end), the longest time a job waited in the queue, and the mean run time.
+Needs PostgreSQL on 127.0.0.1:5432 and redis-server, as the tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.conftest import stop  # noqa: E402
+from tests.servers import Service, create_database, drop_database, start_mlflow_server  # noqa: E402
+from tests.test_celery import AUTH, RedisServer, Worker, celery_env  # noqa: E402
+
+
+def measure(jobs: int, workers: int, folder: Path) -> dict:
+    database = create_database()
+    redis = RedisServer(shutil.which("redis-server"), folder).start()
+    process, uri, log = start_mlflow_server(
+        f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}", (folder / "artifacts").as_uri(), folder
+    )
+    env = celery_env({"uri": uri}, redis.url)
+    api, started = None, []
+    try:
+        api = Service({**env, "STATE_DIR": str(folder / "api")}, folder, workers=2).start(timeout=300)
+        started = [Worker(f"w{i}", env, folder).start() for i in range(workers)]
+        bodies = [{"estimator": ["LogisticRegression", "DecisionTreeClassifier"][i % 2], "dataset": "iris",
+                   "model_name": f"queue-{i}", "activate": False} for i in range(jobs)]  # fmt: skip
+        ids = [None] * jobs
+
+        def send(index: int) -> None:
+            answer = requests.post(f"{api.url}/train", json=bodies[index], headers=AUTH, timeout=60)
+            assert answer.status_code == 202, answer.text
+            ids[index] = answer.json()["job_id"]
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results = []
+        for job_id in ids:
+            while (job := requests.get(f"{api.url}/train/jobs/{job_id}", headers=AUTH, timeout=30).json())[
+                "status"
+            ] not in ("succeeded", "failed"):
+                time.sleep(0.5)
+            assert job["status"] == "succeeded", job
+            results.append(job)
+        first = min(datetime.fromisoformat(job["created_at"]) for job in results)
+        last = max(datetime.fromisoformat(job["finished_at"]) for job in results)
+        wall = (last - first).total_seconds()
+        return {
+            "workers": workers,
+            "jobs": jobs,
+            "seconds": round(wall, 1),
+            "jobs_per_minute": round(jobs / wall * 60, 1),
+            "longest_wait_seconds": round(max(job["waited_seconds"] for job in results), 1),
+            "mean_run_seconds": round(statistics.mean(job["elapsed_seconds"] for job in results), 1),
+        }
+    finally:
+        for worker in started:
+            worker.stop()
+        if api is not None:
+            api.stop()
+        stop(process)
+        log.close()
+        redis.stop()
+        drop_database(database)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    for count in args.workers:
+        with tempfile.TemporaryDirectory(prefix="train-queue-") as folder:
+            print(measure(args.jobs, count, Path(folder)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

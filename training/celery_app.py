@@ -1,0 +1,113 @@
+"""Training on Celery workers (TRAIN_EXECUTOR=celery): the app, its one task, and how a job is sent.
+
+A worker (`make worker`, i.e. `python -m training.celery_worker`) takes one job per process at a
+time (prefetch 1), acknowledges it only once it has finished (acks late), and hands it back to
+the broker if its process dies (reject on worker lost); a worker machine that vanishes has its
+job redelivered after the broker's visibility timeout, which is longer than the hard time limit.
+The task is `training.jobs.execute_job`, the same function the local executor runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from celery import Celery, signals
+from celery.worker.request import Request
+from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlStore
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
+from mlflow.utils import request_utils
+
+from serving.registry import registry_from_config
+from training.jobs import ExecutorUnavailable, execute_job, fail_job, time_limit_error
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "training.run_job"
+
+
+def hard_time_limit(seconds: int) -> int:
+    """The limit at which the job's process is killed: the soft limit plus time to record the failure."""
+    return seconds + max(10, seconds // 10)
+
+
+def visibility_timeout(seconds: int) -> int:
+    """How long the broker waits for an unacknowledged job before giving it to another worker."""
+    return hard_time_limit(seconds) + 30
+
+
+class JobRequest(Request):
+    """A job's request in the worker's main process: records the job failed when its process is killed."""
+
+    def on_timeout(self, soft, timeout):
+        super().on_timeout(soft, timeout)
+        if not soft:  # the hard limit: the pool killed the process, which cannot record it itself
+            config = self.task.app.conf.training_config
+            fail_job(registry_from_config(config), self.id, time_limit_error(config["TRAIN_TIME_LIMIT_SECONDS"]))
+
+
+@signals.worker_process_init.connect(weak=False, dispatch_uid="training.fresh_connections")
+def _fresh_connections(**kwargs) -> None:
+    """A job process forked from the worker drops the MLflow connections the worker itself opened.
+
+    Quick, and no imports: the worker gives a new process a few seconds to report that it is up.
+    """
+    request_utils._cached_get_request_session.cache_clear()
+    for store_class in (TrackingSqlStore, RegistrySqlStore):
+        for engine in store_class._engine_map.values():
+            engine.dispose(close=False)
+
+
+def make_celery(config: dict) -> Celery:
+    """The Celery app for these settings; connects to the broker only when it sends or works."""
+    limit = config["TRAIN_TIME_LIMIT_SECONDS"]
+    options = {"visibility_timeout": visibility_timeout(limit), **json.loads(config["CELERY_BROKER_TRANSPORT_OPTIONS"])}
+    if config["CELERY_BROKER_URL"].startswith("redis"):
+        options.setdefault("socket_connect_timeout", 3)
+    app = Celery("training", broker=config["CELERY_BROKER_URL"], set_as_current=False)
+    app.conf.update(
+        training_config=config,
+        broker_transport_options=options,
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=config["TRAIN_QUEUE"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_soft_time_limit=limit,
+        task_time_limit=hard_time_limit(limit),
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        worker_prefetch_multiplier=1,
+        worker_concurrency=config["TRAIN_WORKER_CONCURRENCY"],
+        worker_max_tasks_per_child=1,  # a fresh process per job: nothing one job leaves behind reaches the next
+        worker_hijack_root_logger=False,
+        worker_proc_alive_timeout=60,  # a fresh job process on a busy machine may take a while to say it is up
+        task_serializer="json",
+        accept_content=["json"],
+    )
+
+    @app.task(name=TASK_NAME, bind=True, Request=JobRequest)
+    def run_job(task, job_id: str) -> str:
+        settings = task.app.conf.training_config
+        worker = f"{task.request.hostname}:{os.getpid()}"
+        registry = registry_from_config(settings)
+        limit = settings["TRAIN_TIME_LIMIT_SECONDS"]
+        return execute_job(registry, job_id, settings["TRAIN_MAX_ATTEMPTS"], worker, limit)
+
+    return app
+
+
+class CeleryExecutor:
+    """Sends jobs to the broker; the API machine never trains."""
+
+    def __init__(self, config: dict):
+        self.app = make_celery(config)
+
+    def send(self, job_id: str) -> None:
+        """Queue the job (its id is the task's id); ExecutorUnavailable if the broker cannot be reached."""
+        try:
+            self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, retry=True)
+        except Exception as exc:  # kombu's OperationalError, a socket error, botocore's errors for SQS
+            log.error("could not queue job %s: %s", job_id, exc)
+            raise ExecutorUnavailable(str(exc)) from exc

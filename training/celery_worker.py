@@ -1,0 +1,35 @@
+"""`make worker`: a Celery training worker on CELERY_BROKER_URL (`python -m training.celery_worker [celery args]`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from serving.config import load_config
+from serving.registry import registry_from_config
+from training.celery_app import make_celery
+
+
+def _preload() -> None:
+    """Import what every job uses once, here: each job's process is forked from this one and starts warm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow.sklearn  # noqa: F401
+    import skops.io  # noqa: F401
+
+
+def main(argv: list[str]) -> None:
+    """Start the worker: TRAIN_WORKER_CONCURRENCY processes, prefetch 1, acks late, the time limits."""
+    config = load_config({"TRAIN_EXECUTOR": "celery"})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    registry_from_config(config)  # MLflow's client bounds, in the environment the job processes inherit
+    _preload()
+    app = make_celery(config)
+    app.worker_main(["worker", "--loglevel=INFO", "--pool=prefork", "--queues", config["TRAIN_QUEUE"],
+                     "--without-gossip", "--without-mingle", *argv])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
