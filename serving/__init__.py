@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flask import Flask
+from flask import Flask, request
 
 from serving.config import load_config
 from serving.errors import register_error_handlers
@@ -27,6 +27,17 @@ def create_app(test_config: dict | None = None) -> Flask:
     registry = registry_from_config(config)
     app.extensions["registry"] = registry
     register_error_handlers(app)
+
+    @app.after_request
+    def read_unread_body(response):
+        """Read what the view left of the body (a 401, 405 or 415 answers before reading it).
+
+        gunicorn (gthread) would drain it after answering, and a keep-alive client's next request, sent
+        at once, can be swallowed by that drain: the client then waits 5 s (keepalive) for nothing.
+        """
+        if request.content_length and request.content_length <= app.config["MAX_CONTENT_LENGTH"]:
+            request.stream.exhaust()
+        return response
 
     from serving import docs, metrics
 

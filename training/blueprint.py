@@ -116,7 +116,11 @@ def _document(spec) -> None:
     from training.schemas import TrainRequest
 
     spec.components.schema("TrainRequest", schema=TrainRequest)
-    error = {"content": {"application/json": {"schema": "Error"}}}
+
+    def _content(schema: str) -> dict:  # Job and TrainResult are components of serving/docs.py
+        return {"content": {"application/json": {"schema": schema}}}
+
+    error = _content("Error")
     spec.path(
         "/train",
         operations={
@@ -147,12 +151,13 @@ def _document(spec) -> None:
                     },
                 },
                 "responses": {
-                    "201": {"description": "trained (with wait: true)"},
-                    "202": {"description": "job queued; poll its Location"},
+                    "201": {"description": "trained (with wait: true)", **_content("TrainResult")},
+                    "202": {"description": "job queued; poll its Location", **_content("Job")},
                     "400": {"description": "bad request; nothing trained", **error},
                     "401": {"description": "token missing or wrong", **error},
                     "422": {"description": "the job failed (with wait: true)", **error},
                     "429": {"description": "too many jobs running; see Retry-After", **error},
+                    "503": {"description": "MLflow unreachable or the job process did not start", **error},
                 },
             }
         },
@@ -163,7 +168,11 @@ def _document(spec) -> None:
             "get": {
                 "summary": "A training job's status and result",
                 "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "the job"}, "404": {"description": "no such job", **error}},
+                "responses": {
+                    "200": {"description": "the job", **_content("Job")},
+                    "404": {"description": "no such job", **error},
+                    "503": {"description": "MLflow unreachable", **error},
+                },
             }
         },
     )
