@@ -41,6 +41,14 @@ class StateNotWritable(Exception):
         super().__init__(f"{folder}: {self.reason}")
 
 
+def _check_writable(folder: Path) -> None:
+    """Raise the OSError of a folder that cannot take a write (read-only or full); nothing if it can."""
+    with tempfile.TemporaryFile(dir=folder) as probe:
+        probe.write(b"\0" * 65536)
+        probe.flush()
+        os.fsync(probe.fileno())
+
+
 class ModelStore:
     """Holds the active `LoadedModel`; swaps are whole-object assignments, so readers never see half."""
 
@@ -212,6 +220,9 @@ class ModelStore:
                 downloaded = self.registry.download_model_version(ref, staging)
             except ModelNotFound as exc:
                 raise ModelLoadError(f"{ref.name} version {ref.version} has no model files: {exc}") from exc
+            except RegistryUnavailable:
+                _check_writable(staging)  # MLflow reports a full disk as a failed download: say which it was
+                raise
             if path.exists() and not (path / "MLmodel").exists():
                 shutil.rmtree(path, ignore_errors=True)  # left over from an interrupted download
             try:
