@@ -19,7 +19,7 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test lint format mlflow-ui bench clean package upload-project lambda-deploy lambda-update
+.PHONY: help setup run serve test lint format mlflow-ui bench soak clean package upload-project lambda-deploy lambda-update
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ mlflow-ui: setup ## Open the MLflow UI on the embedded store (http://127.0.0.1:5
 
 bench: setup ## Time a 10,000-row /predict against scikit-learn's own predict_proba
 	$(BIN)/python scripts/bench_predict.py
+
+soak: setup ## Ten minutes (SOAK_MINUTES) of mixed load, swaps and training on gunicorn; prints failures, p50/p99, RSS
+	$(BIN)/python scripts/soak.py
 
 clean: ## Remove the embedded MLflow store (all models), caches and build output
 	rm -rf .mlflow .pytest_cache .ruff_cache dist build handler_venv
