@@ -81,6 +81,7 @@ class Soak:
         self.errors: list[str] = []
         self.expected: dict[tuple, dict] = {}
         self.stop = threading.Event()
+        self.metrics_size: list[int] = []
 
     # ---- the service ---------------------------------------------------------------------------
     def start_service(self) -> None:
@@ -155,6 +156,11 @@ class Soak:
             allowed |= {target for start, end, _, target in self.swaps if start <= ended and end >= started}
         return allowed
 
+    def metrics_series(self) -> int:
+        """How many series /metrics exposes: per-request growth there would show as a rising count."""
+        text = requests.get(f"{self.url}/metrics", timeout=30).text
+        return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
     # ---- the load -----------------------------------------------------------------------------
     def client(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -211,6 +217,7 @@ class Soak:
                     samples.append({pid: rss_mib(pid) for pid in worker_pids(self.process.pid)})
                     if warm is None and elapsed >= self.warmup:
                         warm = samples[-1]
+                        self.metrics_size = [self.metrics_series()]
                     next_sample += 10
                 if elapsed >= next_swap:
                     self.use_model(versions[swap_index % 2])
@@ -231,6 +238,7 @@ class Soak:
             for thread in threads:
                 thread.join(timeout=60)
         end = {pid: rss_mib(pid) for pid in worker_pids(self.process.pid)}
+        self.metrics_size.append(self.metrics_series())
         jobs = [requests.get(f"{self.url}/train/jobs/{job}", headers=self.auth, timeout=30).json() for job in self.jobs]
         self.stop_service()
         return self.report(workers, warm or samples[0], end, jobs)
@@ -249,6 +257,7 @@ class Soak:
         print(f"requests: {len(self.results)} ({kinds}); failed: {failed}; wrong-version: {wrong}; mixed: {mixed}")
         print(f"latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
         print(f"swaps: {len(self.swaps)}; training jobs: {[job.get('status') for job in jobs]}")
+        print(f"/metrics series: {self.metrics_size[0]} after warm-up, {self.metrics_size[-1]} at the end")
         worst = 0.0
         for pid in workers:
             if pid not in end:
