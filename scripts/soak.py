@@ -91,7 +91,9 @@ class Soak:
                "TRAIN_TIME_LIMIT_SECONDS": "120", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
         self.log = open(self.folder / "gunicorn.log", "w")  # noqa: SIM115 - closed in stop_service()
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"],
+            # No control socket: every gunicorn of this user would share $HOME/.gunicorn/gunicorn.ctl.
+            [str(Path(sys.executable).parent / "gunicorn"), "--config", "gunicorn.conf.py", "--no-control-socket",
+             "wsgi:app"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 300
@@ -213,6 +215,8 @@ class Soak:
         next_swap, next_train, next_sample, swap_index = SWAP_SECONDS, 0.0, 0.0, 1
         try:
             while (elapsed := time.monotonic() - started) < self.duration:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"gunicorn's master exited with {self.process.returncode} during the soak")
                 if elapsed >= next_sample:
                     samples.append({pid: rss_mib(pid) for pid in worker_pids(self.process.pid)})
                     if warm is None and elapsed >= self.warmup:
@@ -282,8 +286,13 @@ def main() -> int:
         soak = Soak(minutes, clients, Path(folder))
         try:
             return soak.run()
+        except Exception:
+            log = Path(folder) / "gunicorn.log"
+            if log.exists():
+                print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+            raise
         finally:
-            if soak.process.poll() is None:
+            if getattr(soak, "process", None) is not None and soak.process.poll() is None:
                 soak.stop_service()
 
 
