@@ -19,7 +19,7 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve token worker test lint format mlflow-ui bench clean package upload-project lambda-deploy lambda-update
+.PHONY: help setup run serve token worker test lint format mlflow-ui bench soak clean package upload-project lambda-deploy lambda-update
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ mlflow-ui: setup ## Open the MLflow UI on the embedded store (http://127.0.0.1:5
 
 bench: setup ## This service against `mlflow models serve` with wrk, in one run (BENCH_SECONDS=3 shortens it)
 	$(BIN)/python scripts/bench_serving.py
+
+soak: setup ## Ten minutes (SOAK_MINUTES) of mixed load, swaps and training on gunicorn; prints failures, p50/p99, RSS
+	$(BIN)/python scripts/soak.py
 
 clean: ## Remove the embedded MLflow store (all models), caches and build output
 	rm -rf .mlflow .pytest_cache .ruff_cache dist build handler_venv

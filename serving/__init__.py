@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flask import Flask
+from flask import Flask, request
 
 from serving import auth, requests
 from serving.config import load_settings
@@ -34,6 +34,17 @@ def create_app(test_config: dict | None = None) -> Flask:
     register_error_handlers(app)
     requests.init_app(app)
     auth.init_app(app, settings)
+
+    @app.after_request
+    def read_unread_body(response):
+        """Read what the view left of the body (a 401, 405 or 415 answers before reading it).
+
+        gunicorn (gthread) would drain it after answering, and a keep-alive client's next request, sent
+        at once, can be swallowed by that drain: the client then waits 5 s (keepalive) for nothing.
+        """
+        if request.content_length and request.content_length <= app.config["MAX_CONTENT_LENGTH"]:
+            request.stream.exhaust()
+        return response
 
     from serving import docs, metrics
 

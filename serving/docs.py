@@ -12,9 +12,77 @@ bp = Blueprint("docs", __name__)
 
 _JSON = "application/json"
 
+_MODEL_REF = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+    "required": ["name", "version"],
+}
+_METRICS = {"type": "object", "additionalProperties": {"type": "number"}}
+# Success bodies that are not marshmallow schemas: plain JSON Schema, registered as components.
+RESPONSE_SCHEMAS = {
+    "Health": {
+        "type": "object",
+        "properties": {"status": {"type": "string"}, "role": {"type": "string"}},
+        "required": ["status"],
+    },
+    "Ready": {
+        "type": "object",
+        "properties": {"status": {"type": "string"}, "model": _MODEL_REF},
+        "required": ["status", "model"],
+    },
+    "UseModelResponse": {
+        "type": "object",
+        "properties": {
+            "model": _MODEL_REF,
+            "features": {"type": "array", "items": {"type": "string"}},
+            "classes": {"type": "array"},
+        },
+        "required": ["model", "features", "classes"],
+    },
+    "TrainResult": {
+        "type": "object",
+        "properties": {
+            "model": _MODEL_REF,
+            "run_id": {"type": "string"},
+            "metrics": _METRICS,
+            "activated": {"type": "boolean"},
+        },
+        "required": ["model", "run_id", "metrics", "activated"],
+    },
+    "Job": {
+        "type": "object",
+        "properties": {
+            "job_id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed"]},
+            "estimator": {"type": "string", "nullable": True},
+            "params": {"type": "object", "nullable": True},
+            "dataset": {"type": "string", "nullable": True},
+            "created_at": {"type": "string", "nullable": True},
+            "location": {"type": "string"},
+            "result": {"$ref": "#/components/schemas/TrainResult"},
+            "error": {"type": "string", "description": "Why the job failed (status failed only)."},
+        },
+        "required": ["job_id", "status", "location"],
+    },
+}
+
+# Answers any operation can give, added to every operation that has what causes them.
+_COMMON = {"405": "this path does not accept that method"}
+_WITH_BODY = {
+    "400": "bad request: `errors` says what, `example` is a body that works",
+    "413": "body over the size limit (MAX_CONTENT_LENGTH), sent with Content-Length or chunked",
+    "415": "body not sent as JSON",
+}
+_WITH_TOKEN = {"401": "token missing or wrong"}
+_ERROR_CONTENT = {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}  # after to_dict(): no name lookup
+
 
 def _error(description: str) -> dict:
     return {"description": description, "content": {_JSON: {"schema": "Error"}}}
+
+
+def _ok(description: str, schema) -> dict:
+    return {"description": description, "content": {_JSON: {"schema": schema}}}
 
 
 def _body(schema, example=None) -> dict:
@@ -37,8 +105,22 @@ def _row_schema(model) -> dict:
     }
 
 
+def _complete(document: dict) -> dict:
+    """Declare the answers every operation shares: 405; 400/413/415 with a body; 401 behind the token."""
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            extra = dict(_COMMON)
+            if "requestBody" in operation:
+                extra.update(_WITH_BODY)
+            if operation.get("security"):
+                extra.update(_WITH_TOKEN)
+            for status, description in extra.items():
+                operation["responses"].setdefault(status, {"description": description, "content": _ERROR_CONTENT})
+    return document
+
+
 def build_spec(app, model=None) -> dict:
-    """The OpenAPI 3 document of this app's endpoints (those of its role only)."""
+    """The OpenAPI 3 document of this app's endpoints (those of its role only), every answer declared."""
     spec = APISpec(
         title="Model serving for scikit-learn classifiers",
         version="1.0.0",
@@ -49,17 +131,20 @@ def build_spec(app, model=None) -> dict:
     )
     for name in ("Error", "PredictResponse", "ModelList", "UseModelRequest"):
         spec.components.schema(name, schema=getattr(schemas, name))
-    spec.path("/health", operations={"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}})
+    for name, schema in RESPONSE_SCHEMAS.items():
+        spec.components.schema(name, schema)
+    spec.path("/health", operations={"get": {"summary": "Liveness", "responses": {"200": _ok("alive", "Health")}}})
     rules = {rule.rule for rule in app.url_map.iter_rules()}
     if "/predict" in rules:
         row = _row_schema(model) if model else {"type": "object", "additionalProperties": True}
         batch = {"type": "object", "properties": {"records": {"type": "array", "items": row}}, "required": ["records"]}
+        predict_security = [{"bearer": []}] if app.config.get("PREDICT_TOKEN") else []
         spec.path(
             "/ready",
             operations={
                 "get": {
                     "summary": "Readiness",
-                    "responses": {"200": {"description": "a model is loaded"}, "503": _error("no model loaded yet")},
+                    "responses": {"200": _ok("a model is loaded", "Ready"), "503": _error("no model loaded yet")},
                 }
             },
         )
@@ -70,6 +155,7 @@ def build_spec(app, model=None) -> dict:
                     "summary": "Predict class labels and probabilities",
                     "description": 'One row as an object, many as {"records": [...]}; MLflow\'s '
                     "dataframe_split, dataframe_records, instances and inputs bodies are accepted too.",
+                    **({"security": predict_security} if predict_security else {}),
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -77,10 +163,8 @@ def build_spec(app, model=None) -> dict:
                         },
                     },
                     "responses": {
-                        "200": {"description": "predictions", "content": {_JSON: {"schema": "PredictResponse"}}},
+                        "200": _ok("predictions", "PredictResponse"),
                         "400": _error("bad input: `errors` says what, `example` is a row that works"),
-                        "413": _error("body over the size limit"),
-                        "415": _error("body not sent as JSON"),
                         "503": _error("no model loaded yet"),
                     },
                 }
@@ -91,10 +175,7 @@ def build_spec(app, model=None) -> dict:
             operations={
                 "get": {
                     "summary": "Every registered version",
-                    "responses": {
-                        "200": {"description": "versions", "content": {_JSON: {"schema": "ModelList"}}},
-                        "503": _error("MLflow unreachable"),
-                    },
+                    "responses": {"200": _ok("versions", "ModelList"), "503": _error("MLflow unreachable")},
                 }
             },
         )
@@ -106,12 +187,10 @@ def build_spec(app, model=None) -> dict:
                     "security": [{"bearer": []}],
                     "requestBody": _body("UseModelRequest", {"name": "iris-RandomForestClassifier", "version": "1"}),
                     "responses": {
-                        "200": {"description": "now serving"},
-                        "400": _error("bad request"),
-                        "401": _error("token missing or wrong"),
+                        "200": _ok("now serving", "UseModelResponse"),
                         "404": _error("no such version"),
                         "422": _error("version cannot be loaded"),
-                        "503": _error("MLflow unreachable"),
+                        "503": _error("MLflow unreachable, or this machine's state folder cannot be written"),
                     },
                 }
             },
@@ -121,10 +200,24 @@ def build_spec(app, model=None) -> dict:
     spec.path(
         "/metrics",
         operations={
-            "get": {"summary": "Prometheus metrics (text format)", "responses": {"200": {"description": "metrics"}}}
+            "get": {
+                "summary": "Prometheus metrics (text format)",
+                "responses": {
+                    "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}
+                },
+            }
         },
     )
-    return spec.to_dict()
+    spec.path(
+        "/openapi.json",
+        operations={
+            "get": {
+                "summary": "This document",
+                "responses": {"200": _ok("the OpenAPI document", {"type": "object", "required": ["openapi", "paths"]})},
+            }
+        },
+    )
+    return _complete(spec.to_dict())
 
 
 @bp.get("/openapi.json")

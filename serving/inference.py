@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, current_app, jsonify
 
 from serving.auth import require_token
 from serving.errors import APIError, registry_unavailable
 from serving.loaded_model import LoadedModel, ModelLoadError
 from serving.metrics import count_predictions
-from serving.model_store import ModelStore
+from serving.model_store import ModelStore, StateNotWritable
 from serving.prediction import BadInput, predict
 from serving.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
 from serving.requests import json_body, load_body
 from serving.schemas import UseModelRequest
 
 bp = Blueprint("inference", __name__)
+log = logging.getLogger(__name__)
 
 
 def model_store() -> ModelStore:
@@ -92,4 +95,13 @@ def use_model():
         raise _unavailable(exc) from exc
     except ModelLoadError as exc:
         raise APIError(422, "model_not_loadable", f"{exc}. The previous model keeps serving.") from exc
+    except StateNotWritable as exc:
+        log.error("cannot write the state folder: %s", exc)
+        raise APIError(
+            503,
+            "state_not_writable",
+            f"This machine's state folder (STATE_DIR) cannot be written ({exc.reason}); nothing was changed and "
+            "the previous model keeps serving. Free space or make it writable, then retry.",
+            headers={"Retry-After": "30"},
+        ) from exc
     return {"model": loaded.describe(), "features": loaded.feature_names, "classes": list(loaded.classes)}

@@ -33,6 +33,22 @@ RETRY_FAILED_SECONDS = 60.0
 PRELOAD_SECONDS = 0.2
 
 
+class StateNotWritable(Exception):
+    """This machine's state folder (model cache, pointer, locks) cannot be written: read-only or full."""
+
+    def __init__(self, folder: Path, exc: OSError):
+        self.reason = exc.strerror or str(exc)  # "Read-only file system", "No space left on device"
+        super().__init__(f"{folder}: {self.reason}")
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise the OSError of a folder that cannot take a write (read-only or full); nothing if it can."""
+    with tempfile.TemporaryFile(dir=folder) as probe:
+        probe.write(b"\0" * 65536)
+        probe.flush()
+        os.fsync(probe.fileno())
+
+
 class ModelStore:
     """Holds the active `LoadedModel`; swaps are whole-object assignments, so readers never see half."""
 
@@ -88,13 +104,23 @@ class ModelStore:
     def activate(self, ref: ModelRef) -> LoadedModel:
         """Make `ref` active everywhere: load it fully, then the registry, this machine's pointer, us.
 
-        Raises ModelNotFound, RegistryUnavailable or ModelLoadError; on any of them nothing changed.
+        Raises ModelNotFound, RegistryUnavailable, ModelLoadError or StateNotWritable; on any of them
+        nothing changed.
         """
         ref = self.registry.get_model_version(ref.name, ref.version)
-        loaded = self._load(ref, download=True)
-        with file_lock(self.state_dir / "activate.lock"):
-            self.registry.set_active_model(ref)
-            self.write_pointer(ref)
+        try:
+            loaded = self._load(ref, download=True)
+            with file_lock(self.state_dir / "activate.lock"):
+                previous = self.registry.get_active_model()
+                self.registry.set_active_model(ref)
+                try:
+                    self.write_pointer(ref)
+                except OSError:
+                    if previous is not None:
+                        self.registry.set_active_model(previous)  # the registry must not name what we cannot serve
+                    raise
+        except OSError as exc:  # a read-only or full disk: the cache, the lock or the pointer
+            raise StateNotWritable(self.state_dir, exc) from exc
         with self._swap_lock:
             self._swap(loaded)
             self._pointer_stat = None  # re-read the pointer next time: another worker may have swapped since
@@ -196,6 +222,9 @@ class ModelStore:
                 downloaded = self.registry.download_model_version(ref, staging)
             except ModelNotFound as exc:
                 raise ModelLoadError(f"{ref.name} version {ref.version} has no model files: {exc}") from exc
+            except RegistryUnavailable:
+                _check_writable(staging)  # MLflow reports a full disk as a failed download: say which it was
+                raise
             if path.exists() and not (path / "MLmodel").exists():
                 shutil.rmtree(path, ignore_errors=True)  # left over from an interrupted download
             try:

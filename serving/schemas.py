@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 
 class VersionField(fields.Field):
@@ -35,6 +35,10 @@ class UseModelRequest(Schema):
 class ModelRefSchema(Schema):
     name = fields.String()
     version = fields.String()
+    runtime = fields.String(
+        validate=validate.OneOf(["onnx", "sklearn"]),
+        metadata={"description": "what answered: ONNX Runtime (the version's verified compiled form) or scikit-learn"},
+    )
 
 
 class PredictResponse(Schema):
@@ -53,6 +57,8 @@ class ModelEntry(Schema):
     estimator = fields.String(allow_none=True)
     dataset = fields.String(allow_none=True)
     metrics = fields.Dict(keys=fields.String(), values=fields.Float())
+    runtime = fields.String(validate=validate.OneOf(["onnx", "sklearn"]))
+    runtime_reason = fields.String(metadata={"description": "why this runtime serves the version"})
     run_id = fields.String(allow_none=True)
     aliases = fields.List(fields.String())
     active = fields.Boolean()

@@ -127,7 +127,11 @@ def _document(spec) -> None:
     from training.schemas import TrainRequest
 
     spec.components.schema("TrainRequest", schema=TrainRequest)
-    error = {"content": {"application/json": {"schema": "Error"}}}
+
+    def _content(schema: str) -> dict:  # Job and TrainResult are components of serving/docs.py
+        return {"content": {"application/json": {"schema": schema}}}
+
+    error = _content("Error")
     spec.path(
         "/train",
         operations={
@@ -158,13 +162,13 @@ def _document(spec) -> None:
                     },
                 },
                 "responses": {
-                    "201": {"description": "trained (with wait: true)"},
-                    "202": {"description": "job queued; poll its Location"},
+                    "201": {"description": "trained (with wait: true)", **_content("TrainResult")},
+                    "202": {"description": "job queued; poll its Location", **_content("Job")},
                     "400": {"description": "bad request; nothing trained", **error},
                     "401": {"description": "token missing or wrong", **error},
                     "422": {"description": "the job failed (with wait: true)", **error},
                     "429": {"description": "TRAIN_MAX_QUEUED jobs already wait; see Retry-After", **error},
-                    "503": {"description": "the training queue (broker) cannot be reached", **error},
+                    "503": {"description": "MLflow or the training queue (broker) cannot be reached", **error},
                 },
             }
         },
@@ -177,9 +181,10 @@ def _document(spec) -> None:
                 "security": [{"bearer": []}],
                 "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {
-                    "200": {"description": "the job"},
+                    "200": {"description": "the job", **_content("Job")},
                     "401": {"description": "token missing or wrong", **error},
                     "404": {"description": "no such job", **error},
+                    "503": {"description": "MLflow unreachable", **error},
                 },
             }
         },

@@ -1,0 +1,348 @@
+"""Fault drills against real processes: gunicorn with 2 workers, an `mlflow server`, training jobs.
+
+Each drill breaks one thing the service depends on, in the middle of work, and checks what a client
+sees: the tracking server killed while a job trains, a worker killed in the middle of a request, the
+state folder read-only or full during /use-model, and the service restarted with jobs in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import DEFAULT_NAME, IRIS_ROW, free_port, wait_for_http
+from tests.servers import Service
+
+TOKEN = "drill-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SLOW_JOB = {"estimator": "GradientBoostingClassifier", "dataset": "digits", "params": {"n_estimators": 100}}
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+class TrackingServer:
+    """An `mlflow server` in its own process group, so that killing it kills all of it; restartable."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> TrackingServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "mlflow.log", "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+                 "--artifacts-destination", (self.folder / "artifacts").as_uri(), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        wait_for_http(f"{self.uri}/health", timeout=90, process=self.process)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+def processes_with(text: str) -> list[int]:
+    """The processes whose command line contains `text` (a job's run id: its supervisor and trainer)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if text in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def worker_pids(master: int) -> set[int]:
+    """gunicorn's workers: the children of its master process."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                children.add(int(entry))
+    return children
+
+
+def connection_owner(server_port: int, client_port: int, candidates: set[int]) -> int:
+    """Which process holds the server side of one TCP connection (its socket inode in /proc)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+        if local == server_port and remote == client_port:
+            inode = fields[9]
+    assert inode, "the connection is not in /proc/net/tcp"
+    for pid in candidates:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                pass
+    raise AssertionError("no worker holds the connection")
+
+
+def predict(url: str) -> requests.Response:
+    # A new connection each time, so the kernel spreads the requests over the workers.
+    return requests.post(f"{url}/predict", json=IRIS_ROW, timeout=30, headers={"Connection": "close"})
+
+
+def wait_for_job(url: str, job_id: str, statuses: tuple, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = requests.get(f"{url}/train/jobs/{job_id}", headers=AUTH, timeout=30)
+        if answer.status_code == 200 and answer.json()["status"] in statuses:
+            return answer.json()
+        assert time.monotonic() < deadline, f"job {job_id} never reached {statuses}: {answer.text}"
+        time.sleep(0.3)
+
+
+def start_service(env: dict, folder: Path, **extra) -> Service:
+    settings = {"STATE_DIR": str(folder / "state"), "API_TOKEN": TOKEN, "ACTIVE_POLL_SECONDS": "1",
+                "GUNICORN_MAX_REQUESTS": "0", **env, **{k: str(v) for k, v in extra.items()}}  # fmt: skip
+    return Service(settings, folder, workers=2).start()
+
+
+@pytest.fixture(scope="module")
+def iris_nb(store):
+    """A second iris version (another estimator), registered and not active."""
+    from serving.registry import ModelRef
+    from training.datasets import load_builtin
+    from training.job import TrainingSpec, run_training
+
+    result = run_training(store["registry"], TrainingSpec("GaussianNB", activate=False), load_builtin("iris"))
+    return ModelRef(**result["model"])
+
+
+@pytest.fixture
+def default_active(store):
+    """The shared store serves its default model before and after the drill."""
+    store["registry"].set_active_model(store["default"])
+    yield store["default"]
+    store["registry"].set_active_model(store["default"])
+
+
+# ---- the drills ---------------------------------------------------------------------------------
+def test_tracking_server_killed_while_a_job_trains(tmp_path):
+    tracking = TrackingServer(tmp_path / "tracking").start()
+    service = None
+    try:
+        service = start_service({"MLFLOW_TRACKING_URI": tracking.uri}, tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES=0,
+                                MLFLOW_HTTP_REQUEST_TIMEOUT=3, TRAIN_TIME_LIMIT_SECONDS=300)  # fmt: skip
+        default = {"name": DEFAULT_NAME, "version": "1"}
+        submitted = requests.post(f"{service.url}/train", json=SLOW_JOB, headers=AUTH, timeout=30)
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["job_id"]
+        wait_for_job(service.url, job_id, ("running",), timeout=60)
+        time.sleep(1)  # inside the fit
+
+        tracking.kill()
+        served, deadline = 0, time.monotonic() + 120
+        while processes_with(job_id):  # the job cannot record anything now; it must end on its own
+            assert time.monotonic() < deadline, "the job's processes outlived the tracking server by 2 minutes"
+            answer = predict(service.url)
+            assert answer.status_code == 200 and answer.json()["model"] == default
+            served += 1
+            time.sleep(0.2)
+        outage = requests.get(f"{service.url}/train/jobs/{job_id}", headers=AUTH, timeout=30)
+        assert outage.status_code == 503 and outage.json()["error"] == "registry_unavailable"
+        assert predict(service.url).json()["model"] == default
+
+        tracking.start()
+        job = wait_for_job(service.url, job_id, ("failed", "succeeded"), timeout=30)
+        assert job["status"] == "failed", job
+        assert job["error"]
+        models = requests.get(f"{service.url}/models", timeout=30).json()["models"]
+        assert [(m["name"], m["version"], m["active"]) for m in models] == [(DEFAULT_NAME, "1", True)]
+        assert predict(service.url).json()["model"] == default
+        print(f"\ntracking server killed mid-job: {served} predictions served during the outage; job: {job['error']}")
+    finally:
+        if service is not None:
+            service.stop()
+        tracking.kill()
+
+
+def test_worker_killed_mid_request_fails_only_that_request(store, iris_nb, default_active, tmp_path):
+    service = start_service({"MLFLOW_TRACKING_URI": store["uri"]}, tmp_path)
+    try:
+        # The master preloaded the default model; the active version is now another one, so a new
+        # worker forked from the master must catch up before its first answer.
+        active = iris_nb.as_dict()
+        assert requests.post(f"{service.url}/use-model", json=active, headers=AUTH, timeout=60).status_code == 200
+        workers = worker_pids(service.process.pid)
+        assert len(workers) == 2
+
+        # A big batch, half sent: a worker thread is inside /predict, reading the body.
+        body = json.dumps({"records": [IRIS_ROW] * 5000}).encode()
+        victim_connection = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+        victim_connection.sendall(
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        time.sleep(0.5)
+        victim = connection_owner(service.port, victim_connection.getsockname()[1], workers)
+        os.kill(victim, signal.SIGKILL)
+
+        with pytest.raises(OSError):  # that request fails: the connection is reset or closed unanswered
+            victim_connection.sendall(body[len(body) // 2 :])
+            if not victim_connection.recv(65536):
+                raise ConnectionResetError("closed without an answer")
+        victim_connection.close()
+
+        answered, replacement = [], None
+        deadline = time.monotonic() + 60
+        while replacement is None or len(answered) < 40:
+            assert time.monotonic() < deadline, "no replacement worker answered within 60 s"
+            answer = predict(service.url)  # every other request succeeds, during and after the respawn
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == active, f"worker {answer.headers['X-Worker-Pid']} served the old model"
+            pid = int(answer.headers["X-Worker-Pid"])
+            answered.append(pid)
+            if pid not in workers:
+                replacement = pid
+        assert victim not in answered
+        assert worker_pids(service.process.pid) == (workers - {victim}) | {replacement}
+        print(f"\nworker {victim} killed mid-request; replacement {replacement} served {active}; {len(answered)} ok")
+    finally:
+        service.stop()
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"this drill mounts a small tmpfs as the state folder, which needs root: {mounted.stderr!r}")
+
+
+def _fill(path: Path) -> None:
+    with open(path / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * (1 << 20))
+                filler.flush()
+        except OSError:
+            pass
+
+
+def _serves_everywhere(url: str, expected: dict) -> None:
+    pids = set()
+    for _ in range(30):
+        answer = predict(url)
+        assert answer.status_code == 200 and answer.json()["model"] == expected
+        pids.add(answer.headers["X-Worker-Pid"])
+    assert len(pids) == 2
+
+
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_state_folder_read_only_or_full_during_use_model(store, iris_nb, wine_tree, default_active, tmp_path, fault):
+    state = tmp_path / "state"
+    _mount_tmpfs(state, "64m")
+    service = None
+    try:
+        service = start_service({"MLFLOW_TRACKING_URI": store["uri"]}, tmp_path)
+        default, nb = default_active.as_dict(), iris_nb.as_dict()
+        # The other iris version goes through this machine's cache once, so the swap below needs no
+        # download: it is the pointer (and for read-only, the lock) that cannot be written.
+        for version in (nb, default):
+            assert requests.post(f"{service.url}/use-model", json=version, headers=AUTH, timeout=60).status_code == 200
+
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+            reason = "Read-only file system"
+        else:
+            _fill(state)
+            reason = "No space left on device"
+        for target in (nb, wine_tree.as_dict()):  # cached, and never downloaded here
+            answer = requests.post(f"{service.url}/use-model", json=target, headers=AUTH, timeout=60)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"] == "state_not_writable"
+            assert reason in answer.json()["message"]
+            assert answer.headers["Retry-After"]
+            assert store["registry"].get_active_model() == default_active  # not left naming the new version
+            _serves_everywhere(service.url, default)  # the old model, on this worker and the other
+
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
+        else:
+            (state / "filler").unlink()
+        assert requests.post(f"{service.url}/use-model", json=nb, headers=AUTH, timeout=60).status_code == 200
+        _serves_everywhere(service.url, nb)
+        assert "Traceback" not in service.log_text()
+    finally:
+        if service is not None:
+            service.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_restart_with_a_job_running_and_one_queued_loses_neither(store, default_active, tmp_path):
+    service = start_service({"MLFLOW_TRACKING_URI": store["uri"]}, tmp_path, TRAIN_MAX_CONCURRENT_JOBS=2)
+    try:
+        running = requests.post(f"{service.url}/train", json={**SLOW_JOB, "activate": False}, headers=AUTH, timeout=30)
+        assert running.status_code == 202, running.text
+        wait_for_job(service.url, running.json()["job_id"], ("running",), timeout=60)
+        queued = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "wine",
+                                                             "activate": False}, headers=AUTH, timeout=30)  # fmt: skip
+        assert queued.status_code == 202 and queued.json()["status"] == "queued", queued.text
+
+        service.stop()  # gunicorn's graceful stop, then a new start on the same port and state
+        service.start()
+
+        registered = {
+            (m["name"], m["version"]) for m in requests.get(f"{service.url}/models", timeout=30).json()["models"]
+        }
+        for submitted in (running, queued):
+            job = wait_for_job(service.url, submitted.json()["job_id"], ("succeeded", "failed"), timeout=240)
+            assert job["status"] == "succeeded", job
+            model = job["result"]["model"]
+            registered = {
+                (m["name"], m["version"]) for m in requests.get(f"{service.url}/models", timeout=30).json()["models"]
+            }
+            assert (model["name"], model["version"]) in registered
+        assert predict(service.url).json()["model"] == default_active.as_dict()  # activate: false held
+    finally:
+        service.stop()
+
+
+def test_restart_that_kills_a_running_job_reports_it_failed(store, default_active, tmp_path):
+    """A machine restart takes the job's processes too: the job must read failed, not running forever."""
+    service = start_service({"MLFLOW_TRACKING_URI": store["uri"]}, tmp_path)
+    try:
+        submitted = requests.post(
+            f"{service.url}/train", json={**SLOW_JOB, "activate": False}, headers=AUTH, timeout=30
+        )
+        job_id = submitted.json()["job_id"]
+        wait_for_job(service.url, job_id, ("running",), timeout=60)
+        everything = {service.process.pid} | worker_pids(service.process.pid) | set(processes_with(job_id))
+        for pid in everything:  # as a power cut or a container stop would: no process gets to clean up
+            os.kill(pid, signal.SIGKILL)
+        service.process.wait()
+        service.process = None
+        service.stop()
+        service.start()
+        job = wait_for_job(service.url, job_id, ("succeeded", "failed"), timeout=30)
+        assert job["status"] == "failed" and "process" in job["error"], job
+        versions = store["registry"].client.search_model_versions(f"run_id = '{job_id}'")
+        assert list(versions) == []
+    finally:
+        service.stop()
