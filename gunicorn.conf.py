@@ -25,7 +25,7 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "5000"))
 max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "500"))
-accesslog = "-"
+accesslog = None  # the app logs one line per request itself, with model version and request id (serving/logs.py)
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
@@ -36,6 +36,12 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 # Prometheus counts from every worker add up in one folder (prometheus_client's multiprocess mode).
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
+
+# gunicorn's own lines in the app's format: JSON, or text with LOG_FORMAT=text. Imported after the
+# variables above are set: importing the package loads numpy.
+from serving.logs import gunicorn_logconfig  # noqa: E402
+
+logconfig_dict = gunicorn_logconfig(os.environ.get("LOG_FORMAT", "json"), loglevel, (os.environ.get("API_TOKEN", ""),))
 
 
 def on_starting(server):

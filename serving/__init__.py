@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from flask import Flask
 
 from serving.config import load_config
 from serving.errors import register_error_handlers
+from serving.logs import configure_logging
 from serving.model_store import ModelStore
 from serving.registry import registry_from_config
 
@@ -20,7 +20,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     `WATCH_REGISTRY=False` skips the background watcher (tests drive it by hand).
     """
     config = load_config(test_config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    configure_logging(config["LOG_FORMAT"], config["LOG_LEVEL"], secrets=(config["API_TOKEN"],))
     app = Flask(__name__)
     app.config.update(config)
     app.json.sort_keys = False
@@ -28,8 +28,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["registry"] = registry
     register_error_handlers(app)
 
-    from serving import docs, metrics
+    from serving import docs, logs, metrics
 
+    logs.instrument(app)
     metrics.instrument(app)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(docs.bp)

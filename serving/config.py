@@ -35,6 +35,8 @@ _SETTINGS: dict[str, tuple[object, type]] = {
     "TRAIN_TIME_LIMIT_SECONDS": (600, int),
     "TRAIN_MAX_ROWS": (50_000, int),
     "TRAIN_MAX_COLUMNS": (200, int),
+    "LOG_FORMAT": ("json", str),  # json (one object a line) or text (for a terminal)
+    "LOG_LEVEL": ("info", str),
 }
 
 

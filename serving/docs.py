@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Response, current_app, send_from_directory
+from flask import Blueprint, Response, current_app, request, send_from_directory
 
 from serving import schemas
 
@@ -130,7 +130,9 @@ def build_spec(app, model=None) -> dict:
 @bp.get("/openapi.json")
 def openapi():
     store = current_app.extensions.get("model_store")
-    return build_spec(current_app, store.get() if store else None)
+    spec = build_spec(current_app, store.get() if store else None)
+    spec["servers"] = [{"url": request.url_root.rstrip("/")}]  # so Postman's Import -> Link knows where to send
+    return spec
 
 
 _DOCS_PAGE = """<!DOCTYPE html>
