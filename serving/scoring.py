@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 
 import pandas as pd
 from flask import current_app, request
@@ -16,12 +17,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from serving.errors import APIError
 from serving.loaded_model import LoadedModel
-from serving.prediction import BATCH_KEYS
+from serving.prediction import BATCH_KEYS, BadInput, parse_rows
 from serving.requests import json_body
 
 CSV_TYPE = "text/csv"
 PARAMS_KEY = "params"
-# MLflow's error codes (mlflow.protos.databricks_pb2) for the statuses /invocations answers with.
+# MLflow's error codes (mlflow.protos.databricks_pb2): rows that do not fit the model's schema are
+# INVALID_PARAMETER_VALUE there (schema enforcement); other errors by their status.
+INPUT_ERROR_CODE = "INVALID_PARAMETER_VALUE"
 ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST", 415: "BAD_REQUEST",
                503: "TEMPORARILY_UNAVAILABLE"}  # fmt: skip
 
@@ -58,15 +61,39 @@ def without_params(body):
     return body
 
 
+def missing_as_null(body, model: LoadedModel):
+    """In a batch, NaN in a feature that may be missing is a missing value, as pandas and MLflow read it.
+
+    MLflow's clients send a DataFrame's missing values as NaN. NaN stays an error in the one-row form,
+    in a feature that must be present, and anywhere Infinity is sent.
+    """
+    if not isinstance(body, dict) or not any(key in body for key in BATCH_KEYS):
+        return body
+    optional = [feature.name for feature in model.features if not feature.required and feature.kind == "number"]
+    if not optional:
+        return body
+    try:
+        rows, _ = parse_rows(body, model.feature_names)
+    except BadInput:
+        return body  # `predict` says what is wrong
+    changed = False
+    for row in rows:
+        for name in optional:
+            value = row.get(name) if isinstance(row, dict) else None
+            if isinstance(value, float) and math.isnan(value):
+                row[name], changed = None, True
+    return {"dataframe_records": rows} if changed else body
+
+
 def scoring_body(model: LoadedModel):
     """The request body as `predict` takes it: JSON (with `params` set aside) or CSV with a header row."""
     if request.mimetype == CSV_TYPE:
         return {"dataframe_records": csv_rows(request.get_data(), model)}
-    return without_params(json_body(example=model.example))
+    return missing_as_null(without_params(json_body(example=model.example)), model)
 
 
 def with_error_codes(view):
-    """On /invocations, errors carry MLflow's `error_code` ("BAD_REQUEST", ...) besides ours."""
+    """On /invocations, errors carry MLflow's `error_code` ("BAD_REQUEST", ...) besides our `error`."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
@@ -75,7 +102,8 @@ def with_error_codes(view):
         try:
             return view(*args, **kwargs)
         except APIError as exc:
-            exc.details.setdefault("error_code", ERROR_CODES.get(exc.status, "INTERNAL_ERROR"))
+            code = INPUT_ERROR_CODE if exc.error == "invalid_input" else ERROR_CODES.get(exc.status, "INTERNAL_ERROR")
+            exc.details.setdefault("error_code", code)
             raise
         except RequestEntityTooLarge as exc:
             limit = current_app.config["MAX_CONTENT_LENGTH"]
