@@ -149,7 +149,7 @@ def document(spec) -> None:
             "inputs": {},
             "params": {"type": "object"},
         },
-        **({"example": json_example} if json_example else {}),
+        **({"example": json_example, "default": json_example} if json_example else {}),
     }  # fmt: skip
     content = {"application/json": {"schema": batch, **({"example": json_example} if json_example else {})},
                CSV_TYPE: {"schema": {"type": "string"}, **({"example": csv_example(example)} if example else {})}}  # fmt: skip
