@@ -153,9 +153,15 @@ def bind_job(job_id: str):
         _job_id.reset(token)
 
 
-def set_job_id(job_id: str) -> None:
+def set_job_id(job_id: str | None) -> None:
     """Every later log record of this process (or thread's context) carries `job_id`: for a job's own process."""
     _job_id.set(job_id)
+
+
+def setup_job_logging(job_id: str, config: dict) -> None:
+    """For a training job's own process: the service's log format, and `job_id` on every line it writes."""
+    configure_logging(config.get("LOG_FORMAT", "json"), config.get("LOG_LEVEL", "info"), (config.get("API_TOKEN", ""),))
+    set_job_id(job_id)
 
 
 def note_model(ref) -> None:

@@ -156,3 +156,23 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
         re.search(rf'http_request_duration_seconds_bucket\{{endpoint="/predict",model="{DEFAULT_NAME}",version="1",le="[^"]+"\}}', text)  # fmt: skip
     assert f'active_model_info{{model="{DEFAULT_NAME}",version="1"}} 1.0' in text
     assert 'training_jobs_total{outcome="failed"}' in text
+
+
+def test_job_lines_carry_the_job_id():
+    from serving.logs import bind_job, setup_job_logging
+
+    record = logging.LogRecord("training", logging.INFO, __file__, 1, "fitting", (), None)
+    root = logging.getLogger()
+    setup_job_logging("job-42", {"LOG_FORMAT": "json"})
+    handler = next(h for h in root.handlers if getattr(h, "_serving_handler", False))
+    try:
+        handler.filter(record)
+        assert json.loads(handler.format(record))["job_id"] == "job-42"
+        with bind_job("job-43"):
+            inner = logging.LogRecord("training", logging.INFO, __file__, 1, "evaluating", (), None)
+            handler.filter(inner)
+        assert inner.job_id == "job-43"
+    finally:
+        from serving.logs import set_job_id
+
+        set_job_id(None)
