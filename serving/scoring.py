@@ -89,6 +89,9 @@ def scoring_body(model: LoadedModel):
     """The request body as `predict` takes it: JSON (with `params` set aside) or CSV with a header row."""
     if request.mimetype == CSV_TYPE:
         return {"dataframe_records": csv_rows(request.get_data(), model)}
+    if not request.is_json:
+        message = "Send the body as JSON (Content-Type: application/json) or as CSV with a header row (text/csv)."
+        raise APIError(415, "unsupported_media_type", message, example=model.example)
     return missing_as_null(without_params(json_body(example=model.example)), model)
 
 
