@@ -28,7 +28,7 @@ help: ## List the commands
 # the tests, lint and packaging tools on top (requirements-dev.txt: make setup, test, lint, package).
 $(BIN)/.installed-runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt
 	touch $@
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt

@@ -13,11 +13,15 @@ cd "$folder/clone"
 setsid make run PORT="$port" >"$folder/run.log" 2>&1 &
 run_pid=$!
 trap 'kill -- -$run_pid 2>/dev/null || true; wait $run_pid 2>/dev/null || true' EXIT
+installed=""
 until curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/predict" -H 'Content-Type: application/json' -d "$body"; do
   kill -0 "$run_pid" 2>/dev/null || { echo "make run exited; see $folder/run.log"; exit 1; }
+  if [ -z "$installed" ] && grep -q "Starting gunicorn" "$folder/run.log"; then installed=$(date +%s.%N); fi
   sleep 0.5
 done
 end=$(date +%s.%N)
-echo "first prediction after $(python3 -c "print(round($end - $start, 1))") s"
+echo "first prediction after $(python3 -c "print(round($end - $start, 1))") s" \
+  "(install $(python3 -c "print(round(${installed:-$end} - $start, 1))") s, then start-up to the first answer" \
+  "$(python3 -c "print(round($end - ${installed:-$end}, 1))") s); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo ".venv: $(du -sh .venv | cut -f1), $(.venv/bin/python -m pip list --format=freeze 2>/dev/null | wc -l) packages"
 echo "(folder $folder)"

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from tests.conftest import ROOT
 
 EXAMPLES = ROOT / "examples"
+TOKEN = "examples-test-token"
+
+
+@pytest.fixture
+def app_config(app_config):
+    return {**app_config, "API_TOKEN": TOKEN}
 
 
 def test_customers_csv_has_the_described_columns():
@@ -35,7 +42,7 @@ def test_readme_sequence_trains_on_the_csv_and_predicts_the_json(client):
     with open(EXAMPLES / "customers.csv", "rb") as csv:
         trained = client.post("/train", data={"file": (csv, "customers.csv"), "target": "churned",
                                              "estimator": "RandomForestClassifier", "params": '{"n_estimators": 50}',
-                                             "wait": "true"})  # fmt: skip
+                                             "wait": "true"}, headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
     assert trained.status_code == 201, trained.json
     assert trained.json["model"]["name"] == "customers-RandomForestClassifier"
     body = json.loads((EXAMPLES / "predict.json").read_text())
