@@ -29,6 +29,7 @@ _JSON_FIELDS = "%(levelname)s %(name)s %(process)d %(message)s"
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+_process_job_id: str | None = None  # a job's own process: every thread's lines carry it
 access_log = logging.getLogger("serving.access")
 
 
@@ -49,7 +50,7 @@ class ContextFilter(logging.Filter):
         self.secrets = tuple(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        request_id, job_id = _request_id.get(), _job_id.get()
+        request_id, job_id = _request_id.get(), _job_id.get() or _process_job_id
         if request_id and not hasattr(record, "request_id"):
             record.request_id = request_id
         if job_id and not hasattr(record, "job_id"):
@@ -154,8 +155,9 @@ def bind_job(job_id: str):
 
 
 def set_job_id(job_id: str | None) -> None:
-    """Every later log record of this process (or thread's context) carries `job_id`: for a job's own process."""
-    _job_id.set(job_id)
+    """Every later log record of this process, from any thread, carries `job_id`: for a job's own process."""
+    global _process_job_id
+    _process_job_id = job_id
 
 
 def setup_job_logging(job_id: str, config: dict) -> None:

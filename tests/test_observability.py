@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import uuid
 
 import pytest
@@ -172,6 +173,11 @@ def test_job_lines_carry_the_job_id():
             inner = logging.LogRecord("training", logging.INFO, __file__, 1, "evaluating", (), None)
             handler.filter(inner)
         assert inner.job_id == "job-43"
+        from_thread = logging.LogRecord("training", logging.INFO, __file__, 1, "from a thread", (), None)
+        thread = threading.Thread(target=handler.filter, args=(from_thread,))
+        thread.start()
+        thread.join()
+        assert from_thread.job_id == "job-42"
     finally:
         from serving.logs import set_job_id
 
