@@ -16,7 +16,7 @@ trap 'kill -- -$run_pid 2>/dev/null || true; wait $run_pid 2>/dev/null || true' 
 installed=""
 until curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/predict" -H 'Content-Type: application/json' -d "$body"; do
   kill -0 "$run_pid" 2>/dev/null || { echo "make run exited; see $folder/run.log"; exit 1; }
-  if [ -z "$installed" ] && grep -q "Starting gunicorn" "$folder/run.log"; then installed=$(date +%s.%N); fi
+  if [ -z "$installed" ] && grep -q "gunicorn --config" "$folder/run.log"; then installed=$(date +%s.%N); fi
   sleep 0.5
 done
 end=$(date +%s.%N)
