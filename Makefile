@@ -19,32 +19,57 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve token worker test lint format mlflow-ui bench soak clean package upload-project lambda-deploy lambda-update
+.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench soak clean package upload-project lambda-deploy lambda-update
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+# Two installs: what the service needs (requirements.txt: make install, run, serve) and, for developers,
+# the tests, lint and packaging tools on top (requirements-dev.txt: make setup, test, lint, package).
+$(BIN)/.installed-runtime: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt
+	touch $@
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@ $(BIN)/.installed-runtime
+
+install: $(BIN)/.installed-runtime ## Create .venv with only what the service needs (requirements.txt)
+
+setup: $(BIN)/.installed ## Create .venv with the service and the test, lint and packaging tools
+
+# newman (runs the Postman collection) and openapi-to-postmanv2 (Postman's importer), pinned, in build/node.
+NODE_TOOLS := build/node
+NEWMAN_VERSION := 6.2.2
+OPENAPI_TO_POSTMAN_VERSION := 6.3.3
+NODE_STAMP := $(NODE_TOOLS)/.installed-$(NEWMAN_VERSION)-$(OPENAPI_TO_POSTMAN_VERSION)
+$(NODE_STAMP):
+	npm install --prefix $(NODE_TOOLS) --no-audit --no-fund --loglevel=error \
+		newman@$(NEWMAN_VERSION) openapi-to-postmanv2@$(OPENAPI_TO_POSTMAN_VERSION)
 	touch $@
 
-setup: $(BIN)/.installed ## Create .venv and install the pinned requirements
+node-tools: $(NODE_STAMP) ## Install newman and openapi-to-postmanv2 (npm) into build/node
 
-run: setup ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the embedded MLflow
+postman: node-tools ## Run the Postman collection against the service on HOST:PORT (token from API_TOKEN)
+	$(NODE_TOOLS)/node_modules/.bin/newman run postman/model-serving.postman_collection.json \
+		--env-var baseUrl=http://$(HOST):$(PORT) --env-var token=$${API_TOKEN:-}
+
+run: install ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the embedded MLflow
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
-token: setup ## Print the API token /train and /use-model need (made in STATE_DIR if API_TOKEN is unset)
+token: install ## Print the API token /train and /use-model need (made in STATE_DIR if API_TOKEN is unset)
 	@$(BIN)/python -c 'import sys; from serving.auth import main; sys.exit(main())'
 
-serve: setup ## Production: gunicorn.conf.py on 0.0.0.0:PORT, WEB_CONCURRENCY workers (default 4)
+serve: install ## Production: gunicorn.conf.py on 0.0.0.0:PORT, WEB_CONCURRENCY workers (default 4)
 	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
-worker: setup ## Start a training worker for TRAIN_EXECUTOR=celery (CELERY_BROKER_URL; WORKER_ARGS for celery's options)
+worker: install ## Start a training worker for TRAIN_EXECUTOR=celery (CELERY_BROKER_URL; WORKER_ARGS for celery's options)
 	$(BIN)/python -m training.celery_worker $(WORKER_ARGS)
 
-test: setup $(LAMBDA_RUNTIME)/.installed ## Run the test suite (builds the Lambda package first where Python 3.12 exists)
+test: setup node-tools $(LAMBDA_RUNTIME)/.installed ## Run the test suite (builds the Lambda package first where Python 3.12 exists)
 	@if [ -n "$(LAMBDA_PYTHON)" ]; then $(MAKE) --no-print-directory package; \
 	else echo "No Python 3.12 here: the Lambda handler tests will skip (CI sets REQUIRE_LAMBDA=1)"; fi
 	$(BIN)/python -m pytest
@@ -57,7 +82,7 @@ format: setup ## Format the code with ruff
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-mlflow-ui: setup ## Open the MLflow UI on the embedded store (http://127.0.0.1:5000)
+mlflow-ui: install ## Open the MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 bench: setup ## This service against `mlflow models serve` with wrk, in one run (BENCH_SECONDS=3 shortens it)

@@ -31,7 +31,7 @@ keepalive = 5
 # 5000 meant a new worker every few seconds. `make soak` shows a worker's memory flat without it.
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "200000"))
 max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "20000"))
-accesslog = "-"
+accesslog = None  # the app logs one line per request itself, with model version and request id (serving/logs.py)
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
@@ -42,6 +42,12 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 # Prometheus counts from every worker add up in one folder (prometheus_client's multiprocess mode).
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
+
+# gunicorn's own lines in the app's format: JSON, or text with LOG_FORMAT=text. Imported after the
+# variables above are set: importing the package loads numpy.
+from serving.logs import gunicorn_logconfig  # noqa: E402
+
+logconfig_dict = gunicorn_logconfig(os.environ.get("LOG_FORMAT", "json"), loglevel, (os.environ.get("API_TOKEN", ""),))
 
 
 def on_starting(server):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from flask import Flask, request
@@ -11,6 +10,7 @@ from serving import auth, requests
 from serving.config import load_settings
 from serving.errors import register_error_handlers
 from serving.json_provider import OrjsonProvider
+from serving.logs import configure_logging
 from serving.model_store import ModelStore
 from serving.registry import registry_from_config
 
@@ -24,7 +24,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     """
     settings = load_settings(test_config)
     config = settings.model_dump()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    secrets = tuple(t.get_secret_value() for t in (settings.API_TOKEN, settings.PREDICT_TOKEN) if t is not None)
+    configure_logging(config["LOG_FORMAT"], config["LOG_LEVEL"], secrets=secrets)
     app = Flask(__name__)
     app.config.update(config)
     app.extensions["settings"] = settings
@@ -46,8 +47,9 @@ def create_app(test_config: dict | None = None) -> Flask:
             request.stream.exhaust()
         return response
 
-    from serving import docs, metrics
+    from serving import docs, logs, metrics
 
+    logs.instrument(app)
     metrics.instrument(app)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(docs.bp)

@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     GUNICORN_MAX_REQUESTS: Count = Field(200_000, description="requests before a worker is recycled (0: never); a safety valve against slow leaks, not a routine")
     GUNICORN_MAX_REQUESTS_JITTER: Count = Field(20_000, description="random spread of `GUNICORN_MAX_REQUESTS`")
     GUNICORN_PRELOAD: Flag = Field(True, description="load the app and model once in the master, shared by the workers")
-    LOG_LEVEL: LogLevel = Field("info", description="gunicorn's log level")
+    LOG_LEVEL: LogLevel = Field("info", description="the log level of the service and of gunicorn")
+    LOG_FORMAT: Literal["json", "text"] = Field("json", description="`json`: one JSON object a line, with the request id (for a log stack); `text`: plain lines for a terminal")
     # fmt: on
 
     @field_validator("MLFLOW_TRACKING_URI")

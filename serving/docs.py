@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Response, current_app, send_from_directory
+from flask import Blueprint, Response, current_app, request, send_from_directory
 
 from serving import schemas
 
@@ -102,6 +102,7 @@ def _row_schema(model) -> dict:
         "required": [f.name for f in model.features],
         "additionalProperties": False,
         "example": model.example,
+        "default": model.example,  # what schema-driven importers (Postman) put in the body
     }
 
 
@@ -223,7 +224,20 @@ def build_spec(app, model=None) -> dict:
 @bp.get("/openapi.json")
 def openapi():
     store = current_app.extensions.get("model_store")
-    return build_spec(current_app, store.get() if store else None)
+    spec = build_spec(current_app, store.get() if store else None)
+    spec["servers"] = [{"url": request.url_root.rstrip("/")}]  # so Postman's Import -> Link knows where to send
+    _examples_as_defaults(spec)
+    return spec
+
+
+def _examples_as_defaults(spec: dict) -> None:
+    """Each request body's example also as its schema's default: importers that build bodies from the
+    schema (Postman's default) then send the example, not "<number>" placeholders."""
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                if "example" in content and "$ref" in content["schema"]:
+                    content["schema"] = {"allOf": [content["schema"]], "default": content["example"]}
 
 
 _DOCS_PAGE = """<!DOCTYPE html>

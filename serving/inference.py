@@ -1,23 +1,26 @@
-"""The inference blueprint: /ready, /predict, /models and /use-model. Views only adapt HTTP."""
+"""The inference blueprint: /ready, /predict, /models, /use-model and MLflow's /ping, /invocations, /version."""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
 from serving.auth import require_token
 from serving.errors import APIError, registry_unavailable
 from serving.loaded_model import LoadedModel, ModelLoadError
+from serving.logs import note_model
 from serving.metrics import count_predictions
 from serving.model_store import ModelStore, StateNotWritable
 from serving.prediction import BadInput, predict
 from serving.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
-from serving.requests import json_body, load_body
+from serving.requests import load_body
 from serving.schemas import UseModelRequest
+from serving.scoring import document, scoring_body, with_error_codes
 
 bp = Blueprint("inference", __name__)
 log = logging.getLogger(__name__)
+bp.record_once(lambda state: state.app.extensions.setdefault("openapi_extenders", []).append(document))
 
 
 def model_store() -> ModelStore:
@@ -34,6 +37,7 @@ def active_model() -> LoadedModel:
     if model is None:
         reason = model_store().last_error or "The service has not loaded a model yet."
         raise APIError(503, "not_ready", f"No model is loaded: {reason}", headers={"Retry-After": "5"})
+    note_model(model.ref)
     return model
 
 
@@ -49,12 +53,21 @@ def ready():
     return {"status": "ready", "model": model.describe()}
 
 
+@bp.get("/version")
+def version():
+    """The MLflow version, as `mlflow models serve` answers it (the bare version string)."""
+    from mlflow.version import VERSION
+
+    return Response(VERSION, mimetype="application/json")
+
+
 @bp.post("/predict")
-@bp.post("/invocations")  # SageMaker's inference route
+@bp.post("/invocations")  # MLflow's and SageMaker's inference route
+@with_error_codes
 def predict_view():
-    """Labels and probabilities for one row or a batch; 400 with an example on bad input."""
+    """Labels and probabilities for one row or a batch (JSON, or CSV with a header row); 400 with an example."""
     model = active_model()
-    body = json_body(example=model.example)
+    body = scoring_body(model)
     try:
         answer = predict(model, body, current_app.config["MAX_BATCH_ROWS"])
     except BadInput as exc:
@@ -104,4 +117,5 @@ def use_model():
             "the previous model keeps serving. Free space or make it writable, then retry.",
             headers={"Retry-After": "30"},
         ) from exc
+    note_model(loaded.ref)
     return {"model": loaded.describe(), "features": loaded.feature_names, "classes": list(loaded.classes)}

@@ -1,4 +1,4 @@
-"""GET /metrics in Prometheus text format: requests, latencies, predicted rows, swaps.
+"""GET /metrics in Prometheus text format: requests, latencies by model version, predicted rows, jobs, the active model.
 
 With gunicorn, `PROMETHEUS_MULTIPROC_DIR` (set by gunicorn.conf.py) makes every worker's counts add up.
 """
@@ -8,19 +8,40 @@ from __future__ import annotations
 import os
 import time
 
-from flask import Blueprint, Flask, Response, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+
+from serving.registry import ModelRef
 
 bp = Blueprint("metrics", __name__)
 
 REQUESTS = Counter("http_requests_total", "HTTP requests by endpoint and status", ["endpoint", "method", "status"])
 LATENCY = Histogram(
     "http_request_duration_seconds",
-    "Time to answer, by endpoint",
-    ["endpoint"],
+    "Time to answer, by endpoint and the model version that answered (empty for requests without one)",
+    ["endpoint", "model", "version"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 PREDICTED_ROWS = Counter("predicted_rows_total", "Rows predicted, by model", ["model", "version"])
+TRAINING_JOBS = Counter("training_jobs_total", "Training jobs that ended, by outcome", ["outcome"])
+JOB_OUTCOMES = ("succeeded", "failed")
+for _outcome in JOB_OUTCOMES:  # both series exist (at 0) before the first job ends, for dashboards and alerts
+    TRAINING_JOBS.labels(_outcome)
+# Versions get their own latency series up to this many per process; later ones share "other" (bounded labels).
+MAX_MODEL_LABELS = 20
+_model_labels: set[tuple[str, str]] = set()
+
+
+def model_labels(ref) -> tuple[str, str]:
+    """The (model, version) labels of a request's model: its own while few versions have been seen."""
+    if ref is None:
+        return "", ""
+    labels = (ref.name, ref.version)
+    if labels not in _model_labels and len(_model_labels) >= MAX_MODEL_LABELS:
+        return "other", "other"
+    _model_labels.add(labels)
+    return labels
 
 
 _children: dict = {}
@@ -50,7 +71,7 @@ def instrument(app: Flask) -> None:
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         _child(REQUESTS, endpoint, request.method, str(response.status_code)).inc()
         if "started" in g:
-            _child(LATENCY, endpoint).observe(time.perf_counter() - g.started)
+            _child(LATENCY, endpoint, *model_labels(g.get("model_ref"))).observe(time.perf_counter() - g.started)
         response.headers["X-Worker-Pid"] = str(os.getpid())  # which gunicorn worker answered
         return response
 
@@ -59,7 +80,7 @@ def warm_up(model: str, version: str) -> None:
     """Create this process's common metric series now (in multiprocess mode each opens a file) without counting."""
     for status in ("200", "400"):
         _child(REQUESTS, "/predict", "POST", status)
-    _child(LATENCY, "/predict")
+    _child(LATENCY, "/predict", *model_labels(ModelRef(model, version)))
     _child(PREDICTED_ROWS, model, version)
 
 
@@ -67,10 +88,39 @@ def count_predictions(model: str, version: str, rows: int) -> None:
     _child(PREDICTED_ROWS, model, version).inc(rows)
 
 
+def count_training_job(outcome: str) -> None:
+    """Count a training job that ended ("succeeded" or "failed"); works from a job's own process too,
+    since gunicorn's processes and their children share PROMETHEUS_MULTIPROC_DIR."""
+    TRAINING_JOBS.labels(outcome).inc()
+
+
+class ActiveModelCollector:
+    """`active_model_info{model, version} 1`: the version this process serves, read when scraped."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "active_model_info", "The model version being served (1)", labels=["model", "version"]
+        )
+        model = self.store.get() if self.store is not None else None
+        if model is not None:
+            family.add_metric([model.ref.name, model.ref.version], 1)
+        yield family
+
+
 @bp.get("/metrics")
 def metrics():
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        text = generate_latest(registry)
+    else:
+        text = generate_latest()
+    store = current_app.extensions.get("model_store")
+    if store is not None:
+        active = CollectorRegistry()
+        active.register(ActiveModelCollector(store))
+        text += generate_latest(active)
+    return Response(text, mimetype=CONTENT_TYPE_LATEST)

@@ -49,22 +49,6 @@ def library_versions() -> dict:
     }
 
 
-def _log_confusion_matrix(matrix, classes) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = max(4.0, 0.5 * len(classes) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=axes, colorbar=False, xticks_rotation=45)
-    axes.set_title("Confusion matrix (hold-out split)")
-    figure.tight_layout()
-    mlflow.log_figure(figure, "confusion_matrix.png")
-    plt.close(figure)
-
-
 def _no_phase(phase: str) -> None:
     pass
 
@@ -109,7 +93,9 @@ def run_training(
         metrics = evaluation["metrics"]
         mlflow.log_metrics(metrics)
         mlflow.log_dict(evaluation["report"], "classification_report.json")
-        _log_confusion_matrix(evaluation["confusion_matrix"], evaluation["classes"])
+        from training.plots import log_plots  # matplotlib is loaded by a job, not by every process
+
+        log_plots(model, test_x, test_y, evaluation)
 
         tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
         on_phase("converting")  # log_model_version compiles the ONNX form and checks it
