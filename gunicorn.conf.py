@@ -27,6 +27,10 @@ if preload_app:
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
+# gunicorn 26's control socket has one default path per user ($HOME/.gunicorn/gunicorn.ctl): every instance
+# on a machine (two services, the tests' servers) would share it, and a command meant for one reaches
+# another. Nothing here uses gunicornc; signals (HUP, TERM, TTIN/TTOU) work as ever.
+control_socket_disable = True
 # A recycle is a safety valve against slow leaks, not a routine: at a few thousand answers a second,
 # 5000 meant a new worker every few seconds. `make soak` shows a worker's memory flat without it.
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "200000"))
