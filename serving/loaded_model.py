@@ -212,7 +212,7 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         mlmodel = _read_mlmodel(path)
     except Exception as exc:
         raise ModelLoadError(f"{ref.name} version {ref.version} has no readable MLmodel file: {exc}") from exc
-    flavor = mlmodel.get("flavors", {}).get("sklearn")
+    flavor = (mlmodel.get("flavors") or {}).get("sklearn")
     if not flavor or flavor.get("serialization_format") != "skops":
         raise ModelLoadError(
             f"{ref.name} version {ref.version} is not a scikit-learn model in skops format; "
