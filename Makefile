@@ -10,10 +10,14 @@ export HOST PORT
 # and wheels for manylinux 2.28 or older, whatever this machine's own glibc is. No AWS credentials needed.
 LAMBDA_PYTHON ?= $(shell for p in python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null); do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; done)
-LVENV := .venv-lambda
+STAGE ?= production
+# A *_compiled stage (production_compiled) is the compiled-only package: ONNX Runtime and numpy, no scikit-learn,
+# scipy or pandas; its own requirements file and build venv, one zip without slim_handler.
+COMPILED_STAGE := $(filter %_compiled,$(STAGE))
+LAMBDA_REQUIREMENTS := requirements-lambda$(if $(COMPILED_STAGE),-compiled).txt
+LVENV := .venv-lambda$(if $(COMPILED_STAGE),-compiled)
 LSITE := $(LVENV)/lib/python3.12/site-packages
 LAMBDA_RUNTIME := build/lambda-runtime
-STAGE ?= production
 MANYLINUX := $(foreach tag,manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_12 manylinux2010 manylinux_2_5 manylinux1,--platform $(tag)_x86_64)
 ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/bin:$$PATH AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(LVENV)/bin/zappa
 
@@ -70,7 +74,8 @@ worker: install ## Start a training worker for TRAIN_EXECUTOR=celery (CELERY_BRO
 	$(BIN)/python -m training.celery_worker $(WORKER_ARGS)
 
 test: setup node-tools $(LAMBDA_RUNTIME)/.installed ## Run the test suite (builds the Lambda package first where Python 3.12 exists)
-	@if [ -n "$(LAMBDA_PYTHON)" ]; then $(MAKE) --no-print-directory package; \
+	@if [ -n "$(LAMBDA_PYTHON)" ]; then $(MAKE) --no-print-directory package \
+		&& $(MAKE) --no-print-directory package STAGE=production_compiled; \
 	else echo "No Python 3.12 here: the Lambda handler tests will skip (CI sets REQUIRE_LAMBDA=1)"; fi
 	$(BIN)/python -m pytest
 
@@ -95,13 +100,13 @@ clean: ## Remove the embedded MLflow store (all models), caches and build output
 	rm -rf .mlflow .pytest_cache .ruff_cache dist build handler_venv
 
 # ---- AWS Lambda (Zappa), inference role ----------------------------------------------------------------
-$(LVENV)/.installed: requirements-lambda.txt requirements-dev.txt
+$(LVENV)/.installed: $(LAMBDA_REQUIREMENTS) requirements-dev.txt
 	@test -n "$(LAMBDA_PYTHON)" || { echo "make package needs Python 3.12 (python3.12 on PATH, or LAMBDA_PYTHON=...)"; exit 1; }
 	test -x $(LVENV)/bin/python || $(LAMBDA_PYTHON) -m venv $(LVENV)
 	$(LVENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LVENV)/bin/python -m pip install --quiet $$(grep '^zappa==' requirements-dev.txt)
 	$(LVENV)/bin/python -m pip install --quiet --upgrade --target $(LSITE) $(MANYLINUX) --python-version 3.12 \
-		--implementation cp --only-binary=:all: -r requirements-lambda.txt
+		--implementation cp --only-binary=:all: -r $(LAMBDA_REQUIREMENTS)
 	touch $@
 
 # What Lambda's runtime provides besides the package (boto3), for the handler tests.
@@ -111,25 +116,36 @@ $(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt
 
 package: setup dist/.built-$(STAGE) ## Build the Lambda package offline with Zappa (dist/) and check its size
 
-PACKAGE_INPUTS := $(wildcard serving/*.py) wsgi.py zappa_settings.json requirements-lambda.txt scripts/precompile_project.py
+PACKAGE_INPUTS := $(wildcard serving/*.py) wsgi.py zappa_settings.json $(LAMBDA_REQUIREMENTS) scripts/precompile_project.py \
+	scripts/package_size.py
+# A slim stage gives the handler zip and the project archive (S3); a *_compiled stage gives one zip, the whole function.
 dist/.built-$(STAGE): $(PACKAGE_INPUTS) $(LVENV)/.installed
-	rm -rf dist handler_venv model-serving-$(STAGE)-*.tar.gz && mkdir -p dist
+	rm -rf dist/.built-$(STAGE) dist/lambda-$(STAGE)-* handler_venv model-serving-$(STAGE)-*.tar.gz && mkdir -p dist
 	AWS_ACCESS_KEY_ID=$${AWS_ACCESS_KEY_ID:-none} AWS_SECRET_ACCESS_KEY=$${AWS_SECRET_ACCESS_KEY:-none} \
 		$(ZAPPA) package $(STAGE) -o dist/lambda-$(STAGE)-handler.zip
-	mv model-serving-$(STAGE)-*.tar.gz dist/lambda-$(STAGE)-project.tar.gz
 	rm -rf handler_venv
+ifeq ($(COMPILED_STAGE),)
+	mv model-serving-$(STAGE)-*.tar.gz dist/lambda-$(STAGE)-project.tar.gz
 	$(LVENV)/bin/python scripts/precompile_project.py dist/lambda-$(STAGE)-project.tar.gz
 	$(BIN)/python scripts/package_size.py dist/lambda-$(STAGE)-handler.zip dist/lambda-$(STAGE)-project.tar.gz \
 		$$($(BIN)/python -c "import json; print(json.load(open('zappa_settings.json'))['production']['ephemeral_storage']['Size'])")
+else
+	$(LVENV)/bin/python scripts/precompile_project.py dist/lambda-$(STAGE)-handler.zip
+	$(BIN)/python scripts/package_size.py dist/lambda-$(STAGE)-handler.zip
+endif
 	touch $@
 
 # Ship exactly what `make package` built (and tested): the project archive goes to the key Zappa's slim
 # handler reads, the handler zip goes to the function. Needs AWS credentials; not run by the tests.
 upload-project:
+ifeq ($(COMPILED_STAGE),)
 	$(BIN)/python -c "import boto3, json; \
 		settings = json.load(open('zappa_settings.json')); stage = {**settings['production'], **settings['$(STAGE)']}; \
 		boto3.client('s3').upload_file('dist/lambda-$(STAGE)-project.tar.gz', stage['s3_bucket'], \
 		'$(STAGE)_' + stage['project_name'] + '_current_project.tar.gz')"
+else
+	@echo "$(STAGE) is one zip (no slim_handler): no project archive to upload"
+endif
 
 lambda-deploy: package upload-project ## First deployment of STAGE (default production) with Zappa (AWS credentials)
 	$(ZAPPA) deploy $(STAGE) -z dist/lambda-$(STAGE)-handler.zip

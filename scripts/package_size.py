@@ -1,10 +1,12 @@
 """Print the Lambda package's sizes against Lambda's limits; exit 1 if a limit is broken.
 
     python scripts/package_size.py HANDLER_ZIP PROJECT_TAR_GZ EPHEMERAL_MB
+    python scripts/package_size.py FUNCTION_ZIP
 
 With Zappa's slim_handler the function's own package is the small handler zip (limit: 250 MiB
 unzipped); the project and its libraries are a tar.gz on S3 that the handler unpacks into /tmp at a
-cold start (limit: the function's ephemeral storage, less room for the model cache).
+cold start (limit: the function's ephemeral storage, less room for the model cache). Without
+slim_handler (the compiled-only stage) the one zip holds everything and must fit the 250 MiB itself.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ def mib(size: int) -> str:
 
 
 def main() -> int:
-    handler, project, ephemeral_mb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    handler = sys.argv[1]
     with zipfile.ZipFile(handler) as archive:
-        handler_unzipped = sum(info.file_size for info in archive.infolist())
+        infos = archive.infolist()
+    handler_unzipped = sum(info.file_size for info in infos)
+    if len(sys.argv) == 2:
+        return function_zip(handler, infos, handler_unzipped)
+    project, ephemeral_mb = sys.argv[2], int(sys.argv[3])
     with tarfile.open(project) as archive:
         members = archive.getmembers()
     project_unpacked = sum(m.size for m in members)
@@ -40,6 +46,19 @@ def main() -> int:
           f"into /tmp (ephemeral storage {ephemeral_mb} MB, less {mib(MODEL_CACHE_ROOM)} for the model cache)")  # fmt: skip
     print("largest parts: " + ", ".join(f"{name} {mib(size)}" for name, size in biggest.most_common(6)))
     ok = handler_unzipped <= LAMBDA_UNZIPPED_LIMIT and project_unpacked <= tmp_limit
+    print("within the limits" if ok else "OVER A LIMIT")
+    return 0 if ok else 1
+
+
+def function_zip(path: str, infos: list, unzipped: int) -> int:
+    """One zip that is the whole function (no slim_handler): its unzipped size against Lambda's limit."""
+    biggest = Counter()
+    for info in infos:
+        biggest[info.filename.split("/")[0]] += info.file_size
+    print(f"function zip {path}: {mib(os.path.getsize(path))} zipped, {mib(unzipped)} unzipped "
+          f"(Lambda limit {mib(LAMBDA_UNZIPPED_LIMIT)} unzipped)")  # fmt: skip
+    print("largest parts: " + ", ".join(f"{name} {mib(size)}" for name, size in biggest.most_common(8)))
+    ok = unzipped <= LAMBDA_UNZIPPED_LIMIT
     print("within the limits" if ok else "OVER A LIMIT")
     return 0 if ok else 1
 

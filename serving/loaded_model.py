@@ -209,27 +209,25 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
     `runtime_setting` is SERVING_RUNTIME: "auto" serves compiled versions with ONNX Runtime,
     "sklearn" serves every version with scikit-learn.
     """
-    from mlflow.models import Model
-
     try:
-        mlmodel = Model.load(str(path / "MLmodel"))
+        mlmodel = _read_mlmodel(path)
     except Exception as exc:
         raise ModelLoadError(f"{ref.name} version {ref.version} has no readable MLmodel file: {exc}") from exc
-    flavor = mlmodel.flavors.get("sklearn")
+    flavor = (mlmodel.get("flavors") or {}).get("sklearn")
     if not flavor or flavor.get("serialization_format") != "skops":
         raise ModelLoadError(
             f"{ref.name} version {ref.version} is not a scikit-learn model in skops format; "
             "this service does not load pickled models"
         )
     estimator = _load_estimator(path, flavor, ref)
-    signature = mlmodel.signature
-    if signature is None or not signature.inputs.has_input_names():
+    columns = _signature_inputs(mlmodel)
+    if not columns or not all(isinstance(c, dict) and c.get("name") for c in columns):
         raise ModelLoadError(f"{ref.name} version {ref.version} has no signature with feature names")
     features = []
-    for column in signature.inputs.inputs:
-        kind = column.type.name
+    for column in columns:
+        kind = column.get("type")
         kind = "number" if kind in _NUMBER_TYPES else "boolean" if kind == "boolean" else "text"
-        features.append(Feature(column.name, kind, column.required))
+        features.append(Feature(column["name"], kind, column.get("required", True)))
     features = tuple(features)
     example_rows = _input_example(path, mlmodel, features, ref)
     onnx_bytes, reason = _compiled_form(path, ref, runtime_setting)
@@ -258,12 +256,39 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
     return _checked(model, example_rows)
 
 
-def _input_example(path: Path, mlmodel, features, ref: ModelRef) -> list[dict]:
-    example_frame = mlmodel.load_input_example(str(path))
-    if example_frame is None or len(example_frame) == 0:
+def _read_mlmodel(path: Path) -> dict:
+    """The MLmodel file as YAML: MLflow's own `Model.load` imports pandas, which a compiled-only install lacks."""
+    import yaml
+
+    mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    if not isinstance(mlmodel, dict):
+        raise ValueError("not a YAML mapping")
+    return mlmodel
+
+
+def _signature_inputs(mlmodel: dict) -> list:
+    """The signature's input columns as MLflow writes them: [{"name", "type", "required"}, ...]."""
+    try:
+        columns = json.loads((mlmodel.get("signature") or {}).get("inputs") or "[]")
+    except (TypeError, ValueError):
+        return []
+    return columns if isinstance(columns, list) else []
+
+
+def _input_example(path: Path, mlmodel: dict, features, ref: ModelRef) -> list[dict]:
+    """The rows of the version's input example (MLflow's "split" or "records" JSON), read without pandas."""
+    info = mlmodel.get("saved_input_example_info") or {}
+    try:
+        example = json.loads((path / info["artifact_path"]).read_text())
+        if isinstance(example, dict):  # orient "split": {"columns": [...], "data": [[...], ...]}
+            example = [dict(zip(example["columns"], row)) for row in example["data"]]
+        names = [f.name for f in features]
+        rows = [{name: _json_value(row[name]) for name in names} for row in example]
+    except (KeyError, TypeError, ValueError, OSError):
+        rows = []
+    if not rows:
         raise ModelLoadError(f"{ref.name} version {ref.version} has no input example")
-    names = [f.name for f in features]
-    return [{name: _json_value(example_frame.iloc[i][name]) for name in names} for i in range(len(example_frame))]
+    return rows
 
 
 def _classes(path: Path, estimator, ref: ModelRef) -> tuple:

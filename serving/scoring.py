@@ -6,12 +6,12 @@ so a client written for MLflow's scoring server works unchanged.
 
 from __future__ import annotations
 
+import csv
 import functools
 import io
 import logging
 import math
 
-import pandas as pd
 from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 def csv_rows(data: bytes, model: LoadedModel) -> list[dict]:
     """The rows of a CSV body with a header row, typed as JSON would be (text columns stay text)."""
+    try:
+        import pandas as pd
+    except ImportError as exc:  # the compiled-only Lambda package has no pandas
+        raise APIError(415, "unsupported_media_type", "This deployment reads JSON bodies only; send the rows as JSON.",
+                       example=model.example, error_code=ERROR_CODES[415]) from exc  # fmt: skip
     text_columns = {feature.name: str for feature in model.features if feature.kind == "text"}
     try:
         frame = pd.read_csv(io.StringIO(data.decode("utf-8")), dtype=text_columns)
@@ -118,7 +123,11 @@ def with_error_codes(view):
 
 def csv_example(example: dict) -> str:
     """The model's example row as a CSV body with a header row."""
-    return pd.DataFrame([example]).to_csv(index=False)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(example)
+    writer.writerow("" if value is None else value for value in example.values())
+    return buffer.getvalue()
 
 
 def document(spec) -> None:

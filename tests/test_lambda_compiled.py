@@ -1,0 +1,181 @@
+"""The compiled-only Lambda package (stage production_compiled) through Zappa's real handler, in-process.
+
+`make package STAGE=production_compiled` builds one zip without slim_handler: the service with ONNX
+Runtime and numpy, and no scikit-learn, scipy, pandas or skops. It is unpacked as Lambda does
+(/var/task) and `handler.lambda_handler` runs in a fresh Python 3.12 interpreter that sees only the
+zip and boto3 (the runtime's). S3 is moto's server on loopback (remote_env, the API token); the
+tracking server is a real `mlflow server` with versions registered by `python -m training`: a
+RandomForest (compiled, active) and a HistGradientBoosting (no compiled form: skl2onnx cannot convert it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IRIS_ROW, ROOT, stop
+from tests.lambda_events import http_v2, rest_v1
+from tests.servers import S3Server, start_mlflow_server
+from tests.test_lambda_handler import INVOKE, RUNTIME, TOKEN, lambda_env
+
+STAGE = "production_compiled"
+FUNCTION_ZIP = ROOT / "dist" / f"lambda-{STAGE}-handler.zip"
+LAMBDA_PYTHON = ROOT / ".venv-lambda-compiled" / "bin" / "python"
+SETTINGS = json.loads((ROOT / "zappa_settings.json").read_text())
+REMOTE_ENV = {**SETTINGS["production"], **SETTINGS[STAGE]}["remote_env"]
+COMPILED = "iris-RandomForestClassifier"
+NOT_COMPILED = "iris-HistGradientBoostingClassifier"
+WARM_REQUESTS = 20
+ABSENT = ("sklearn", "scipy", "pandas", "skops", "matplotlib", "pyarrow", "training")
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """The function's zip unpacked as Lambda's /var/task (read-only there: no .pyc is written)."""
+    missing = [str(p) for p in (FUNCTION_ZIP, LAMBDA_PYTHON, RUNTIME) if not p.exists()]
+    if missing:
+        message = (
+            f"the compiled Lambda package is not built (make package STAGE={STAGE}; make test builds it): {missing}"
+        )
+        if os.environ.get("REQUIRE_LAMBDA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    task = tmp_path_factory.mktemp("var-task")
+    with zipfile.ZipFile(FUNCTION_ZIP) as archive:
+        archive.extractall(task)
+    return task
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """An `mlflow server`: a compiled version (active) and one without a compiled form, both from the batch job."""
+    folder = tmp_path_factory.mktemp("lambda-compiled-mlflow")
+    # Registry only: without MLflow's job runner the server starts in a third of the processes.
+    process, uri, log = start_mlflow_server(
+        f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri(), folder,
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+    try:
+        for estimator, name, activate in (("RandomForestClassifier", COMPILED, []),
+                                          ("HistGradientBoostingClassifier", NOT_COMPILED, ["--no-activate"])):  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "training", "--estimator", estimator, "--dataset", "iris", "--model-name", name,
+                 *activate],
+                cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, capture_output=True, timeout=300,
+            )  # fmt: skip
+        yield uri
+    finally:
+        stop(process)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory, task_dir):
+    """moto's S3 with the remote_env file (no project archive: this stage is one zip)."""
+    import boto3
+
+    server = S3Server(tmp_path_factory.mktemp("lambda-compiled-s3")).start()
+    try:
+        client = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        bucket, key = REMOTE_ENV.removeprefix("s3://").split("/", 1)
+        client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket=bucket, Key=key, Body=json.dumps({"API_TOKEN": TOKEN}))
+        yield server.url
+    finally:
+        server.stop()
+
+
+def run_handler(task: Path, events: list[dict], env: dict) -> tuple[list[dict], list[float]]:
+    """All events through one fresh handler process; the answers and the seconds from its start to each."""
+    env = {**env, "AWS_LAMBDA_FUNCTION_NAME": f"model-serving-{STAGE}"}
+    result = subprocess.run([str(LAMBDA_PYTHON), "-S", str(INVOKE), str(task), str(RUNTIME)],
+                            input=json.dumps(events), capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert result.returncode == 0 and len(lines) == len(events), result.stderr[-4000:]
+    return [line["response"] for line in lines], [line["seconds"] for line in lines]
+
+
+def set_active(uri: str, name: str) -> None:
+    """Point the registry at a version, as /use-model or the training job would."""
+    from serving.config import load_config
+    from serving.registry import ModelRef, registry_from_config
+
+    registry_from_config(load_config({"MLFLOW_TRACKING_URI": uri})).set_active_model(ModelRef(name, "1"))
+
+
+def test_package_has_no_scikit_learn(task_dir):
+    settings = (task_dir / "zappa_settings.py").read_text()
+    assert "SLIM_HANDLER=True" not in settings and "'APP_ROLE': 'inference'" in settings
+    assert (task_dir / "serving" / "inference.py").exists() and (task_dir / "onnxruntime").is_dir()
+    assert [name for name in ABSENT if (task_dir / name).exists()] == []
+    # Precompiled: Lambda's /var/task is read-only, so a module without its .pyc is compiled at every cold start.
+    assert (task_dir / "serving" / "__pycache__" / "prediction.cpython-312.pyc").exists()
+
+
+@pytest.mark.parametrize("api", ["rest_v1", "http_v2"])
+def test_compiled_version_answers_api_gateway_events(api, task_dir, s3, tracking_server, tmp_path):
+    set_active(tracking_server, COMPILED)
+    make, stage = (rest_v1, STAGE) if api == "rest_v1" else (http_v2, "$default")
+    use_other = {"name": NOT_COMPILED, "version": "1"}
+    events = [
+        make("POST", "/predict", stage=stage, body=IRIS_ROW),
+        make("POST", "/predict", stage=stage, body={"records": [IRIS_ROW, {**IRIS_ROW, "petal_length_cm": 6.0}]}),
+        make("POST", "/predict", stage=stage, body={"sepal_length_cm": "wide"}),
+        make("GET", "/health", stage=stage),
+        make("GET", "/ready", stage=stage),
+        make("POST", "/use-model", stage=stage, body=use_other, headers={"authorization": f"Bearer {TOKEN}"}),
+        make("POST", "/train", stage=stage, body={"estimator": "GaussianNB", "dataset": "iris"}),
+    ]
+    warm = [make("POST", "/predict", stage=stage, body=IRIS_ROW) for _ in range(WARM_REQUESTS)]
+    answers, seconds = run_handler(task_dir, events + warm, lambda_env(tmp_path, s3, tracking_server))
+    answers, warm_answers = answers[: len(events)], answers[len(events) :]
+    assert [answer["statusCode"] for answer in warm_answers] == [200] * WARM_REQUESTS
+    for answer in answers:
+        assert answer["headers"]["Content-Type"].startswith("application/json"), answer
+    predict, batch, bad, health, ready, use_model, train = answers
+    statuses = [answer["statusCode"] for answer in answers]
+    assert statuses == [200, 200, 400, 200, 200, 422, 404], answers
+    body = json.loads(predict["body"])
+    assert body["predictions"] == ["setosa"]
+    assert body["model"] == {"name": COMPILED, "version": "1", "runtime": "onnx"}
+    assert set(body["probabilities"][0]) == {"setosa", "versicolor", "virginica"}
+    assert len(json.loads(batch["body"])["predictions"]) == 2
+    assert json.loads(bad["body"])["error"] == "invalid_input"
+    assert json.loads(health["body"]) == {"status": "ok", "role": "inference"}
+    assert json.loads(ready["body"])["model"]["runtime"] == "onnx"
+    # A version without a compiled form cannot be served here; the compiled one keeps serving.
+    refused = json.loads(use_model["body"])
+    assert refused["error"] == "model_not_loadable"
+    assert "no compiled form" in refused["message"] and "scikit-learn is not installed" in refused["message"]
+    warm_ms = statistics.median(b - a for a, b in zip(seconds[len(events) - 1 :], seconds[len(events) :])) * 1000
+    print(f"\ncompiled package ({api}): cold start {seconds[0]:.2f} s from process start to the first /predict "
+          f"answer; warm one-row /predict {warm_ms:.1f} ms (median of {WARM_REQUESTS}, through the handler)")  # fmt: skip
+
+
+def test_version_without_compiled_form_is_not_ready(task_dir, s3, tracking_server, tmp_path):
+    set_active(tracking_server, NOT_COMPILED)
+    try:
+        events = [
+            rest_v1("GET", "/health", stage=STAGE),
+            rest_v1("GET", "/ready", stage=STAGE),
+            rest_v1("POST", "/predict", stage=STAGE, body=IRIS_ROW),
+        ]
+        (health, ready, predict), _ = run_handler(task_dir, events, lambda_env(tmp_path, s3, tracking_server))
+    finally:
+        set_active(tracking_server, COMPILED)
+    assert health["statusCode"] == 200
+    for answer in (ready, predict):
+        assert answer["statusCode"] == 503, answer
+        body = json.loads(answer["body"])
+        assert body["error"] == "not_ready"
+        assert f"{NOT_COMPILED} version 1" in body["message"]
+        assert "no compiled form" in body["message"] and "scikit-learn is not installed" in body["message"]
+        assert "could not be converted to ONNX" in body["message"]  # the reason recorded at registration
