@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_NAME, IRIS_ROW, free_port, wait_for_http
+from tests.conftest import DEFAULT_NAME, IRIS_ROW, free_port, ref, wait_for_http
 from tests.servers import Service
 
 TOKEN = "drill-token-0123456789"
@@ -161,12 +161,12 @@ def test_tracking_server_killed_while_a_job_trains(tmp_path):
         while processes_with(job_id):  # the job cannot record anything now; it must end on its own
             assert time.monotonic() < deadline, "the job's processes outlived the tracking server by 2 minutes"
             answer = predict(service.url)
-            assert answer.status_code == 200 and answer.json()["model"] == default
+            assert answer.status_code == 200 and ref(answer.json()["model"]) == ref(default)
             served += 1
             time.sleep(0.2)
         outage = requests.get(f"{service.url}/train/jobs/{job_id}", headers=AUTH, timeout=30)
         assert outage.status_code == 503 and outage.json()["error"] == "registry_unavailable"
-        assert predict(service.url).json()["model"] == default
+        assert ref(predict(service.url).json()["model"]) == ref(default)
 
         tracking.start()
         job = wait_for_job(service.url, job_id, ("failed", "succeeded"), timeout=30)
@@ -174,7 +174,7 @@ def test_tracking_server_killed_while_a_job_trains(tmp_path):
         assert job["error"]
         models = requests.get(f"{service.url}/models", timeout=30).json()["models"]
         assert [(m["name"], m["version"], m["active"]) for m in models] == [(DEFAULT_NAME, "1", True)]
-        assert predict(service.url).json()["model"] == default
+        assert ref(predict(service.url).json()["model"]) == ref(default)
         print(f"\ntracking server killed mid-job: {served} predictions served during the outage; job: {job['error']}")
     finally:
         if service is not None:
@@ -216,7 +216,9 @@ def test_worker_killed_mid_request_fails_only_that_request(store, iris_nb, defau
             assert time.monotonic() < deadline, "no replacement worker answered within 60 s"
             answer = predict(service.url)  # every other request succeeds, during and after the respawn
             assert answer.status_code == 200, answer.text
-            assert answer.json()["model"] == active, f"worker {answer.headers['X-Worker-Pid']} served the old model"
+            assert ref(answer.json()["model"]) == ref(active), (
+                f"worker {answer.headers['X-Worker-Pid']} served the old model"
+            )
             pid = int(answer.headers["X-Worker-Pid"])
             answered.append(pid)
             if pid not in workers:
@@ -249,7 +251,7 @@ def _serves_everywhere(url: str, expected: dict) -> None:
     pids = set()
     for _ in range(30):
         answer = predict(url)
-        assert answer.status_code == 200 and answer.json()["model"] == expected
+        assert answer.status_code == 200 and ref(answer.json()["model"]) == ref(expected)
         pids.add(answer.headers["X-Worker-Pid"])
     assert len(pids) == 2
 
@@ -319,7 +321,7 @@ def test_restart_with_a_job_running_and_one_queued_loses_neither(store, default_
                 (m["name"], m["version"]) for m in requests.get(f"{service.url}/models", timeout=30).json()["models"]
             }
             assert (model["name"], model["version"]) in registered
-        assert predict(service.url).json()["model"] == default_active.as_dict()  # activate: false held
+        assert ref(predict(service.url).json()["model"]) == ref(default_active.as_dict())  # activate: false held
     finally:
         service.stop()
 

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_NAME, ROOT
+from tests.conftest import DEFAULT_NAME, ROOT, ref
 from tests.servers import BIN, Service
 
 TOKEN = "fuzz-token-0123456789"
@@ -88,7 +88,7 @@ def test_fuzz_finds_no_5xx_and_only_declared_answers(fuzz_service, tmp_path, wit
         assert statuses[401] > 0  # /train and /use-model refused without it
     assert "Traceback" not in fuzz_service.log_text()
     # The fuzzer's jobs did not activate anything: the service still serves what it started with.
-    assert requests.get(f"{fuzz_service.url}/ready", timeout=10).json()["model"] == {
+    assert ref(requests.get(f"{fuzz_service.url}/ready", timeout=10).json()["model"]) == {
         "name": DEFAULT_NAME,
         "version": "1",
     }
