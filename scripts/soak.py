@@ -123,15 +123,19 @@ class Soak:
 
     # ---- set-up: two iris versions and what each answers -----------------------------------------
     def prepare(self) -> list[dict]:
-        first = requests.get(f"{self.url}/ready", timeout=10).json()["model"]
+        ready = requests.get(f"{self.url}/ready", timeout=10).json()["model"]
+        first = {"name": ready["name"], "version": ready["version"]}  # /ready also says the runtime
         trained = requests.post(f"{self.url}/train", headers=self.auth, timeout=300, json={
             "estimator": "LogisticRegression", "dataset": "iris", "activate": False, "wait": True}).json()  # fmt: skip
-        versions = [first, trained["model"]]
+        versions = [first, {"name": trained["model"]["name"], "version": trained["model"]["version"]}]
         for version in versions[::-1]:  # ends on the first one, which the service started with
             self.use_model(version, record=False)
             answer = requests.post(f"{self.url}/predict", json=ROW, timeout=10).json()
-            self.expected[tuple(version.values())] = answer["probabilities"][0]
-        assert self.expected[tuple(versions[0].values())] != self.expected[tuple(versions[1].values())]
+            self.expected[(version["name"], version["version"])] = answer["probabilities"][0]
+        assert (
+            self.expected[(versions[0]["name"], versions[0]["version"])]
+            != self.expected[(versions[1]["name"], versions[1]["version"])]
+        )
         return versions
 
     def use_model(self, version: dict, record: bool = True) -> None:
@@ -142,7 +146,7 @@ class Soak:
             raise RuntimeError(f"/use-model answered {answer.status_code}: {answer.text}")
         if record:
             with self.lock:
-                self.swaps.append((started, time.time(), before, tuple(version.values())))
+                self.swaps.append((started, time.time(), before, (version["name"], version["version"])))
 
     def active_at(self, moment: float) -> tuple:
         active = self.initial
@@ -183,7 +187,7 @@ class Soak:
                 ok = answer.status_code == 200
                 if ok and kind in ("predict", "batch"):
                     body = answer.json()
-                    model = tuple(body["model"].values())
+                    model = (body["model"]["name"], body["model"]["version"])
                     wrong = model not in self.allowed(started, ended)
                     mixed = any(row != self.expected.get(model) for row in body["probabilities"])
                 if not ok:
@@ -203,10 +207,10 @@ class Soak:
         print(f"soak: starting gunicorn (2 workers) on {self.url}, store in {self.folder}", flush=True)
         self.start_service()
         versions = self.prepare()
-        self.initial = tuple(versions[0].values())
+        self.initial = (versions[0]["name"], versions[0]["version"])
         workers = worker_pids(self.process.pid)
         print(f"soak: {self.duration / 60:g} min, {self.clients} clients, workers {workers}; swapping between "
-              f"{[tuple(v.values()) for v in versions]}", flush=True)  # fmt: skip
+              f"{[(v['name'], v['version']) for v in versions]}", flush=True)  # fmt: skip
         threads = [threading.Thread(target=self.client, args=(seed,), daemon=True) for seed in range(self.clients)]
         started = time.monotonic()
         for thread in threads:
