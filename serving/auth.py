@@ -104,7 +104,7 @@ def management_token(settings: Settings) -> str | None:
         log.warning(
             "Generated the API token for /train, /train/jobs and /use-model: %s\n"
             "    It is kept in %s (readable only by its owner); `make token` prints it.\n"
-            '    Send it as: -H "Authorization: Bearer $(make -s token)". Set API_TOKEN to choose your own.',
+            "    Send it in the Authorization header with the Bearer scheme (the README shows how). Set API_TOKEN to choose your own.",
             token,
             path,
         )
