@@ -26,6 +26,8 @@ from tests.conftest import ROOT, free_port, ref, stop
 from tests.servers import Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
 
+pytestmark = pytest.mark.drill
+
 TOKEN = "celery-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIME_LIMIT = 45  # hard limit 55 s; the broker hands a vanished worker's job to another after 60 s

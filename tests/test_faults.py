@@ -22,6 +22,8 @@ import requests
 from tests.conftest import DEFAULT_NAME, IRIS_ROW, free_port, ref, wait_for_http
 from tests.servers import Service
 
+pytestmark = pytest.mark.drill
+
 TOKEN = "drill-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SLOW_JOB = {"estimator": "GradientBoostingClassifier", "dataset": "digits", "params": {"n_estimators": 100}}

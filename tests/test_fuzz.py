@@ -20,6 +20,8 @@ import requests
 from tests.conftest import DEFAULT_NAME, ROOT, ref
 from tests.servers import BIN, Service
 
+pytestmark = pytest.mark.drill
+
 TOKEN = "fuzz-token-0123456789"
 MAX_EXAMPLES = 20  # per operation and generation phase; both runs take about two minutes here
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
