@@ -130,6 +130,17 @@ def mark_job(registry: Registry, job_id: str, status: str | None = None, **detai
         registry.client.update_run(job_id, status="RUNNING")
     elif status in FINAL:
         registry.client.set_terminated(job_id, "FINISHED" if status == "succeeded" else "FAILED")
+        _count(status)
+
+
+def _count(outcome: str) -> None:
+    """training_jobs_total{outcome}: shared with the API's /metrics where the job runs beside it."""
+    try:
+        from serving.metrics import count_training_job
+
+        count_training_job(outcome)
+    except Exception:  # a metric must never fail a job
+        log.exception("could not count the training job")
 
 
 def remove_versions_of(registry: Registry, job_id: str) -> None:
