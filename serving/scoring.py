@@ -141,7 +141,8 @@ def document(spec) -> None:
     spec.path(
         "/ping",
         operations={"get": {"summary": "MLflow and SageMaker health check: 200 once a model is loaded",
-                            "responses": {"200": {"description": "a model is loaded"},
+                            "responses": {"200": {"description": "a model is loaded",
+                                                  "content": {"application/json": {"schema": "Ready"}}},
                                           "503": {"description": "no model loaded yet", **error}}}},
     )  # fmt: skip
     spec.path(
