@@ -231,15 +231,8 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
     features = tuple(features)
     example_rows = _input_example(path, mlmodel, features, ref)
     onnx_bytes, reason = _compiled_form(path, ref, runtime_setting)
-    if onnx_bytes is not None:
-        try:
-            onnx_session(onnx_bytes)  # loadable by this ONNX Runtime (the model's own session is made per process)
-        except Exception as exc:  # e.g. an ONNX Runtime too old for the file's opset
-            onnx_bytes, reason = None, f"ONNX Runtime could not load the compiled form: {exc}"
     if estimator is None and onnx_bytes is None:
-        raise ModelLoadError(
-            f"{ref.name} version {ref.version} has no compiled form ({reason}) and scikit-learn is not installed"
-        )
+        raise _not_servable(ref, reason)
     classes = _classes(path, estimator, ref)
     model = LoadedModel(
         ref=ref,
@@ -253,7 +246,28 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         runtime_reason=reason,
         onnx_bytes=onnx_bytes,
     )
+    if onnx_bytes is not None:
+        try:
+            _ = model.session  # this process's session, made once here: the file loads in this ONNX Runtime
+        except Exception as exc:  # e.g. an ONNX Runtime too old for the file's opset
+            model = _without_compiled_form(model, f"ONNX Runtime could not load the compiled form: {exc}")
     return _checked(model, example_rows)
+
+
+def _not_servable(ref: ModelRef, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{ref.name} version {ref.version} has no compiled form ({reason}) and scikit-learn is not installed"
+    )
+
+
+def _without_compiled_form(model: LoadedModel, reason: str) -> LoadedModel:
+    """The version served by scikit-learn instead, saying why; ModelLoadError where scikit-learn is not installed."""
+    from dataclasses import replace
+
+    if model.estimator is None:
+        raise _not_servable(model.ref, reason)
+    log.error("%s version %s: the compiled form is not used: %s", model.ref.name, model.ref.version, reason)
+    return replace(model, runtime="sklearn", runtime_reason=reason, onnx_bytes=None)
 
 
 def _read_mlmodel(path: Path) -> dict:
@@ -305,8 +319,6 @@ def _checked(model: LoadedModel, example_rows: list[dict]) -> LoadedModel:
     """Before a compiled version serves: ONNX and scikit-learn agree on its input example, or sklearn serves."""
     if model.onnx_bytes is None or model.estimator is None:
         return model
-    from dataclasses import replace
-
     from serving.prediction import _onnx_probabilities, _sklearn_frame, fast_columns, label_indices
 
     columns = fast_columns(model, example_rows)
@@ -321,6 +333,4 @@ def _checked(model: LoadedModel, example_rows: list[dict]) -> LoadedModel:
         problem = "its answers on the input example differ from scikit-learn's"
     if agree:
         return model
-    log.error("%s version %s: the compiled form is not used: %s", model.ref.name, model.ref.version, problem)
-    return replace(model, runtime="sklearn", runtime_reason=f"compiled form rejected at load: {problem}",
-                   onnx_bytes=None)  # fmt: skip
+    return _without_compiled_form(model, f"compiled form rejected at load: {problem}")

@@ -14,15 +14,12 @@ from serving.loaded_model import FLOAT32_MAX, LoadedModel
 # The batch forms: ours ("records") and those of MLflow's scoring server.
 BATCH_KEYS = ("records", "dataframe_records", "dataframe_split", "instances", "inputs")
 MAX_REPORTED_ROWS = 20
+# Up to this many rows, plain Python checks and labels are faster than numpy's per-call setup.
+SMALL_BATCH = 32
 # ONNX forms compute in float32: a tie in scikit-learn's float64 probabilities (7 trees of 15 for each of
 # two classes) arrives as two values a few 1e-8 apart. Within this margin the first class wins, as
 # scikit-learn's argmax picks the first of equal values.
 TIE_MARGIN = 1e-6
-_ALLOWED_TYPES = {
-    "number": (int, float),
-    "text": (str,),
-    "boolean": (bool,),
-}
 
 
 def label_indices(probabilities: np.ndarray, compiled: bool) -> np.ndarray:
@@ -98,10 +95,6 @@ def parse_rows(body, feature_names: list[str]) -> tuple[list, str | None]:
     if not rows:
         raise BadInput({key: ["the batch is empty; send at least one row"]})
     return rows, key
-
-
-# Up to this many rows, plain Python checks and labels are faster than numpy's per-call setup.
-SMALL_BATCH = 32
 
 
 def _within_float32(values: list) -> bool:

@@ -3,6 +3,7 @@ PostgreSQL databases and an `mlflow server` on them. Each is started by a fixtur
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,7 +19,22 @@ from tests.conftest import ROOT, TOKEN, free_port, stop, wait_for_http
 BIN = Path(sys.executable).parent
 
 
-class Service:
+class LoggedProcess:
+    """A server subprocess with its log file: stop() ends the process and closes the log, and may be called twice."""
+
+    process: subprocess.Popen | None = None
+    log = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+class Service(LoggedProcess):
     """The service under gunicorn (gunicorn.conf.py, as `make serve` runs it), with the tests' API token."""
 
     def __init__(self, env: dict, folder: Path, workers: int = 4):
@@ -33,8 +49,6 @@ class Service:
             "WEB_CONCURRENCY": str(workers),
         }
         self.folder = folder
-        self.process: subprocess.Popen | None = None
-        self.log = None
 
     def start(self, timeout: float = 120) -> Service:
         self.log = open(self.folder / f"gunicorn-{self.port}.log", "a")  # noqa: SIM115 - closed in stop()
@@ -52,14 +66,6 @@ class Service:
             self.stop()
             raise
         return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-            self.process = None
-        if self.log is not None:
-            self.log.close()
-            self.log = None
 
     def log_text(self) -> str:
         return (self.folder / f"gunicorn-{self.port}.log").read_text()
@@ -106,15 +112,13 @@ def drop_database(name: str) -> None:
     connection.close()
 
 
-class S3Server:
+class S3Server(LoggedProcess):
     """moto's standalone server: an S3-compatible endpoint on loopback, as a team's S3 bucket."""
 
     def __init__(self, folder: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.folder = folder
-        self.process = None
-        self.log = None
 
     def start(self) -> S3Server:
         self.log = open(self.folder / "moto.log", "w")  # noqa: SIM115 - closed in stop()
@@ -136,12 +140,6 @@ class S3Server:
         boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="test",
                      aws_secret_access_key="test").create_bucket(Bucket=name)  # fmt: skip
 
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-        if self.log is not None:
-            self.log.close()
-
 
 def start_mlflow_server(backend_uri: str, artifacts: str, folder: Path, env: dict | None = None, port: int = 0):
     """An `mlflow server` (proxied artifacts) on a loopback port; returns (process, uri, log)."""
@@ -159,3 +157,19 @@ def start_mlflow_server(backend_uri: str, artifacts: str, folder: Path, env: dic
         log.close()
         raise
     return process, f"http://127.0.0.1:{port}", log
+
+
+@contextlib.contextmanager
+def mlflow_server_with(folder: Path, trainings: list[list[str]], env: dict | None = None):
+    """An `mlflow server` on a fresh SQLite store with versions registered by the batch job: each entry of
+    `trainings` is the arguments of one `python -m training` run. Yields the tracking URI."""
+    process, uri, log = start_mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri(),
+                                            folder, env=env)  # fmt: skip
+    try:
+        for arguments in trainings:
+            subprocess.run([sys.executable, "-m", "training", *arguments], cwd=ROOT, check=True, capture_output=True,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=300)  # fmt: skip
+        yield uri
+    finally:
+        stop(process)
+        log.close()

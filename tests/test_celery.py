@@ -22,8 +22,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from tests.conftest import ROOT, free_port, ref, stop
-from tests.servers import Service
+from tests.conftest import ROOT, free_port, ref
+from tests.servers import LoggedProcess, Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
 
 pytestmark = pytest.mark.drill
@@ -43,13 +43,12 @@ def require_redis() -> str:
     return path
 
 
-class RedisServer:
+class RedisServer(LoggedProcess):
     """A throwaway `redis-server` on loopback, no persistence; stop() and start() again on the same port."""
 
     def __init__(self, binary: str, folder):
         self.binary, self.folder, self.port = binary, folder, free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = self.log = None
 
     def start(self) -> RedisServer:
         self.log = open(self.folder / "redis.log", "a")  # noqa: SIM115 - closed in stop()
@@ -66,14 +65,6 @@ class RedisServer:
             except OSError:
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-            self.process = None
-        if self.log is not None:
-            self.log.close()
-            self.log = None
 
 
 class Worker:

@@ -14,15 +14,14 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IRIS_ROW, ROOT, stop
+from tests.conftest import IRIS_ROW, ROOT
 from tests.lambda_events import http_v2, rest_v1
-from tests.servers import S3Server, start_mlflow_server
+from tests.servers import S3Server, mlflow_server_with
 from tests.test_lambda_handler import INVOKE, RUNTIME, TOKEN, lambda_env
 
 STAGE = "production_compiled"
@@ -57,23 +56,14 @@ def task_dir(tmp_path_factory) -> Path:
 def tracking_server(tmp_path_factory):
     """An `mlflow server`: a compiled version (active) and one without a compiled form, both from the batch job."""
     folder = tmp_path_factory.mktemp("lambda-compiled-mlflow")
+    trainings = [
+        ["--estimator", "RandomForestClassifier", "--dataset", "iris", "--model-name", COMPILED],
+        ["--estimator", "HistGradientBoostingClassifier", "--dataset", "iris", "--model-name", NOT_COMPILED,
+         "--no-activate"],
+    ]  # fmt: skip
     # Registry only: without MLflow's job runner the server starts in a third of the processes.
-    process, uri, log = start_mlflow_server(
-        f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri(), folder,
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
-    try:
-        for estimator, name, activate in (("RandomForestClassifier", COMPILED, []),
-                                          ("HistGradientBoostingClassifier", NOT_COMPILED, ["--no-activate"])):  # fmt: skip
-            subprocess.run(
-                [sys.executable, "-m", "training", "--estimator", estimator, "--dataset", "iris", "--model-name", name,
-                 *activate],
-                cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, capture_output=True, timeout=300,
-            )  # fmt: skip
+    with mlflow_server_with(folder, trainings, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as uri:
         yield uri
-    finally:
-        stop(process)
-        log.close()
 
 
 @pytest.fixture(scope="module")

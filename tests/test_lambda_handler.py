@@ -13,15 +13,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IRIS_ROW, ROOT, ref, stop
+from tests.conftest import IRIS_ROW, ROOT, ref
 from tests.lambda_events import http_v2, rest_v1
-from tests.servers import S3Server, start_mlflow_server
+from tests.servers import S3Server, mlflow_server_with
 
 DIST = ROOT / "dist"
 HANDLER_ZIP = DIST / "lambda-production-handler.zip"
@@ -49,19 +48,16 @@ def built_package():
 def tracking_server(tmp_path_factory):
     """An `mlflow server` with one model registered and activated by the batch training job."""
     folder = tmp_path_factory.mktemp("lambda-mlflow")
-    process, uri, log = start_mlflow_server(
-        f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri(), folder
-    )
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "training", "--estimator", "RandomForestClassifier", "--dataset", "iris",
-             "--model-name", "iris-RandomForestClassifier"],
-            cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
+    training = [
+        "--estimator",
+        "RandomForestClassifier",
+        "--dataset",
+        "iris",
+        "--model-name",
+        "iris-RandomForestClassifier",
+    ]
+    with mlflow_server_with(folder, [training]) as uri:
         yield uri
-    finally:
-        stop(process)
-        log.close()
 
 
 @pytest.fixture(scope="module")

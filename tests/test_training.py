@@ -16,29 +16,10 @@ import pytest
 from mlflow import MlflowClient
 
 from serving import create_app
-from tests.conftest import ref
+from tests.conftest import client_of, ref
 from training.estimators import ESTIMATORS
 
-TOKEN = "training-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PHASES = ("validating", "fitting", "evaluating", "converting", "registering")
-
-
-@pytest.fixture
-def app_config(app_config) -> dict:
-    """Every app here has an explicit token (management endpoints need one)."""
-    return {**app_config, "API_TOKEN": TOKEN}
-
-
-def authorized(app):
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
-    return client
-
-
-@pytest.fixture
-def client(app):
-    return authorized(app)
 
 
 SMALL = {
@@ -236,7 +217,7 @@ def test_bad_training_request_is_400_and_registers_nothing(client, store, body, 
 
 def test_oversized_data_is_400(store, app_config):
     app = create_app({**app_config, "TRAIN_MAX_ROWS": 50, "TRAIN_MAX_COLUMNS": 3})
-    client = authorized(app)
+    client = client_of(app)
     many_rows = client.post("/train", json={"estimator": "SVC", "data": customer_rows(60), "target": "churned"})
     assert many_rows.status_code == 400
     assert "at most 50" in json.dumps(many_rows.json["errors"])
@@ -261,7 +242,7 @@ def slow_job(**extra) -> dict:
 
 def test_jobs_beyond_capacity_wait_queued_then_429(store, app_config):
     app = create_app({**app_config, "TRAIN_WORKER_CONCURRENCY": 1, "TRAIN_MAX_QUEUED": 1})
-    client = authorized(app)
+    client = client_of(app)
     slot = Path(app_config["STATE_DIR"]) / "train-slots" / "slot-0.lock"
     slot.parent.mkdir(parents=True, exist_ok=True)
     with open(slot, "a") as held:  # a running job holds the machine's only slot
@@ -315,7 +296,7 @@ def test_reading_a_job_writes_nothing(client, store):
 
 def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     app = create_app({**app_config, "TRAIN_TIME_LIMIT_SECONDS": 1})
-    client = authorized(app)
+    client = client_of(app)
     before = version_count(store)
     response = client.post("/train", json=slow_job())
     job = wait_done(client, response.json["location"])
@@ -335,7 +316,7 @@ def _fitting_pid(tracking, run_id: str) -> int:
 
 def test_killed_job_is_reported_failed(store, app_config):
     app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 1})
-    client = authorized(app)
+    client = client_of(app)
     before = version_count(store)
     location = client.post("/train", json=slow_job()).json["location"]
     run_id = location.rsplit("/", 1)[1]
@@ -352,7 +333,7 @@ def test_killed_job_is_reported_failed(store, app_config):
 
 def test_killed_attempt_is_retried_and_registers_one_version(store, app_config):
     app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 2})
-    client = authorized(app)
+    client = client_of(app)
     body = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 60}, "dataset": "digits",
             "activate": False, "model_name": "digits-retried"}  # fmt: skip
     location = client.post("/train", json=body).json["location"]
