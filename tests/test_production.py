@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import AUTH, DEFAULT_NAME, IRIS_ROW, ROOT, ref
+from tests.conftest import AUTH, DEFAULT_NAME, ROOT, ref
 from tests.servers import S3Server, Service, create_database, drop_database, require_postgres, start_mlflow_server
 
 BUCKET = "mlflow-artifacts"
@@ -63,9 +63,14 @@ def train_cli(stack, *args) -> dict:
     return json.loads(done.stdout)["model"]
 
 
+# Between versicolor and virginica: the two versions swapped below give it different probabilities (on a
+# clear setosa row both answer 1.0), so an answer mixing them would show.
+BORDER_ROW = {"sepal_length_cm": 6.0, "sepal_width_cm": 2.7, "petal_length_cm": 5.1, "petal_width_cm": 1.6}
+
+
 def predict(url: str) -> requests.Response:
     # A new connection per request, so the kernel spreads them over the workers.
-    return requests.post(f"{url}/predict", json=IRIS_ROW, timeout=30, headers={"Connection": "close"})
+    return requests.post(f"{url}/predict", json=BORDER_ROW, timeout=30, headers={"Connection": "close"})
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +114,7 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
         session = requests.Session()
         while not done.is_set() and time.monotonic() < stop_at:
             try:
-                answer = session.post(f"{url}/predict", json=IRIS_ROW, timeout=30)
+                answer = session.post(f"{url}/predict", json=BORDER_ROW, timeout=30)
                 body = answer.json()
                 ok = answer.status_code == 200
                 mixed = ok and body["probabilities"][0] != expected[body["model"]["name"]]
