@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     BOOTSTRAP_DEFAULT_MODEL: Flag = Field(True, description="train the default model on a first start with an empty registry (role `all` only)")
     STATE_DIR: str = Field("", description="this machine's model cache, active-model pointer, jobs and generated API token (default: `serving-state/` beside the SQLite file, or under the temp folder)")
     ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often a worker checks the registry for a swap made on another instance")
-    WATCH_REGISTRY: Flag = Field(True, description="poll the registry in a background thread (gunicorn.conf.py turns it off in a preloading master)")
+    WATCH_REGISTRY: Flag = Field(True, description="poll the registry, and start again local training jobs whose process died, in background threads (gunicorn.conf.py turns it off in a preloading master; each worker starts them)")
     START_MODEL_STORE: Flag = Field(True, description="load the active model at start (tests turn it off)")
     MLFLOW_HTTP_REQUEST_TIMEOUT: Positive = Field(5, description="seconds for one call to a tracking server")
     MLFLOW_HTTP_REQUEST_MAX_RETRIES: Count = Field(2, description="retries of a failed call to a tracking server")

@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def after_fork(app: Flask) -> None:
-    """Drop the MLflow connections inherited from the master and start this worker's model watcher.
+    """Drop the MLflow connections inherited from the master; start this worker's model watcher and job sweeper.
 
     A socket or database connection shared by several processes mixes their traffic; each worker
     opens its own. Threads do not survive fork, so the watcher is started here, once per worker.
@@ -23,6 +23,9 @@ def after_fork(app: Flask) -> None:
     if store is not None:
         warm_up(app, store)
         store.start_watcher()
+    executor = app.extensions.get("train_executor")
+    if hasattr(executor, "start_sweeper"):  # the local executor: start again jobs whose process died
+        executor.start_sweeper()
 
 
 def warm_up(app: Flask, store) -> None:

@@ -22,6 +22,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from serving.config import Settings
 from tests.conftest import ROOT, free_port, ref
 from tests.servers import LoggedProcess, Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
@@ -292,7 +293,7 @@ def test_a_job_runs_through_sqs(stack, tmp_path):  # noqa: F811 - the imported f
            "AWS_DEFAULT_REGION": S3_ENV["AWS_DEFAULT_REGION"]}  # fmt: skip
     worker = Worker("sqs", env, tmp_path).start()
     try:
-        config = {key: value for key, value in env.items() if key not in ("OMP_NUM_THREADS",)}
+        config = {key: value for key, value in env.items() if key in Settings.model_fields}  # the rest is process env
         config.update(STATE_DIR=str(tmp_path / "api"), WATCH_REGISTRY=False, START_MODEL_STORE=False)
         config["TRAIN_TIME_LIMIT_SECONDS"] = TIME_LIMIT
         config["TRAIN_WORKER_CONCURRENCY"] = 1

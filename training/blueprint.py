@@ -105,19 +105,26 @@ def job_status(job_id: str):
     return job
 
 
-def _executor(config: dict):
+def _executor(config: dict, registry):
     if config["TRAIN_EXECUTOR"] == "celery":
         from training.celery_app import CeleryExecutor
 
         return CeleryExecutor(config)
     from training.worker import LocalExecutor
 
-    return LocalExecutor(config)
+    return LocalExecutor(config, registry)
 
 
 def register_training(app: Flask) -> None:
-    """Add the training endpoints to the app and to its OpenAPI document."""
-    app.extensions["train_executor"] = _executor(app.config)
+    """Add the training endpoints to the app and to its OpenAPI document.
+
+    The local executor's sweeper (jobs whose process died start again) runs where the registry
+    watcher does: here unless WATCH_REGISTRY is off, and in each gunicorn worker after the fork.
+    """
+    executor = _executor(app.config, app.extensions["registry"])
+    app.extensions["train_executor"] = executor
+    if app.config["WATCH_REGISTRY"] and hasattr(executor, "start_sweeper"):
+        executor.start_sweeper()
     app.register_blueprint(bp)
     app.extensions.setdefault("openapi_extenders", []).append(_document)
 

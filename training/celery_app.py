@@ -4,7 +4,10 @@ A worker (`make worker`, i.e. `python -m training.celery_worker`) takes one job 
 time (prefetch 1), acknowledges it only once it has finished (acks late), and hands it back to
 the broker if its process dies (reject on worker lost); a worker machine that vanishes has its
 job redelivered after the broker's visibility timeout, which is longer than the hard time limit.
-The task is `training.jobs.execute_job`, the same function the local executor runs.
+The task is `training.jobs.execute_job`, the same function the local executor runs. A delivery that
+finds another attempt still beating (a redelivery while its first taker works) looks again after a lease;
+one that cannot reach the tracking server, which holds the job's record, tries again every
+REGISTRY_RETRY_SECONDS: neither loses the job.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Regi
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
 from mlflow.utils import request_utils
 
-from serving.registry import registry_from_config
-from training.jobs import ExecutorUnavailable, execute_job, fail_job, time_limit_error
+from serving.registry import RegistryUnavailable, registry_from_config, translate_errors
+from training.jobs import LEASE_SECONDS, ExecutorUnavailable, execute_job, fail_job, time_limit_error
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "training.run_job"
+REGISTRY_RETRY_SECONDS = 15  # how often a job whose record is out of reach (tracking server down) tries again
 
 
 def hard_time_limit(seconds: int) -> int:
@@ -87,13 +91,20 @@ def make_celery(config: dict) -> Celery:
         accept_content=["json"],
     )
 
-    @app.task(name=TASK_NAME, bind=True, Request=JobRequest)
+    @app.task(name=TASK_NAME, bind=True, Request=JobRequest, max_retries=None)
     def run_job(task, job_id: str) -> str:
         settings = task.app.conf.training_config
         worker = f"{task.request.hostname}:{os.getpid()}"
         registry = registry_from_config(settings)
         limit = settings["TRAIN_TIME_LIMIT_SECONDS"]
-        return execute_job(registry, job_id, settings["TRAIN_MAX_ATTEMPTS"], worker, limit)
+        try:
+            outcome = translate_errors(execute_job)(registry, job_id, settings["TRAIN_MAX_ATTEMPTS"], worker, limit)
+        except RegistryUnavailable as exc:  # the job's record is out of reach: keep the job, try again later
+            log.warning("job %s: %s; trying again in %d s", job_id, exc, REGISTRY_RETRY_SECONDS)
+            raise task.retry(countdown=REGISTRY_RETRY_SECONDS, exc=exc) from None
+        if outcome == "busy":  # redelivered while its first taker still works: look again once its lease ends
+            raise task.retry(countdown=LEASE_SECONDS)
+        return outcome
 
     return app
 

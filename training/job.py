@@ -100,7 +100,11 @@ def run_training(
         tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
         on_phase("converting")  # log_model_version compiles the ONNX form and checks it
         ref = log_model_version(registry, model, train_x, model_name, tags, metrics, holdout=test_x)
-        on_phase("registering")
+        try:
+            on_phase("registering")  # the job may have been taken over meanwhile: then this version goes
+        except Exception:
+            registry.delete_model_version(ref)
+            raise
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         if spec.activate:
             # Recorded first, so a job that dies after this point can hand the previous model back.

@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
 import warnings
 
 from mlflow.entities import DatasetInput, InputTag, RunStatus, RunTag
@@ -182,12 +184,104 @@ def load_job_dataset(registry: Registry, job_id: str, reference: dict) -> Datase
     return Dataset(reference["name"], features, labels, reference["source"], reference["digest"])
 
 
-def execute_job(registry: Registry, job_id: str, max_attempts: int, worker: str, time_limit: int) -> str:
-    """Run one attempt of a job, wherever it runs; returns its final status (or "skipped").
+HEARTBEAT_SECONDS = 5.0
+# A running attempt not heard from for this long is lost: another may take the job over. It also bounds how
+# long an attempt goes on without the tracking server, where it can record nothing.
+LEASE_SECONDS = 30.0
 
-    A job already finished (a message delivered twice) is left alone. A job with an earlier
-    attempt that never finished lost its worker: that attempt is recorded and whatever it
-    registered removed; then the job runs again, or fails once `max_attempts` were used.
+
+class Superseded(Exception):
+    """Another attempt has taken the job over: this one records nothing more."""
+
+
+def _abandon(job_id: str) -> None:
+    """The attempt lost the tracking server for a whole lease: end its process, as a killed one would end.
+
+    The executor then treats it as lost (Celery hands the job back to the broker; the local executor's
+    sweeper starts it again), and the next attempt, once the tracking server answers, records this one.
+    """
+    log.error("job %s: the tracking server was unreachable for %.0f s; abandoning this attempt", job_id, LEASE_SECONDS)
+    logging.shutdown()
+    os._exit(75)
+
+
+class Heartbeat:
+    """The running attempt's pulse, from its own thread: `job.heartbeat_at` every HEARTBEAT_SECONDS.
+
+    Each beat also reads who owns the job: once `job.attempt_id` names another attempt, `superseded`
+    is set and the job stops at its next phase. A beat that cannot reach the tracking server counts
+    against the lease; a whole lease without one calls `on_lost_contact`.
+    """
+
+    def __init__(self, registry: Registry, job_id: str, attempt_id: str, on_lost_contact=_abandon):
+        self.registry, self.job_id, self.attempt_id, self.on_lost_contact = (
+            registry,
+            job_id,
+            attempt_id,
+            on_lost_contact,
+        )
+        self.superseded = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_SECONDS + 10)
+
+    def _run(self) -> None:
+        heard = time.monotonic()
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                owner = self.registry.client.get_run(self.job_id).data.tags.get("job.attempt_id")
+                if owner != self.attempt_id:
+                    log.warning("job %s: attempt %s was superseded by %s", self.job_id, self.attempt_id, owner)
+                    self.superseded.set()
+                    return
+                mark_job(self.registry, self.job_id, heartbeat_at=repr(time.time()))
+                heard = time.monotonic()
+            except Exception as exc:
+                log.warning("job %s: heartbeat failed: %s", self.job_id, exc)
+                if time.monotonic() - heard >= LEASE_SECONDS and not self._stop.is_set():
+                    self.on_lost_contact(self.job_id)
+                    return
+
+    def check(self) -> None:
+        """Raise Superseded if another attempt owns the job now (read afresh, not only the last beat)."""
+        if self.superseded.is_set():
+            raise Superseded(self.job_id)
+        if self.registry.client.get_run(self.job_id).data.tags.get("job.attempt_id") != self.attempt_id:
+            self.superseded.set()
+            raise Superseded(self.job_id)
+
+
+def heartbeat_age(tags: dict, now: float | None = None) -> float | None:
+    """Seconds since the running attempt was last heard from (its start counts), or None if never."""
+    last = max((float(tags[key]) for key in ("job.heartbeat_at", "job.started_at") if key in tags), default=None)
+    return None if last is None else (now or time.time()) - last
+
+
+def execute_job(
+    registry: Registry,
+    job_id: str,
+    max_attempts: int,
+    worker: str,
+    time_limit: int,
+    previous_lost: bool = False,
+    on_lost_contact=_abandon,
+) -> str:
+    """Run one attempt of a job, wherever it runs; returns its final status, "skipped" or "busy".
+
+    A job already finished (a message delivered twice) is left alone ("skipped"). A job whose
+    attempt is still running and was heard from within LEASE_SECONDS is left to it ("busy": a
+    broker redelivered the message while its first taker still works); `previous_lost` says the
+    caller knows that attempt's process is gone. Otherwise an earlier attempt that never finished
+    is lost: it is recorded and whatever it registered removed; then the job runs again, or fails
+    once `max_attempts` were used. While it runs, the attempt beats (`Heartbeat`), and it stops
+    without writing more as soon as another attempt owns the job.
     """
     from billiard.exceptions import SoftTimeLimitExceeded
 
@@ -196,6 +290,12 @@ def execute_job(registry: Registry, job_id: str, max_attempts: int, worker: str,
     if tags.get("job.status") in FINAL:
         log.warning("job %s already %s; not running it again", job_id, tags["job.status"])
         return "skipped"
+    if tags.get("job.status") == "running" and not previous_lost:
+        age = heartbeat_age(tags)
+        if age is not None and age < LEASE_SECONDS:
+            log.warning("job %s: attempt %s on %s was heard from %.1f s ago; leaving the job to it", job_id,
+                        tags.get("job.attempt"), tags.get("job.worker"), age)  # fmt: skip
+            return "busy"
     attempt = int(tags.get("job.attempt", "0")) + 1
     if attempt > 1:
         lost = f"Attempt {attempt - 1} on {tags.get('job.worker', 'a worker')} was lost: its process ended without reporting (killed or crashed)."
@@ -204,11 +304,14 @@ def execute_job(registry: Registry, job_id: str, max_attempts: int, worker: str,
             fail_job(registry, job_id, f"{lost} No attempts left (TRAIN_MAX_ATTEMPTS={max_attempts}).")
             return "failed"
         mark_job(registry, job_id, lost=lost)
+    attempt_id = uuid.uuid4().hex
     now = repr(time.time())
-    mark_job(registry, job_id, "running", attempt=attempt, worker=worker, pid=os.getpid(), started_at=now,
-             phase="validating", phase_started_at=now)  # fmt: skip
+    mark_job(registry, job_id, "running", attempt=attempt, attempt_id=attempt_id, worker=worker, pid=os.getpid(),
+             started_at=now, heartbeat_at=now, phase="validating", phase_started_at=now)  # fmt: skip
+    heartbeat = Heartbeat(registry, job_id, attempt_id, on_lost_contact).start()
 
     def on_phase(phase: str) -> None:
+        heartbeat.check()
         mark_job(registry, job_id, phase=phase, phase_started_at=repr(time.time()))
 
     request = json.loads(tags["job.request"])
@@ -218,12 +321,23 @@ def execute_job(registry: Registry, job_id: str, max_attempts: int, worker: str,
         dataset = load_job_dataset(registry, job_id, reference)
         result = run_training(registry, spec, dataset, run_id=job_id, on_phase=on_phase,
                               log_dataset="builtin" in reference)  # fmt: skip
-    except SoftTimeLimitExceeded:
-        fail_job(registry, job_id, time_limit_error(time_limit))
-        return "failed"
+        heartbeat.stop()
+        heartbeat.check()
     except Exception as exc:
-        log.exception("job %s failed", job_id)
-        fail_job(registry, job_id, f"{type(exc).__name__}: {exc}")
+        heartbeat.stop()
+        try:
+            if not isinstance(exc, Superseded):
+                heartbeat.check()  # a failure is recorded only by the attempt that still owns the job
+        except Superseded:
+            exc = Superseded(job_id)
+        if isinstance(exc, Superseded):
+            log.warning("job %s: another attempt owns it now; attempt %s stops and records nothing", job_id, attempt)
+            return "superseded"
+        if isinstance(exc, SoftTimeLimitExceeded):
+            fail_job(registry, job_id, time_limit_error(time_limit))
+        else:
+            log.exception("job %s failed", job_id)
+            fail_job(registry, job_id, f"{type(exc).__name__}: {exc}")
         return "failed"
     mark_job(registry, job_id, "succeeded", activated=result["activated"], finished_at=repr(time.time()))
     return "succeeded"
@@ -284,6 +398,8 @@ def get_job(registry: Registry, job_id: str) -> dict:
         job["phase"] = tags.get("job.phase")
         job["phase_elapsed_seconds"] = _seconds(now, float(tags.get("job.phase_started_at", now)))
         job["elapsed_seconds"] = _seconds(now, times.get("started_at"))
+        age = heartbeat_age(tags, now)
+        job["heartbeat_age_seconds"] = round(age, 3) if age is not None else None
     else:
         job["finished_at"] = _iso(int(times["finished_at"] * 1000)) if "finished_at" in times else None
         job["elapsed_seconds"] = _seconds(times.get("finished_at"), times.get("started_at"))

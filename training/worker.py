@@ -6,35 +6,66 @@ one of this machine's TRAIN_WORKER_CONCURRENCY slots (the job reads `queued` mea
 the same `execute_job` a Celery worker runs, in Celery's own process pool (billiard) with the same
 soft and hard time limits: a lost process is retried like a redelivered message (TRAIN_MAX_ATTEMPTS),
 a process past the hard limit is killed and its job recorded failed.
+
+What a broker's redelivery does for Celery, the sweeper does here: each job's process holds its
+lock file (`STATE_DIR/jobs/<id>.lock`) for as long as it lives, so a free lock of an unfinished job
+means its processes are gone (killed, a restart, a power cut). Every serving worker sweeps every
+SWEEP_SECONDS and starts such a job again; its next attempt records the lost one, then retries it or
+fails it (TRAIN_MAX_ATTEMPTS). Only the job's own process writes its record.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from serving.config import PROJECT_ROOT, load_config
-from training.jobs import ExecutorUnavailable
+from serving.registry import ModelNotFound, RegistryUnavailable, translate_errors
+from training.jobs import FINAL, ExecutorUnavailable
+
+log = logging.getLogger(__name__)
 
 SLOT_POLL_SECONDS = 0.5
+SWEEP_SECONDS = 10.0
+# A lock file younger than this is left alone: its process may still be starting (or was just started again).
+RELAUNCH_SECONDS = 30.0
+
+
+def job_lock_path(state_dir: Path, job_id: str) -> Path:
+    return Path(state_dir) / "jobs" / f"{job_id}.lock"
+
+
+def try_lock(path: Path):
+    """The open file, locked, or None if a living process holds it."""
+    handle = open(path, "a")  # noqa: SIM115 - held for the job's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return handle
+    except BlockingIOError:
+        handle.close()
+        return None
 
 
 class LocalExecutor:
-    """Starts each job in a detached process on this machine."""
+    """Starts each job in a detached process on this machine, and starts again any whose process died."""
 
-    def __init__(self, config: dict):
-        self.config = config
+    def __init__(self, config: dict, registry):
+        self.config, self.registry = config, registry
         # The job's process gets this app's settings (a test's overrides included), by their names.
         self.settings = {name: str(config[name]) for name in load_config() if config.get(name) is not None}
+        self._sweeper = None
 
     def send(self, job_id: str) -> None:
         """Start the job's process; ExecutorUnavailable if it cannot start."""
         folder = Path(self.config["STATE_DIR"]) / "jobs"
         folder.mkdir(parents=True, exist_ok=True)
+        job_lock_path(self.config["STATE_DIR"], job_id).touch()  # the sweeper's record that this machine runs it
         env = {**os.environ, **self.settings, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
         try:
             with open(folder / f"{job_id}.log", "w") as output:
@@ -43,7 +74,59 @@ class LocalExecutor:
                                stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True,
                                timeout=30, start_new_session=True)  # fmt: skip
         except (subprocess.SubprocessError, OSError) as exc:
+            job_lock_path(self.config["STATE_DIR"], job_id).unlink(missing_ok=True)
             raise ExecutorUnavailable(f"the job's process could not start: {exc}") from exc
+
+    def recover(self) -> list[str]:
+        """Start again each unfinished job of this machine whose processes are gone; returns their ids."""
+        started = []
+        for path in sorted((Path(self.config["STATE_DIR"]) / "jobs").glob("*.lock")):
+            job_id = path.stem
+            try:
+                if time.time() - path.stat().st_mtime < RELAUNCH_SECONDS:
+                    continue
+                handle = try_lock(path)
+            except FileNotFoundError:  # its job just finished
+                continue
+            if handle is None:  # its process is alive
+                continue
+            try:
+                status = translate_errors(self.registry.client.get_run)(job_id).data.tags.get("job.status")
+            except ModelNotFound:  # the job's run is gone: nothing to run
+                status = "failed"
+            except RegistryUnavailable:  # the job cannot run without its record either: later
+                handle.close()
+                return started
+            if status in FINAL:
+                path.unlink(missing_ok=True)
+                handle.close()
+                continue
+            os.utime(path)  # at most one start per RELAUNCH_SECONDS, whichever serving worker sweeps
+            handle.close()
+            log.warning("training job %s lost its process on this machine; starting it again", job_id)
+            try:
+                self.send(job_id)
+            except ExecutorUnavailable as exc:
+                log.error("could not start job %s again: %s", job_id, exc)
+                continue
+            started.append(job_id)
+        return started
+
+    def start_sweeper(self) -> None:
+        """Sweep now and every SWEEP_SECONDS in a daemon thread (once per process; again after a fork)."""
+        if self._sweeper is not None and self._sweeper.is_alive():
+            return
+
+        def sweep_forever() -> None:
+            while True:
+                try:
+                    self.recover()
+                except Exception:  # the sweeper must outlive any one failure
+                    log.exception("sweeping training jobs failed")
+                time.sleep(SWEEP_SECONDS)
+
+        self._sweeper = threading.Thread(target=sweep_forever, name="training-job-sweeper", daemon=True)
+        self._sweeper.start()
 
 
 def wait_for_slot(state_dir: Path, slots: int):
@@ -52,12 +135,9 @@ def wait_for_slot(state_dir: Path, slots: int):
     folder.mkdir(parents=True, exist_ok=True)
     while True:
         for index in range(slots):
-            handle = open(folder / f"slot-{index}.lock", "a")  # noqa: SIM115 - held for the job's life
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle = try_lock(folder / f"slot-{index}.lock")
+            if handle is not None:
                 return handle
-            except BlockingIOError:
-                handle.close()
         time.sleep(SLOT_POLL_SECONDS)
 
 
@@ -68,11 +148,15 @@ def _attempt(config: dict, job_id: str) -> str:
 
     registry = registry_from_config(config)
     limit = config["TRAIN_TIME_LIMIT_SECONDS"]
-    return execute_job(registry, job_id, config["TRAIN_MAX_ATTEMPTS"], worker_name(), limit)
+    # previous_lost: this process holds the job's lock, so no other process of this machine runs it
+    return execute_job(registry, job_id, config["TRAIN_MAX_ATTEMPTS"], worker_name(), limit, previous_lost=True)
 
 
-def run_job(config: dict, job_id: str) -> None:
-    """Run the job's attempts in a billiard pool, one fresh process each, with Celery's time limits."""
+def run_job(config: dict, job_id: str) -> str:
+    """Run the job's attempts in a billiard pool, one fresh process each, with Celery's time limits.
+
+    Returns the job's final status, or "skipped" if it had already finished.
+    """
     from billiard.exceptions import TimeLimitExceeded, WorkerLostError
     from billiard.pool import Pool
 
@@ -84,13 +168,12 @@ def run_job(config: dict, job_id: str) -> None:
     for _ in range(config["TRAIN_MAX_ATTEMPTS"] + 1):  # the last one records the lost attempts and fails
         pool = Pool(1, maxtasksperchild=1, soft_timeout=limit, timeout=hard_time_limit(limit), lost_worker_timeout=1)
         try:
-            pool.apply_async(_attempt, (config, job_id)).get()
-            return
+            return pool.apply_async(_attempt, (config, job_id)).get()
         except Exception as wrapped:  # billiard hands the pool's own errors over wrapped, with their traceback
             error = getattr(wrapped, "exc", wrapped)
             if isinstance(error, TimeLimitExceeded):  # killed at the hard limit: it could not record that itself
                 fail_job(registry_from_config(config), job_id, time_limit_error(limit))
-                return
+                return "failed"
             if not isinstance(error, WorkerLostError):
                 raise
             # the process died: the next attempt records the lost one, then retries or fails the job
@@ -101,11 +184,19 @@ def run_job(config: dict, job_id: str) -> None:
 def main(job_id: str) -> None:
     os.nice(10)  # training yields the CPU to the serving workers of the same machine
     config = load_config()
+    path = job_lock_path(config["STATE_DIR"], job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    job_lock = try_lock(path)  # held, through the pool's processes too, until the job's last process ends
+    if job_lock is None:
+        return  # another process of this machine runs the job (the sweeper started it twice)
     slot = wait_for_slot(Path(config["STATE_DIR"]), config["TRAIN_WORKER_CONCURRENCY"])
     try:
-        run_job(config, job_id)
+        outcome = run_job(config, job_id)
     finally:
         slot.close()
+    if outcome in (*FINAL, "skipped"):
+        path.unlink(missing_ok=True)  # finished: nothing left for the sweeper
+    job_lock.close()
 
 
 if __name__ == "__main__":
