@@ -147,10 +147,21 @@ def check_token() -> None:
     if rule is None:  # an unmatched URL or method: 404/405 as usual
         return
     tokens: Tokens = current_app.extensions["auth"]
-    if any(rule.rule == prefix or rule.rule.startswith(prefix + "/") for prefix in MANAGEMENT_RULES):
+    if _is_management(rule.rule):
         _require(tokens.management, "the service's API token (`make token` prints it)")
     elif rule.rule in PREDICT_RULES:
         _require(tokens.predict, "PREDICT_TOKEN")
+
+
+def _is_management(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in MANAGEMENT_RULES)
+
+
+def needs_token(path: str, tokens: Tokens) -> bool:
+    """Whether the endpoint at `path` (a URL rule or an OpenAPI path) asks for a token with these settings."""
+    if _is_management(path):
+        return tokens.management is not None
+    return path in PREDICT_RULES and tokens.predict is not None
 
 
 def _require(token: str | None, which: str) -> None:

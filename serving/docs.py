@@ -7,6 +7,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Response, current_app, request, send_from_directory
 
 from serving import schemas
+from serving.auth import needs_token
 
 bp = Blueprint("docs", __name__)
 
@@ -126,14 +127,17 @@ def _row_schema(model) -> dict:
     }
 
 
-def _complete(document: dict) -> dict:
-    """Declare the answers every operation shares: 405; 400/413/415 with a body; 401 behind the token."""
-    for operations in document["paths"].values():
+def _complete(document: dict, tokens) -> dict:
+    """Declare the answers every operation shares: 405; 400/413/415 with a body; the token and its 401
+    wherever these settings ask for one (the management endpoints unless API_AUTH=off; /predict and
+    /invocations with PREDICT_TOKEN)."""
+    for path, operations in document["paths"].items():
         for operation in operations.values():
             extra = dict(_COMMON)
             if "requestBody" in operation:
                 extra.update(_WITH_BODY)
-            if operation.get("security"):
+            if needs_token(path, tokens):
+                operation["security"] = [{"bearer": []}]
                 extra.update(_WITH_TOKEN)
             for status, description in extra.items():
                 operation["responses"].setdefault(status, {"description": description, "content": _ERROR_CONTENT})
@@ -159,7 +163,6 @@ def build_spec(app, model=None) -> dict:
     if "/predict" in rules:
         row = _row_schema(model) if model else {"type": "object", "additionalProperties": True}
         batch = {"type": "object", "properties": {"records": {"type": "array", "items": row}}, "required": ["records"]}
-        predict_security = [{"bearer": []}] if app.config.get("PREDICT_TOKEN") else []
         spec.path(
             "/ready",
             operations={
@@ -176,7 +179,6 @@ def build_spec(app, model=None) -> dict:
                     "summary": "Predict class labels and probabilities",
                     "description": 'One row as an object, many as {"records": [...]}; MLflow\'s '
                     "dataframe_split, dataframe_records, instances and inputs bodies are accepted too.",
-                    **({"security": predict_security} if predict_security else {}),
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -205,7 +207,6 @@ def build_spec(app, model=None) -> dict:
             operations={
                 "post": {
                     "summary": "Serve another registered version (every worker and instance)",
-                    "security": [{"bearer": []}],
                     "requestBody": _body("UseModelRequest", {"name": "iris-RandomForestClassifier", "version": "1"}),
                     "responses": {
                         "200": _ok("now serving", "UseModelResponse"),
@@ -238,7 +239,7 @@ def build_spec(app, model=None) -> dict:
             }
         },
     )
-    return _complete(spec.to_dict())
+    return _complete(spec.to_dict(), current_app.extensions["auth"])
 
 
 @bp.get("/openapi.json")

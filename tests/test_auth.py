@@ -237,3 +237,24 @@ def test_openapi_declares_the_token_on_exactly_the_management_endpoints(client):
             assert (operation.get("security") == [{"bearer": []}]) == management, (method, path)
             if management:
                 assert "401" in operation["responses"], (method, path)
+
+
+@pytest.mark.parametrize(
+    ("settings", "guarded"),
+    [
+        ({"PREDICT_TOKEN": "p-token"}, {"/train", "/train/jobs/{job_id}", "/use-model", "/predict", "/invocations"}),
+        ({"API_AUTH": "off", "API_TOKEN": None}, set()),
+        ({"API_AUTH": "off", "API_TOKEN": None, "PREDICT_TOKEN": "p-token"}, {"/predict", "/invocations"}),
+    ],
+)
+def test_openapi_declares_the_token_where_these_settings_ask_for_one(app_config, settings, guarded):
+    """The document follows the settings: what a client must send is what the document says, no more."""
+    config = {**app_config, **settings}
+    client = create_app({k: v for k, v in config.items() if v is not None}).test_client()
+    paths = client.get("/openapi.json").json["paths"]
+    declared = {path for path, operations in paths.items() if any(op.get("security") for op in operations.values())}
+    assert declared == guarded
+    for path in guarded:
+        assert "401" in paths[path]["post" if "jobs" not in path else "get"]["responses"], path
+    for path in paths.keys() - guarded:  # and no 401 where nothing asks for a token
+        assert all("401" not in op["responses"] for op in paths[path].values()), path
