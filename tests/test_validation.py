@@ -49,12 +49,25 @@ BAD_BODIES = {
 }
 
 
-def check_bad(client, response, field):
+def error_keys(errors) -> set:
+    """Every key of the `errors` object, at any depth (a batch's errors nest by row)."""
+    if isinstance(errors, dict):
+        return set(errors) | {key for value in errors.values() for key in error_keys(value)}
+    if isinstance(errors, list):
+        return {key for value in errors for key in error_keys(value)}
+    return set()
+
+
+def check_bad(client, response, field, top=None):
+    """400 invalid_input whose `errors` has `field` as a key (and `top` as its top-level key, if given),
+    and whose example is accepted when sent back as-is."""
     assert response.status_code == 400, response.json
     body = response.json
     assert body["error"] == "invalid_input"
     assert body["message"]
-    assert field in json.dumps(body["errors"])
+    assert field in error_keys(body["errors"]), body["errors"]
+    if top is not None:
+        assert list(body["errors"]) == [top], body["errors"]
     example = body["example"]
     assert set(example) == set(IRIS_ROW)
     assert client.post("/predict", json=example).status_code == 200
@@ -63,7 +76,8 @@ def check_bad(client, response, field):
 @pytest.mark.parametrize("name", BAD_BODIES)
 def test_bad_body_is_400_with_sendable_example(client, name):
     body, field = BAD_BODIES[name]
-    check_bad(client, client.post("/predict", json=body), field)
+    batch_key = field in ("records", "instances", "dataframe_records", "dataframe_split", "inputs")
+    check_bad(client, client.post("/predict", json=body), field, top=field if batch_key else None)
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -113,7 +127,8 @@ def test_over_size_limit_is_413(client, app):
 def test_too_many_rows_is_400(client, app):
     app.config["MAX_BATCH_ROWS"] = 10
     response = client.post("/predict", json={"records": [IRIS_ROW] * 11})
-    check_bad(client, response, "at most 10")
+    check_bad(client, response, "records")
+    assert "at most 10" in json.dumps(response.json["errors"]["records"])
 
 
 def test_example_is_a_real_training_row(app):
