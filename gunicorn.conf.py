@@ -16,16 +16,17 @@ os.environ.setdefault("HOST", "127.0.0.1")  # the app's Host check (serving/auth
 from serving.config import settings_or_exit  # noqa: E402
 
 settings = settings_or_exit()  # an invalid setting stops gunicorn here, in one line, before anything forks
-bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Every value below comes from the checked settings (serving/config.py), not from the raw environment.
+bind = f"{settings.HOST or '127.0.0.1'}:{settings.PORT}"
+workers = settings.WEB_CONCURRENCY
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+threads = settings.GUNICORN_THREADS
 preload_app = settings.GUNICORN_PRELOAD
 if preload_app:
     os.environ["WATCH_REGISTRY"] = "false"  # the master does not watch; each worker does, after the fork
 # A first start on an empty registry trains the default model inside one worker's start-up.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+timeout = settings.GUNICORN_TIMEOUT
+graceful_timeout = settings.GUNICORN_GRACEFUL_TIMEOUT
 keepalive = 5
 # gunicorn 26's control socket has one default path per user ($HOME/.gunicorn/gunicorn.ctl): every instance
 # on a machine (two services, the tests' servers) would share it, and a command meant for one reaches
@@ -33,11 +34,11 @@ keepalive = 5
 control_socket_disable = True
 # A recycle is a safety valve against slow leaks, not a routine: at a few thousand answers a second,
 # 5000 meant a new worker every few seconds. `make soak` shows a worker's memory flat without it.
-max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "200000"))
-max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "20000"))
+max_requests = settings.GUNICORN_MAX_REQUESTS
+max_requests_jitter = settings.GUNICORN_MAX_REQUESTS_JITTER
 accesslog = None  # the app logs one line per request itself, with model version and request id (serving/logs.py)
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = settings.LOG_LEVEL
 
 # One BLAS/OpenMP thread per worker: the workers are the parallelism; more threads only contend.
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -51,7 +52,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 # variables above are set: importing the package loads numpy.
 from serving.logs import gunicorn_logconfig  # noqa: E402
 
-logconfig_dict = gunicorn_logconfig(os.environ.get("LOG_FORMAT", "json"), loglevel, (os.environ.get("API_TOKEN", ""),))
+_secrets = tuple(t.get_secret_value() for t in (settings.API_TOKEN, settings.PREDICT_TOKEN) if t is not None)
+logconfig_dict = gunicorn_logconfig(settings.LOG_FORMAT, loglevel, _secrets)
 
 
 def on_starting(server):

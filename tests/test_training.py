@@ -366,3 +366,58 @@ def test_train_needs_the_token_when_configured(store, app_config):
     response = app.test_client().post("/train", json={"estimator": "GaussianNB", "dataset": "iris"})
     assert response.status_code == 401
     assert app.test_client().get(f"/train/jobs/{'0' * 32}").status_code == 401
+
+
+# ---- concurrent attempts of one job (a broker's redelivery while the first taker still works) -----------
+def _new_job(registry, estimator="DecisionTreeClassifier", dataset="iris", **params) -> str:
+    from training.job import TrainingSpec
+    from training.jobs import create_job
+
+    return create_job(registry, TrainingSpec(estimator, params, activate=False), dataset, max_queued=100)
+
+
+def test_a_redelivery_while_the_attempt_beats_leaves_the_job_to_it(store):
+    """A second delivery finds attempt 1 heard from within the lease: it writes nothing and says busy;
+    once the lease has passed without a beat, the next delivery takes over and records the lost one."""
+    from training.jobs import LEASE_SECONDS, execute_job, mark_job
+
+    registry = store["registry"]
+    job_id = _new_job(registry)
+    beat = time.time() - 2
+    mark_job(registry, job_id, "running", attempt=1, attempt_id="first", worker="elsewhere:1",
+             started_at=repr(beat), heartbeat_at=repr(beat))  # fmt: skip
+    before = registry.client.get_run(job_id).data.tags
+    assert execute_job(registry, job_id, 2, "here:2", 60) == "busy"
+    assert registry.client.get_run(job_id).data.tags == before
+
+    stale = repr(time.time() - LEASE_SECONDS - 1)
+    mark_job(registry, job_id, started_at=stale, heartbeat_at=stale)
+    assert execute_job(registry, job_id, 2, "here:2", 60) == "succeeded"
+    tags = registry.client.get_run(job_id).data.tags
+    assert tags["job.attempt"] == "2" and "Attempt 1 on elsewhere:1 was lost" in tags["job.lost"]
+    assert len(registry.client.search_model_versions(f"run_id = '{job_id}'")) == 1
+
+
+def test_a_superseded_attempt_stops_and_registers_nothing(store):
+    """Another attempt took the job over while this one fitted: it stops at its next phase, registers
+    nothing and writes no outcome; the record stays the new owner's."""
+    import threading
+
+    from training.jobs import execute_job
+
+    registry = store["registry"]
+    job_id = _new_job(registry, "GradientBoostingClassifier", "digits", n_estimators=60)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=execute_job(registry, job_id, 2, "here:1", 120)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while registry.client.get_run(job_id).data.tags.get("job.phase") != "fitting":
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    registry.client.set_tag(job_id, "job.attempt_id", "the-new-owner")
+    thread.join(timeout=120)
+    assert outcome["result"] == "superseded"
+    tags = registry.client.get_run(job_id).data.tags
+    assert tags["job.status"] == "running" and tags["job.attempt_id"] == "the-new-owner"
+    assert "model_version" not in tags
+    assert registry.client.search_model_versions(f"run_id = '{job_id}'") == []
