@@ -193,3 +193,14 @@ def test_too_many_rows_names_the_key_used(client, app):
     response = client.post("/predict", json={"instances": [IRIS_ROW] * 3})
     assert response.status_code == 400
     assert list(response.json["errors"]) == ["instances"]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 10, 64, 65])
+def test_probability_objects_equal_the_plain_form(count):
+    """The answer's {class: probability} objects, built by a function made per class set, are exactly
+    what dict(zip(...)) gives, whatever the class names hold."""
+    from serving.prediction import _probability_objects
+
+    keys = tuple(f'c{i} "}} {{ \\n' if i % 2 else str(i) for i in range(count))
+    rows = [[(r * count + i) / 1000 for i in range(count)] for r in range(50)]
+    assert _probability_objects(keys)(rows) == [dict(zip(keys, row)) for row in rows]
