@@ -33,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient on `uri` for both tracking and registry.
+
+    `MlflowClient(uri)` alone takes its registry from the process-wide registry URI, which the first
+    training job in this test process sets (`mlflow.set_registry_uri`) to its own store: later
+    searches would then read another test's registry.
+    """
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def ref(model: dict) -> dict:
     """The name and version of an answer's `model` object (which also says the runtime serving it)."""
     return {"name": model["name"], "version": model["version"]}

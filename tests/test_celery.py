@@ -20,10 +20,9 @@ from datetime import datetime
 
 import pytest
 import requests
-from mlflow import MlflowClient
 
 from serving.config import Settings
-from tests.conftest import ROOT, free_port, ref
+from tests.conftest import ROOT, free_port, mlflow_client, ref
 from tests.servers import LoggedProcess, Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
 
@@ -159,7 +158,7 @@ def wait_done(api: Service, job_id: str, timeout: float = 240) -> dict:
 
 
 def versions_of(servers: dict, job_id: str) -> list:
-    return MlflowClient(servers["uri"]).search_model_versions(f"run_id = '{job_id}'")
+    return mlflow_client(servers["uri"]).search_model_versions(f"run_id = '{job_id}'")
 
 
 def most_at_once(jobs: list[dict]) -> int:

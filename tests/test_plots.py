@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 from PIL import Image
 
+from tests.conftest import mlflow_client
 from training.datasets import load_builtin
 from training.job import TrainingSpec, run_training
 
@@ -23,7 +23,7 @@ ALL_PLOTS = {"confusion_matrix.png", "roc_curve.png", "feature_importances.png"}
 def test_every_run_logs_its_plots(store, estimator, params, dataset, tmp_path):
     spec = TrainingSpec(estimator, params, model_name=f"plots-{estimator}", activate=False)
     result = run_training(store["registry"], spec, load_builtin(dataset))
-    client = mlflow.MlflowClient(store["uri"])
+    client = mlflow_client(store["uri"])
     names = {artifact.path for artifact in client.list_artifacts(result["run_id"])}
     assert ALL_PLOTS <= names
     for name in ALL_PLOTS:

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 
 from serving import create_app
-from tests.conftest import client_of, ref
+from tests.conftest import client_of, mlflow_client, ref
 from training.estimators import ESTIMATORS
 
 PHASES = ("validating", "fitting", "evaluating", "converting", "registering")
@@ -81,7 +80,7 @@ def test_every_estimator_trains_registers_and_serves(client, store, estimator):
     entry = listed[(result["model"]["name"], result["model"]["version"])]
     assert entry["active"] and entry["estimator"] == estimator and entry["dataset"] == dataset
     # In MLflow: the run's parameters, metrics, plot and per-class report.
-    tracking = MlflowClient(store["uri"])
+    tracking = mlflow_client(store["uri"])
     run = tracking.get_run(result["run_id"])
     assert run.data.params["estimator"] == estimator
     assert run.data.metrics["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
@@ -155,7 +154,7 @@ def test_csv_upload_trains_and_predicts_raw_text(client, store):
     assert response.status_code == 201, response.json
     assert response.json["model"]["name"] == "customers-LogisticRegression"
     # The rows travel with the job's run, not through a local file: an artifact, and the run's input in MLflow.
-    tracking = MlflowClient(store["uri"])
+    tracking = mlflow_client(store["uri"])
     run = tracking.get_run(response.json["run_id"])
     (logged,) = run.inputs.dataset_inputs
     assert logged.dataset.name == "customers" and logged.dataset.digest == run.data.params["dataset_digest"]
@@ -287,7 +286,7 @@ def test_reading_a_job_writes_nothing(client, store):
     body = {"estimator": "GaussianNB", "dataset": "iris", "activate": False}
     location = client.post("/train", json=body).json["location"]
     job = wait_done(client, location)
-    tracking = MlflowClient(store["uri"])
+    tracking = mlflow_client(store["uri"])
     before = tracking.get_run(job["job_id"]).data.tags
     for _ in range(3):
         assert client.get(location).json == job
@@ -303,7 +302,7 @@ def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     assert job["status"] == "failed"
     assert "time limit" in job["error"]
     assert version_count(store) == before
-    assert MlflowClient(store["uri"]).get_run(job["job_id"]).info.status == "FAILED"
+    assert mlflow_client(store["uri"]).get_run(job["job_id"]).info.status == "FAILED"
 
 
 def _fitting_pid(tracking, run_id: str) -> int:
@@ -320,7 +319,7 @@ def test_killed_job_is_reported_failed(store, app_config):
     before = version_count(store)
     location = client.post("/train", json=slow_job()).json["location"]
     run_id = location.rsplit("/", 1)[1]
-    os.kill(_fitting_pid(MlflowClient(store["uri"]), run_id), signal.SIGKILL)
+    os.kill(_fitting_pid(mlflow_client(store["uri"]), run_id), signal.SIGKILL)
     job = wait_done(client, location, timeout=60)
     assert job["status"] == "failed"
     assert "was lost" in job["error"] and "No attempts left" in job["error"]
@@ -338,12 +337,12 @@ def test_killed_attempt_is_retried_and_registers_one_version(store, app_config):
             "activate": False, "model_name": "digits-retried"}  # fmt: skip
     location = client.post("/train", json=body).json["location"]
     run_id = location.rsplit("/", 1)[1]
-    os.kill(_fitting_pid(MlflowClient(store["uri"]), run_id), signal.SIGKILL)
+    os.kill(_fitting_pid(mlflow_client(store["uri"]), run_id), signal.SIGKILL)
     job = wait_done(client, location, timeout=120)
     assert job["status"] == "succeeded", job
     assert job["attempt"] == 2
     assert "Attempt 1" in job["lost_attempt"]
-    assert len(MlflowClient(store["uri"]).search_model_versions(f"run_id = '{run_id}'")) == 1
+    assert len(mlflow_client(store["uri"]).search_model_versions(f"run_id = '{run_id}'")) == 1
 
 
 def _is_job_of(pid: str, run_id: str) -> bool:
