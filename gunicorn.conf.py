@@ -19,7 +19,7 @@ settings = settings_or_exit()  # an invalid setting stops gunicorn here, in one 
 # Every value below comes from the checked settings (serving/config.py), not from the raw environment.
 bind = f"{settings.HOST or '127.0.0.1'}:{settings.PORT}"
 workers = settings.WEB_CONCURRENCY
-worker_class = "gthread"
+worker_class = "serving.gunicorn_worker.ServingWorker"  # gthread; a stop closes idle keep-alive connections
 threads = settings.GUNICORN_THREADS
 preload_app = settings.GUNICORN_PRELOAD
 if preload_app:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 
@@ -54,3 +56,46 @@ def test_recycled_workers_serve_the_current_version(tmp_path):
         assert len(pids) > 4, "workers were not recycled"
     finally:
         service.stop()
+
+
+def test_a_stop_does_not_wait_for_idle_keep_alive_connections(tmp_path):
+    """An idle keep-alive connection (a client or a load balancer that keeps it after an answer) held
+    gunicorn 26's graceful stop for the whole graceful_timeout (30 s), and a restart on the same port
+    then failed: the stop closes such connections at once, and one in flight still gets its answer."""
+    import http.client
+    import threading
+    import time
+
+    service = Service({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}, tmp_path, workers=2).start()
+    idle = []
+    for _ in range(4):  # several, so that both workers hold one
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        connection.request("GET", "/health")
+        assert connection.getresponse().read()
+        idle.append(connection)
+    busy = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
+    batch = json.dumps({"records": [IRIS_ROW] * 20_000})
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(_post(busy, batch)))
+    sender.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    service.process.terminate()
+    service.process.wait(timeout=60)
+    took = time.monotonic() - started
+    sender.join(timeout=60)
+    for connection in [*idle, busy]:
+        connection.close()
+    service.stop()
+    assert took < 10, f"the graceful stop took {took:.1f} s"
+    assert answers and answers[0] in (200, None), answers  # None: sent after the stop began, refused
+    service.start()  # the same port is free again
+    service.stop()
+
+
+def _post(connection, body: str):
+    try:
+        connection.request("POST", "/predict", body=body, headers={"Content-Type": "application/json"})
+        return connection.getresponse().status
+    except (ConnectionError, OSError):
+        return None
