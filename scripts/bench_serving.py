@@ -666,6 +666,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if not (os.path.isfile(args.wrk) and os.access(args.wrk, os.X_OK)):
+        print(f"make bench drives both services with wrk, which is not installed ({args.wrk}): "
+              "`sudo apt-get install wrk` (Debian/Ubuntu) or `brew install wrk` (macOS), or pass --wrk PATH.",
+              file=sys.stderr)  # fmt: skip
+        return 2
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started in the background
