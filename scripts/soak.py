@@ -16,6 +16,7 @@ Exit status 1 when a request failed, an answer was wrong or mixed, or a worker g
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import secrets
@@ -139,14 +140,26 @@ class Soak:
         return versions
 
     def use_model(self, version: dict, record: bool = True) -> None:
+        """Swap, recorded from before it is sent: the service may serve the new version as soon as it has
+        written it, before the 200 reaches us, so an answer finished meanwhile is judged with the swap
+        in flight (its end is infinity until the answer comes)."""
         before = self.active_at(time.time()) if record else None
+        target = (version["name"], version["version"])
         started = time.time()
+        if record:
+            with self.lock:
+                self.swaps.append((started, math.inf, before, target))
         answer = requests.post(f"{self.url}/use-model", json=version, headers=self.auth, timeout=120)
         if answer.status_code != 200:
             raise RuntimeError(f"/use-model answered {answer.status_code}: {answer.text}")
         if record:
             with self.lock:
-                self.swaps.append((started, time.time(), before, (version["name"], version["version"])))
+                self.swaps[self.swaps.index((started, math.inf, before, target))] = (
+                    started,
+                    time.time(),
+                    before,
+                    target,
+                )
 
     def active_at(self, moment: float) -> tuple:
         active = self.initial
@@ -188,7 +201,15 @@ class Soak:
                 if ok and kind in ("predict", "batch"):
                     body = answer.json()
                     model = (body["model"]["name"], body["model"]["version"])
-                    wrong = model not in self.allowed(started, ended)
+                    allowed = self.allowed(started, ended)
+                    wrong = model not in allowed
+                    if wrong:  # what a diagnosis needs: which worker, when, and the swaps around it
+                        with self.lock:
+                            near = [(round(a - started, 3), round(b - started, 3), t) for a, b, _, t in self.swaps
+                                    if abs(b - started) < 5 or abs(a - started) < 5]  # fmt: skip
+                        self.note(f"wrong version: {kind} by worker {answer.headers.get('X-Worker-Pid')} answered "
+                                  f"{model}, in flight {ended - started:.3f} s; allowed {sorted(allowed)}; swaps "
+                                  f"(start, end relative to the request's start, target): {near}")  # fmt: skip
                     mixed = any(row != self.expected.get(model) for row in body["probabilities"])
                 if not ok:
                     self.note(f"{kind}: {answer.status_code} {answer.text[:200]}")
