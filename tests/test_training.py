@@ -420,3 +420,24 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
     assert tags["job.status"] == "running" and tags["job.attempt_id"] == "the-new-owner"
     assert "model_version" not in tags
     assert registry.client.search_model_versions(f"run_id = '{job_id}'") == []
+
+
+def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(store):
+    """Taken over after registering: the version goes, and the active model goes back to the previous one."""
+    from serving.registry import ModelRef
+    from training.job import TrainingSpec
+    from training.jobs import _withdraw, create_job, execute_job
+
+    registry = store["registry"]
+    registry.set_active_model(store["default"])
+    try:
+        job_id = create_job(registry, TrainingSpec("DecisionTreeClassifier", model_name="withdrawn"), "iris", 100)
+        assert execute_job(registry, job_id, 1, "here:1", 60) == "succeeded"
+        tags = registry.client.get_run(job_id).data.tags
+        ref = ModelRef(tags["model_name"], tags["model_version"])
+        assert registry.get_active_model() == ref
+        _withdraw(registry, job_id, ref)
+        assert registry.get_active_model() == store["default"]
+        assert registry.client.search_model_versions(f"run_id = '{job_id}'") == []
+    finally:
+        registry.set_active_model(store["default"])

@@ -160,6 +160,16 @@ def remove_versions_of(registry: Registry, job_id: str) -> None:
         registry.client.delete_model_version(ref.name, ref.version)
 
 
+def _withdraw(registry: Registry, job_id: str, ref: ModelRef) -> None:
+    """Remove one version this attempt registered, handing the active model back if it had taken it."""
+    if registry.get_active_model() == ref:
+        previous = registry.client.get_run(job_id).data.tags.get("job.previous_active")
+        if previous:
+            registry.set_active_model(ModelRef(**json.loads(previous)))
+    log.warning("removing %s version %s of superseded attempt of job %s", ref.name, ref.version, job_id)
+    registry.client.delete_model_version(ref.name, ref.version)
+
+
 def fail_job(registry: Registry, job_id: str, error: str) -> None:
     """Record the job failed, after removing any version it registered."""
     remove_versions_of(registry, job_id)
@@ -322,7 +332,11 @@ def execute_job(
         result = run_training(registry, spec, dataset, run_id=job_id, on_phase=on_phase,
                               log_dataset="builtin" in reference)  # fmt: skip
         heartbeat.stop()
-        heartbeat.check()
+        try:
+            heartbeat.check()
+        except Superseded:  # taken over after registering: what this attempt registered goes
+            _withdraw(registry, job_id, ModelRef(**result["model"]))
+            raise
     except Exception as exc:
         heartbeat.stop()
         try:
