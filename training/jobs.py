@@ -147,27 +147,24 @@ def _count(outcome: str) -> None:
 
 def remove_versions_of(registry: Registry, job_id: str) -> None:
     """A failed (or lost) attempt registers nothing: delete what it registered, hand the active model back."""
-    removed = {
-        ModelRef(mv.name, str(mv.version)) for mv in registry.client.search_model_versions(f"run_id = '{job_id}'")
-    }
-    if not removed:
-        return
-    previous = registry.client.get_run(job_id).data.tags.get("job.previous_active")
-    if registry.get_active_model() in removed and previous:
-        registry.set_active_model(ModelRef(**json.loads(previous)))
-    for ref in removed:
-        log.warning("removing %s version %s of job %s", ref.name, ref.version, job_id)
-        registry.client.delete_model_version(ref.name, ref.version)
+    refs = {ModelRef(mv.name, str(mv.version)) for mv in registry.client.search_model_versions(f"run_id = '{job_id}'")}
+    _remove_versions(registry, job_id, refs)
 
 
 def _withdraw(registry: Registry, job_id: str, ref: ModelRef) -> None:
-    """Remove one version this attempt registered, handing the active model back if it had taken it."""
-    if registry.get_active_model() == ref:
-        previous = registry.client.get_run(job_id).data.tags.get("job.previous_active")
-        if previous:
-            registry.set_active_model(ModelRef(**json.loads(previous)))
-    log.warning("removing %s version %s of superseded attempt of job %s", ref.name, ref.version, job_id)
-    registry.client.delete_model_version(ref.name, ref.version)
+    """Remove the one version a superseded attempt registered, handing the active model back if it had it."""
+    _remove_versions(registry, job_id, {ref})
+
+
+def _remove_versions(registry: Registry, job_id: str, refs: set[ModelRef]) -> None:
+    if not refs:
+        return
+    previous = registry.client.get_run(job_id).data.tags.get("job.previous_active")
+    if registry.get_active_model() in refs and previous:
+        registry.set_active_model(ModelRef(**json.loads(previous)))
+    for ref in refs:
+        log.warning("removing %s version %s of job %s", ref.name, ref.version, job_id)
+        registry.client.delete_model_version(ref.name, ref.version)
 
 
 def fail_job(registry: Registry, job_id: str, error: str) -> None:

@@ -95,14 +95,13 @@ class LocalExecutor:
             except ModelNotFound:  # the job's run is gone: nothing to run
                 status = "failed"
             except RegistryUnavailable:  # the job cannot run without its record either: later
-                handle.close()
                 return started
+            finally:
+                handle.close()  # before a new process is started, which must take the lock itself
             if status in FINAL:
                 path.unlink(missing_ok=True)
-                handle.close()
                 continue
             os.utime(path)  # at most one start per RELAUNCH_SECONDS, whichever serving worker sweeps
-            handle.close()
             log.warning("training job %s lost its process on this machine; starting it again", job_id)
             try:
                 self.send(job_id)
