@@ -129,8 +129,9 @@ class ModelStore:
     def follow_registry(self) -> None:
         """One watcher step: if the registry names another version, load it and point this machine at it.
 
-        Never raises for a registry or model problem: it is recorded in `last_error`, the current
-        model keeps serving, and a version that failed is not tried again for a while.
+        Never raises for a registry, model or state-folder problem (a read-only or full disk): it is
+        recorded in `last_error`, the current model keeps serving, and a version that failed is not
+        tried again for a while. A worker forked while the folder is read-only still boots.
         """
         try:
             self._follow_registry()
@@ -139,6 +140,9 @@ class ModelStore:
             self.registry_available = False
             self.last_error = "The model registry (MLflow) cannot be reached."
             log.warning("registry unavailable: %s", exc)
+        except OSError as exc:  # the state folder is read-only or full: keep serving what we have
+            self.last_error = str(StateNotWritable(self.state_dir, exc))
+            log.error("cannot follow the registry: %s", self.last_error)
 
     def _follow_registry(self) -> None:
         ref = self.registry.get_active_model()
