@@ -5,7 +5,7 @@ for up to `graceful_timeout`. An idle keep-alive connection (a client, a load ba
 keeps its connection after an answer) is only closed once its keep-alive timeout is checked, and that
 check runs after the wait: so one idle connection held every stop and restart for the whole
 `graceful_timeout` (30 s), and a restart on the same port then found the port still taken. Requests in
-flight still finish as before; only connections with no request are closed, as nginx does when it stops.
+flight still finish as before; only connections with no request in progress are closed, as nginx does when it stops.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ class ServingWorker(ThreadWorker):
         self.method_queue.defer(self.close_idle_connections)
 
     def close_idle_connections(self) -> None:
-        """Close every keep-alive connection waiting for its next request (on the worker's main thread)."""
-        while self.keepalived_conns:
-            conn = self.keepalived_conns.popleft()
-            try:
-                self.poller.unregister(conn.sock)
-            except (OSError, KeyError, ValueError):
-                pass  # already unregistered
-            self.nr_conns -= 1
-            conn.close()
+        """Close every connection with no request in progress (on the worker's main thread): keep-alive ones
+        waiting for their next request, and new ones whose first request has not arrived (gunicorn parks
+        those the same way, and they held the stop just as long)."""
+        for idle in (self.keepalived_conns, self.pending_conns):
+            while idle:
+                conn = idle.popleft()
+                try:
+                    self.poller.unregister(conn.sock)
+                except (OSError, KeyError, ValueError):
+                    pass  # already unregistered
+                self.nr_conns -= 1
+                conn.close()
