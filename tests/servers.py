@@ -62,13 +62,54 @@ class Service(LoggedProcess):
             while requests.get(f"{self.url}/ready", timeout=10).status_code != 200:
                 assert time.monotonic() < deadline, "the service never became ready"
                 time.sleep(0.2)
+            self.wait_for_workers(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def wait_for_workers(self, timeout: float = 60) -> set[int]:
+        """Wait until each of gunicorn's workers has answered a request; returns their pids.
+
+        /ready answers from the first worker that is up; a drill that kills or counts workers needs all
+        of them. A failure says how many answered and ends with the service's log (a worker that died shows there).
+        """
+        expected, answered = int(self.env["WEB_CONCURRENCY"]), set()
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = worker_pids(self.process.pid)
+            answered &= workers  # a worker that has died since it answered no longer counts
+            if len(workers) == expected and answered == workers:
+                return workers
+            assert time.monotonic() < deadline, (
+                f"{len(answered)} of {expected} workers answered within {timeout:.0f} s (running: {sorted(workers)});"
+                f" the log ends:\n{self.log_tail()}"
+            )
+            # A new connection each time: the kernel hands it to whichever worker accepts first.
+            answer = requests.get(f"{self.url}/health", headers={"Connection": "close"}, timeout=10)
+            answered.add(int(answer.headers["X-Worker-Pid"]))
+            if len(answered) < len(workers):
+                time.sleep(0.02)
+
     def log_text(self) -> str:
         return (self.folder / f"gunicorn-{self.port}.log").read_text()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def worker_pids(master: int) -> set[int]:
+    """gunicorn's workers: the children of its master process."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                children.add(int(entry))
+    return children
 
 
 def postgres_available() -> bool:

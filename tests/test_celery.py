@@ -249,9 +249,22 @@ def test_read_your_writes_after_an_async_job(cluster):
         assert ref(answer.json()["model"]) == ref(job["result"]["model"])
 
 
+def predict_example(api: Service) -> requests.Response:
+    """A prediction with the active model's own example row. An activation on the other instance reaches
+    this one's workers within their poll interval, one worker before another: a 400 whose example is
+    another model's means the row was read from a worker that had not caught up yet, so it is sent once more."""
+    answer = requests.post(f"{api.url}/predict", json={}, timeout=30)
+    for _ in range(3):
+        example = answer.json()["example"]
+        answer = requests.post(f"{api.url}/predict", json=example, timeout=30, headers={"Connection": "close"})
+        if answer.status_code != 400 or answer.json()["example"].keys() == example.keys():
+            break
+    return answer
+
+
 def test_a_broker_outage_is_503_for_training_only_and_recovers(cluster):
     api, redis = cluster["apis"][0], cluster["redis"]
-    example = requests.post(f"{api.url}/predict", json={}, timeout=30).json()["example"]
+    assert predict_example(api).status_code == 200
     redis.stop()
     try:
         started = time.monotonic()
@@ -260,7 +273,7 @@ def test_a_broker_outage_is_503_for_training_only_and_recovers(cluster):
         assert refused.json()["error"] == "training_unavailable"
         assert "queue cannot be reached" in refused.json()["message"]
         assert time.monotonic() - started < 20
-        assert requests.post(f"{api.url}/predict", json=example, timeout=30).status_code == 200
+        assert predict_example(api).status_code == 200
         assert requests.get(f"{api.url}/ready", timeout=30).status_code == 200
     finally:
         redis.start()

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import DEFAULT_NAME, IRIS_ROW, free_port, ref, wait_for_http
-from tests.servers import Service
+from tests.servers import Service, worker_pids
 
 pytestmark = pytest.mark.drill
 
@@ -69,20 +69,6 @@ def processes_with(text: str) -> list[int]:
             except OSError:
                 pass
     return found
-
-
-def worker_pids(master: int) -> set[int]:
-    """gunicorn's workers: the children of its master process."""
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                children.add(int(entry))
-    return children
 
 
 def connection_owner(server_port: int, client_port: int, candidates: set[int]) -> int:
@@ -195,8 +181,8 @@ def test_worker_killed_mid_request_fails_only_that_request(store, iris_nb, defau
         # worker forked from the master must catch up before its first answer.
         active = iris_nb.as_dict()
         assert requests.post(f"{service.url}/use-model", json=active, headers=AUTH, timeout=60).status_code == 200
-        workers = worker_pids(service.process.pid)
-        assert len(workers) == 2
+        workers = service.wait_for_workers()
+        assert "Worker (pid:" not in service.log_text(), f"a worker died before the drill:\n{service.log_tail()}"
 
         # A big batch, half sent: a worker thread is inside /predict, reading the body.
         body = json.dumps({"records": [IRIS_ROW] * 5000}).encode()
@@ -253,13 +239,16 @@ def _fill(path: Path) -> None:
             pass
 
 
-def _serves_everywhere(url: str, expected: dict) -> None:
-    pids = set()
-    for _ in range(30):
-        answer = predict(url)
+def _serves_everywhere(service: Service, expected: dict) -> None:
+    """Both workers answer with `expected` (the kernel spreads new connections unevenly: ask until each has answered)."""
+    workers, pids, asked = worker_pids(service.process.pid), set(), 0
+    deadline = time.monotonic() + 60
+    while len(pids) < 2 or asked < 30:
+        assert time.monotonic() < deadline, f"only workers {pids} of {workers} answered:\n{service.log_tail()}"
+        answer, asked = predict(service.url), asked + 1
         assert answer.status_code == 200 and ref(answer.json()["model"]) == ref(expected)
         pids.add(answer.headers["X-Worker-Pid"])
-    assert len(pids) == 2
+    assert worker_pids(service.process.pid) == workers, "a worker was replaced during the drill"
 
 
 @pytest.mark.parametrize("fault", ["read-only", "full"])
@@ -288,14 +277,14 @@ def test_state_folder_read_only_or_full_during_use_model(store, iris_nb, wine_tr
             assert reason in answer.json()["message"]
             assert answer.headers["Retry-After"]
             assert store["registry"].get_active_model() == default_active  # not left naming the new version
-            _serves_everywhere(service.url, default)  # the old model, on this worker and the other
+            _serves_everywhere(service, default)  # the old model, on this worker and the other
 
         if fault == "read-only":
             subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
         else:
             (state / "filler").unlink()
         assert requests.post(f"{service.url}/use-model", json=nb, headers=AUTH, timeout=60).status_code == 200
-        _serves_everywhere(service.url, nb)
+        _serves_everywhere(service, nb)
         assert "Traceback" not in service.log_text()
     finally:
         if service is not None:
