@@ -64,10 +64,12 @@ def create_app(test_config: dict | None = None) -> Flask:
 
         bootstrap = None
         if config["APP_ROLE"] == "all" and config["BOOTSTRAP_DEFAULT_MODEL"]:
-            # Imported only here: the inference role never imports the training package.
-            from training.bootstrap import bootstrap_default_model
 
             def bootstrap():
+                # Imported only here, when the registry is empty: the inference role never imports the
+                # training package, and a start that serves a compiled version never imports scikit-learn.
+                from training.bootstrap import bootstrap_default_model
+
                 return bootstrap_default_model(registry, config["DEFAULT_MODEL_NAME"])
 
         store = ModelStore(

@@ -31,6 +31,29 @@ class ModelLoadError(Exception):
     """The version's files are not a model this service can serve."""
 
 
+class SklearnForm:
+    """A version's scikit-learn pipeline, loaded on first use and kept: None where it cannot be loaded.
+
+    A compiled version is served by ONNX Runtime and needs its scikit-learn form only to score again, in
+    64 bits, a row that overflows float32 arithmetic. Loading it imports scikit-learn and skops, the
+    largest part of a start's time, so a compiled version loads it only when such a row first arrives.
+    """
+
+    def __init__(self, load=None, value=None):
+        self._load, self._value, self._lock = load, value, threading.Lock()
+
+    def get(self):
+        if self._load is not None:
+            with self._lock:
+                if self._load is not None:
+                    self._value, self._load = self._load(), None
+        return self._value
+
+    @property
+    def loaded(self) -> bool:
+        return self._load is None
+
+
 @dataclass(frozen=True)
 class Feature:
     """One input column as the model's MLflow signature declares it."""
@@ -91,7 +114,7 @@ class LoadedModel:
     """Everything a prediction needs, swapped as one object so a request never mixes two versions."""
 
     ref: ModelRef
-    estimator: Any  # the scikit-learn pipeline (None where scikit-learn is not installed)
+    sklearn_form: SklearnForm  # the scikit-learn pipeline: see `estimator`
     features: tuple[Feature, ...]
     classes: tuple
     example: dict
@@ -123,6 +146,12 @@ class LoadedModel:
         set_(self, "class_keys", [str(label) for label in self.classes])
         set_(self, "answer_model", {**self.ref.as_dict(), "runtime": self.runtime})
         set_(self, "onnx_probability_output", ["probabilities"])  # skl2onnx's name, with zipmap off
+
+    @property
+    def estimator(self) -> Any:
+        """The scikit-learn pipeline (None where scikit-learn is not installed, or its file does not load);
+        for a compiled version, loaded on first use."""
+        return self.sklearn_form.get()
 
     @property
     def session(self):
@@ -170,21 +199,28 @@ def onnx_session(onnx_bytes: bytes):
     return onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def _compiled_form(path: Path, ref: ModelRef, runtime_setting: str) -> tuple[bytes | None, str]:
+def _read_verdict(path: Path) -> dict | None:
+    """The version's compiled.json (runtime, reason, classes, scikit-learn's answers on the input example)."""
+    try:
+        verdict = json.loads((path / "extra_files" / COMPILED_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return verdict if isinstance(verdict, dict) else None
+
+
+def _compiled_form(path: Path, runtime_setting: str) -> tuple[bytes | None, str]:
     """The verified ONNX form of a version, if it has one and the setting allows it, and why (not)."""
     if runtime_setting == "sklearn":
         return None, "SERVING_RUNTIME=sklearn forces scikit-learn"
-    extra = path / "extra_files"
-    try:
-        verdict = json.loads((extra / COMPILED_FILE).read_text())
-    except FileNotFoundError:
+    if not (path / "extra_files" / COMPILED_FILE).exists():
         return None, "registered before compiled inference; no ONNX form"
-    except ValueError:
+    verdict = _read_verdict(path)
+    if verdict is None:
         return None, f"{COMPILED_FILE} is not readable"
     if verdict.get("runtime") != "onnx":
         return None, str(verdict.get("reason", "not compiled"))
     try:
-        return (extra / "model.onnx").read_bytes(), str(verdict.get("reason", "compiled"))
+        return (path / "extra_files" / "model.onnx").read_bytes(), str(verdict.get("reason", "compiled"))
     except FileNotFoundError:
         return None, "marked compiled but its model.onnx is missing"
 
@@ -203,6 +239,19 @@ def _load_estimator(path: Path, flavor: dict, ref: ModelRef):
         raise ModelLoadError(f"{ref.name} version {ref.version} could not be loaded: {exc}") from exc
 
 
+def _load_later(path: Path, flavor: dict, ref: ModelRef):
+    """The loader of a compiled version's scikit-learn form: a file that does not load is logged, and None."""
+
+    def load():
+        try:
+            return _load_estimator(path, flavor, ref)
+        except ModelLoadError:
+            log.exception("%s version %s: its scikit-learn form does not load", ref.name, ref.version)
+            return None
+
+    return load
+
+
 def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> LoadedModel:
     """Load a downloaded version: its verified ONNX form where it has one, and the skops pipeline.
 
@@ -219,7 +268,6 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
             f"{ref.name} version {ref.version} is not a scikit-learn model in skops format; "
             "this service does not load pickled models"
         )
-    estimator = _load_estimator(path, flavor, ref)
     columns = _signature_inputs(mlmodel)
     if not columns or not all(isinstance(c, dict) and c.get("name") for c in columns):
         raise ModelLoadError(f"{ref.name} version {ref.version} has no signature with feature names")
@@ -230,18 +278,23 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         features.append(Feature(column["name"], kind, column.get("required", True)))
     features = tuple(features)
     example_rows = _input_example(path, mlmodel, features, ref)
-    onnx_bytes, reason = _compiled_form(path, ref, runtime_setting)
-    if estimator is None and onnx_bytes is None:
-        raise _not_servable(ref, reason)
-    classes = _classes(path, estimator, ref)
+    onnx_bytes, reason = _compiled_form(path, runtime_setting)
+    if onnx_bytes is None:  # scikit-learn serves the version: load it now
+        sklearn_form = SklearnForm(value=_load_estimator(path, flavor, ref))
+        if sklearn_form.get() is None:
+            raise _not_servable(ref, reason)
+    else:
+        sklearn_form = SklearnForm(load=_load_later(path, flavor, ref))
+    verdict = _read_verdict(path) or {}
+    classes = _classes(verdict, sklearn_form, ref)
     model = LoadedModel(
         ref=ref,
-        estimator=estimator,
+        sklearn_form=sklearn_form,
         features=features,
         classes=classes,
         example=example_rows[0],
         schema=build_schema(features, f"Row_{ref.name}_{ref.version}"),
-        has_probabilities=onnx_bytes is not None or hasattr(estimator, "predict_proba"),
+        has_probabilities=onnx_bytes is not None or hasattr(sklearn_form.get(), "predict_proba"),
         runtime="onnx" if onnx_bytes is not None else "sklearn",
         runtime_reason=reason,
         onnx_bytes=onnx_bytes,
@@ -251,7 +304,7 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
             _ = model.session  # this process's session, made once here: the file loads in this ONNX Runtime
         except Exception as exc:  # e.g. an ONNX Runtime too old for the file's opset
             model = _without_compiled_form(model, f"ONNX Runtime could not load the compiled form: {exc}")
-    return _checked(model, example_rows)
+    return _checked(model, example_rows, verdict.get("example_probabilities"))
 
 
 def _not_servable(ref: ModelRef, reason: str) -> ModelLoadError:
@@ -305,26 +358,34 @@ def _input_example(path: Path, mlmodel: dict, features, ref: ModelRef) -> list[d
     return rows
 
 
-def _classes(path: Path, estimator, ref: ModelRef) -> tuple:
-    """The class labels in the order of the model's probabilities."""
-    if estimator is not None:
-        return tuple(estimator.classes_.tolist())
-    try:
-        return tuple(json.loads((path / "extra_files" / COMPILED_FILE).read_text())["classes"])
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{ref.name} version {ref.version} does not record its classes") from exc
+def _classes(verdict: dict, sklearn_form: SklearnForm, ref: ModelRef) -> tuple:
+    """The class labels in the order of the model's probabilities: the loaded pipeline's, or as compiled.json records them."""
+    if sklearn_form.loaded and sklearn_form.get() is not None:
+        return tuple(sklearn_form.get().classes_.tolist())
+    if isinstance(verdict.get("classes"), list):
+        return tuple(verdict["classes"])
+    raise ModelLoadError(f"{ref.name} version {ref.version} does not record its classes")
 
 
-def _checked(model: LoadedModel, example_rows: list[dict]) -> LoadedModel:
-    """Before a compiled version serves: ONNX and scikit-learn agree on its input example, or sklearn serves."""
-    if model.onnx_bytes is None or model.estimator is None:
+def _checked(model: LoadedModel, example_rows: list[dict], recorded: list | None) -> LoadedModel:
+    """Before a compiled version serves: ONNX agrees with scikit-learn on its input example, or sklearn serves.
+
+    scikit-learn's answers are those recorded at registration (compiled.json), so the check needs no
+    scikit-learn; a version compiled before they were recorded loads its pipeline to compare.
+    """
+    if model.onnx_bytes is None:
         return model
+    if recorded is None and model.estimator is None:
+        return model  # a compiled-only install: nothing to compare with
     from serving.prediction import _onnx_probabilities, _sklearn_frame, fast_columns, label_indices
 
     columns = fast_columns(model, example_rows)
     try:
         compiled = _onnx_probabilities(model, columns)
-        expected = model.estimator.predict_proba(_sklearn_frame(model, columns))
+        if recorded is not None:
+            expected = np.asarray(recorded, dtype=np.float64)
+        else:
+            expected = model.estimator.predict_proba(_sklearn_frame(model, columns))
         agree = compiled.shape == expected.shape and np.allclose(compiled, expected, atol=1e-5)
         agree = agree and (label_indices(compiled, True) == label_indices(expected, False)).all()
     except Exception as exc:

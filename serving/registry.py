@@ -288,7 +288,9 @@ def log_model_version(
     types) and the input example come from the training rows; the class labels are the model's own.
     The version's model folder also holds its compiled form (`extra_files/model.onnx`) when that
     agrees with scikit-learn on the hold-out and training rows, and `extra_files/compiled.json`
-    saying which runtime serves it and why; MLflow clients still load the scikit-learn model.
+    saying which runtime serves it and why, with scikit-learn's answers on the input example (the
+    service checks the ONNX form against them before serving it, without loading scikit-learn).
+    MLflow clients still load the scikit-learn model.
     """
     import tempfile
 
@@ -301,9 +303,12 @@ def log_model_version(
 
     signature = infer_signature(features, model.predict(features.head(20)))
     compiled = compile_pipeline(model, features, features.head(0) if holdout is None else holdout)
+    example = features.head(3)
     with tempfile.TemporaryDirectory() as folder:
         extra_files = [str(Path(folder) / COMPILED_FILE)]
         verdict = {"runtime": compiled.runtime, "reason": compiled.reason, "classes": model.classes_.tolist()}
+        if compiled.onnx is not None:  # the service checks the ONNX form against these before it serves it
+            verdict["example_probabilities"] = model.predict_proba(example).tolist()
         Path(extra_files[0]).write_text(json.dumps(verdict))
         if compiled.onnx is not None:
             (Path(folder) / ONNX_FILE).write_bytes(compiled.onnx)
@@ -314,7 +319,7 @@ def log_model_version(
             serialization_format="skops",
             skops_trusted_types=TRUSTED_TYPES,
             signature=signature,
-            input_example=features.head(3),
+            input_example=example,
             # Stated, not inferred: inference starts a Python subprocess and costs seconds per job.
             pip_requirements=_pinned_requirements(),
             extra_files=extra_files,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime
@@ -11,6 +14,7 @@ import pytest
 
 from serving.loaded_model import load_model_dir
 from serving.prediction import label_indices
+from tests.conftest import ROOT
 from training.compile import compile_pipeline, feeds_from_frame
 from training.datasets import from_frame, load_builtin
 from training.estimators import ESTIMATORS
@@ -192,3 +196,56 @@ def test_version_registered_before_compilation_loads_with_sklearn(app, tmp_path)
     old = load_model_dir(folder, current.ref)
     assert old.runtime == "sklearn" and "before compiled inference" in old.runtime_reason
     assert old.session is None and old.estimator is not None
+
+
+def _copy_of_active(app, tmp_path, name: str):
+    """The active version's downloaded folder, copied so a test may change its files."""
+    current = app.extensions["model_store"].get()
+    folder = tmp_path / name
+    shutil.copytree(app.extensions["model_store"]._cache_dir(current.ref), folder)
+    return folder, current.ref
+
+
+def test_compiled_version_serves_without_importing_scikit_learn(app, tmp_path):
+    """The load-time check compares ONNX with scikit-learn's answers recorded at registration, so a start
+    serving a compiled version imports neither scikit-learn nor skops (most of a start's time); the
+    pipeline loads on first use: a row ONNX cannot score in float32."""
+    folder, ref = _copy_of_active(app, tmp_path, "compiled")
+    assert json.loads((folder / "extra_files" / "compiled.json").read_text())["example_probabilities"]
+    script = f"""
+import json, sys
+from serving.loaded_model import load_model_dir
+from serving.prediction import predict
+from serving.registry import ModelRef
+model = load_model_dir(__import__("pathlib").Path({str(folder)!r}), ModelRef({ref.name!r}, {ref.version!r}))
+answer = predict(model, {{"records": [model.example]}}, 10)
+before = sorted(m for m in ("sklearn", "skops") if m in sys.modules)
+estimator = model.estimator
+print(json.dumps({{"runtime": model.runtime, "answer": answer["model"]["runtime"], "before": before,
+                  "after": "sklearn" in sys.modules, "classes": estimator.classes_.tolist() == list(model.classes)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"runtime": "onnx", "answer": "onnx", "before": [], "after": True, "classes": True}
+
+
+def test_compiled_form_is_checked_against_the_recorded_answers(app, tmp_path):
+    folder, ref = _copy_of_active(app, tmp_path, "tampered")
+    verdict_file = folder / "extra_files" / "compiled.json"
+    verdict = json.loads(verdict_file.read_text())
+    verdict["example_probabilities"] = [row[1:] + row[:1] for row in verdict["example_probabilities"]]
+    verdict_file.write_text(json.dumps(verdict))
+    model = load_model_dir(folder, ref)
+    assert model.runtime == "sklearn" and "compiled form rejected at load" in model.runtime_reason
+    assert model.estimator is not None
+
+
+def test_version_compiled_before_answers_were_recorded_is_checked_with_scikit_learn(app, tmp_path):
+    folder, ref = _copy_of_active(app, tmp_path, "older")
+    verdict_file = folder / "extra_files" / "compiled.json"
+    verdict = json.loads(verdict_file.read_text())
+    del verdict["example_probabilities"]
+    verdict_file.write_text(json.dumps(verdict))
+    model = load_model_dir(folder, ref)
+    assert model.runtime == "onnx" and model.sklearn_form.loaded  # loaded at once, for the comparison

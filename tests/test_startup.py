@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from serving import create_app
-from tests.conftest import DEFAULT_NAME, IRIS_ROW, client_of, ref
+from tests.conftest import DEFAULT_NAME, IRIS_ROW, ROOT, TOKEN, client_of, ref
 
 
 def test_not_ready_before_a_model_is_loaded(app_config):
@@ -63,3 +67,24 @@ def test_unreachable_registry_at_start_serves_this_machines_last_model(store, ap
 def test_bad_tracking_uri_fails_fast():
     with pytest.raises(ValueError, match="unsupported scheme"):
         create_app({"MLFLOW_TRACKING_URI": "ftp://example/mlflow"})
+
+
+def test_a_start_serving_a_compiled_version_does_not_import_scikit_learn(store, app_config):
+    """scikit-learn (with skops) was most of a start's time: the app with training enabled, serving a
+    compiled version, answers without it; the first /train brings it in."""
+    store["registry"].set_active_model(store["default"])
+    script = f"""
+import json, sys
+from serving import create_app
+app = create_app({app_config!r})
+client = app.test_client()
+predicted = client.post("/predict", json={IRIS_ROW!r})
+before = "sklearn" in sys.modules
+listed = client.get("/openapi.json").status_code
+refused = client.post("/train", json={{"estimator": "NoSuchEstimator"}}, headers={{"Authorization": "Bearer {TOKEN}"}})
+print(json.dumps([predicted.status_code, predicted.json["model"]["runtime"], before, listed, refused.status_code,
+                  "sklearn" in sys.modules]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [200, "onnx", False, 200, 400, True]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import Blueprint, Flask, current_app, request
 
 from serving.auth import require_token
@@ -9,7 +11,9 @@ from serving.errors import APIError, registry_unavailable
 from serving.registry import RegistryUnavailable
 from serving.requests import json_body
 from training.jobs import ExecutorUnavailable, JobNotFound, QueueFull, create_job, discard_job, get_job, wait_for_job
-from training.schemas import InvalidTrainingRequest, TrainingRequest, parse_train_request
+
+if TYPE_CHECKING:
+    from training.schemas import TrainingRequest
 
 bp = Blueprint("training", __name__)
 
@@ -25,7 +29,13 @@ def _unavailable(exc: Exception) -> APIError:
 
 
 def read_train_request() -> TrainingRequest:
-    """The validated request and its dataset, from a JSON body or a multipart CSV upload."""
+    """The validated request and its dataset, from a JSON body or a multipart CSV upload.
+
+    Its parser (datasets, estimators) imports pandas and scikit-learn: on a worker's first /train, not at
+    start, so a process that only serves compiled versions never loads them.
+    """
+    from training.schemas import InvalidTrainingRequest, parse_train_request
+
     upload = None
     if request.mimetype == "multipart/form-data":
         body = request.form.to_dict()

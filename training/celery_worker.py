@@ -8,16 +8,7 @@ import sys
 from serving.config import load_config
 from serving.registry import registry_from_config
 from training.celery_app import make_celery
-
-
-def _preload() -> None:
-    """Import what every job uses once, here: each job's process is forked from this one and starts warm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-    import mlflow.sklearn  # noqa: F401
-    import skops.io  # noqa: F401
+from training.jobs import preload_training
 
 
 def main(argv: list[str]) -> None:
@@ -25,7 +16,7 @@ def main(argv: list[str]) -> None:
     config = load_config({"TRAIN_EXECUTOR": "celery"})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     registry_from_config(config)  # MLflow's client bounds, in the environment the job processes inherit
-    _preload()
+    preload_training()
     app = make_celery(config)
     app.worker_main(["worker", "--loglevel=INFO", "--pool=prefork", "--queues", config["TRAIN_QUEUE"],
                      "--without-gossip", "--without-mingle", *argv])  # fmt: skip

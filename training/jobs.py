@@ -18,12 +18,15 @@ import threading
 import time
 import uuid
 import warnings
+from typing import TYPE_CHECKING
 
 from mlflow.entities import DatasetInput, InputTag, RunStatus, RunTag
 
 from serving.registry import ModelNotFound, ModelRef, Registry, _iso, translate_errors
-from training.datasets import Dataset, _typed_features, load_builtin
-from training.job import TrainingSpec, run_training
+
+if TYPE_CHECKING:  # imported where a job runs: they import scikit-learn, which a serving process does not need
+    from training.datasets import Dataset
+    from training.job import TrainingSpec
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +182,13 @@ def time_limit_error(seconds: int) -> str:
 
 def load_job_dataset(registry: Registry, job_id: str, reference: dict) -> Dataset:
     """The job's data: a built-in dataset by name, or the client's rows from the run's artifacts."""
-    if "builtin" in reference:
-        return load_builtin(reference["builtin"])
     import mlflow.artifacts
     import pandas as pd
+
+    from training.datasets import Dataset, _typed_features, load_builtin
+
+    if "builtin" in reference:
+        return load_builtin(reference["builtin"])
 
     text = mlflow.artifacts.load_text(f"runs:/{job_id}/{reference['artifact']}")
     payload = json.loads(text)
@@ -321,6 +327,8 @@ def execute_job(
         heartbeat.check()
         mark_job(registry, job_id, phase=phase, phase_started_at=repr(time.time()))
 
+    from training.job import TrainingSpec, run_training
+
     request = json.loads(tags["job.request"])
     reference = json.loads(tags["job.dataset"])
     spec = TrainingSpec(request["estimator"], request["params"], request["model_name"], request["activate"])
@@ -352,6 +360,23 @@ def execute_job(
         return "failed"
     mark_job(registry, job_id, "succeeded", activated=result["activated"], finished_at=repr(time.time()))
     return "succeeded"
+
+
+def preload_training() -> None:
+    """Import what every job uses, once, in a process that runs jobs (a Celery worker, a local job's process).
+
+    Each attempt's process is forked from it and starts warm, and an attempt's time limit counts its
+    training, not seconds of imports. A serving process never calls this: it does not need scikit-learn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow.sklearn  # noqa: F401
+    import skops.io  # noqa: F401
+
+    import training.datasets  # noqa: F401
+    import training.job  # noqa: F401
 
 
 def mlflow_setup(registry: Registry) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from serving.config import PROJECT_ROOT, load_config
 from serving.registry import ModelNotFound, RegistryUnavailable, translate_errors
-from training.jobs import FINAL, ExecutorUnavailable
+from training.jobs import FINAL, ExecutorUnavailable, preload_training
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ def main(job_id: str) -> None:
     if job_lock is None:
         return  # another process of this machine runs the job (the sweeper started it twice)
     slot = wait_for_slot(Path(config["STATE_DIR"]), config["TRAIN_WORKER_CONCURRENCY"])
+    preload_training()  # the attempts' processes fork from this one
     try:
         outcome = run_job(config, job_id)
     finally:
