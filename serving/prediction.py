@@ -251,6 +251,8 @@ def predict(model: LoadedModel, body, max_rows: int) -> dict:
     answer = {"model": model.answer_model}
     if model.has_probabilities:
         probabilities, compiled = probabilities_of(model, columns, key)
+        if model.runtime == "onnx" and not compiled:  # a row needed the float64 fallback: scikit-learn answered
+            answer["model"] = {**model.answer_model, "runtime": "sklearn"}
         # Python lists of the raw values only where they are used: small batches' labels, sklearn's answer.
         raw = probabilities.tolist() if len(rows) <= SMALL_BATCH or not compiled else None
         # The label is the most probable class, as scikit-learn's own predict() does for these models.

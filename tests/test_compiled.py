@@ -249,3 +249,29 @@ def test_version_compiled_before_answers_were_recorded_is_checked_with_scikit_le
     verdict_file.write_text(json.dumps(verdict))
     model = load_model_dir(folder, ref)
     assert model.runtime == "onnx" and model.sklearn_form.loaded  # loaded at once, for the comparison
+
+
+def test_a_batch_scored_again_by_scikit_learn_says_so(client, app, monkeypatch):
+    """A row ONNX cannot score in float32 sends the batch to scikit-learn in float64; the answer's model
+    object names the runtime that answered, and the pipeline is loaded for it on first use."""
+    import serving.prediction
+
+    model = app.extensions["model_store"].get()
+    assert model.runtime == "onnx"
+    rows = load_builtin("iris").features.sample(5, random_state=2).to_dict("records")
+    compiled = client.post("/predict", json={"records": rows}).json
+    assert compiled["model"]["runtime"] == "onnx"
+
+    def overflowed(model, columns):
+        result = np.full((len(columns[model.feature_names[0]]), len(model.classes)), 0.5, dtype=np.float32)
+        result[0] = np.nan
+        return result
+
+    monkeypatch.setattr(serving.prediction, "_onnx_probabilities", overflowed)
+    answer = client.post("/predict", json={"records": rows}).json
+    assert answer["model"]["runtime"] == "sklearn"
+    assert model.sklearn_form.loaded
+    assert answer["predictions"] == compiled["predictions"]
+    expected = model.estimator.predict_proba(pd.DataFrame(rows))
+    got = np.array([[p[str(c)] for c in model.classes] for p in answer["probabilities"]])
+    np.testing.assert_allclose(got, expected, atol=1e-12)
