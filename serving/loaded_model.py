@@ -208,13 +208,15 @@ def _read_verdict(path: Path) -> dict | None:
     return verdict if isinstance(verdict, dict) else None
 
 
-def _compiled_form(path: Path, runtime_setting: str) -> tuple[bytes | None, str]:
-    """The verified ONNX form of a version, if it has one and the setting allows it, and why (not)."""
+def _compiled_form(path: Path, verdict: dict | None, runtime_setting: str) -> tuple[bytes | None, str]:
+    """The verified ONNX form of a version, if it has one and the setting allows it, and why (not).
+
+    `verdict` is the version's compiled.json as `_read_verdict` read it (None: missing or unreadable).
+    """
     if runtime_setting == "sklearn":
         return None, "SERVING_RUNTIME=sklearn forces scikit-learn"
     if not (path / "extra_files" / COMPILED_FILE).exists():
         return None, "registered before compiled inference; no ONNX form"
-    verdict = _read_verdict(path)
     if verdict is None:
         return None, f"{COMPILED_FILE} is not readable"
     if verdict.get("runtime") != "onnx":
@@ -278,14 +280,15 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         features.append(Feature(column["name"], kind, column.get("required", True)))
     features = tuple(features)
     example_rows = _input_example(path, mlmodel, features, ref)
-    onnx_bytes, reason = _compiled_form(path, runtime_setting)
+    verdict = _read_verdict(path)
+    onnx_bytes, reason = _compiled_form(path, verdict, runtime_setting)
     if onnx_bytes is None:  # scikit-learn serves the version: load it now
         sklearn_form = SklearnForm(value=_load_estimator(path, flavor, ref))
         if sklearn_form.get() is None:
             raise _not_servable(ref, reason)
     else:
         sklearn_form = SklearnForm(load=_load_later(path, flavor, ref))
-    verdict = _read_verdict(path) or {}
+    verdict = verdict or {}
     classes = _classes(verdict, sklearn_form, ref)
     model = LoadedModel(
         ref=ref,
