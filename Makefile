@@ -65,7 +65,7 @@ run: install ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 token: install ## Print the API token /train and /use-model need (made in STATE_DIR if API_TOKEN is unset)
-	@$(BIN)/python -c 'import sys; from serving.auth import main; sys.exit(main())'
+	@$(BIN)/python -c 'import sys; from kernel.auth import main; sys.exit(main())'
 
 serve: install ## Production: gunicorn.conf.py on 0.0.0.0:PORT, WEB_CONCURRENCY workers (default 4)
 	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
@@ -77,11 +77,13 @@ test: setup node-tools $(LAMBDA_RUNTIME)/.installed ## Run the test suite (build
 	@if [ -n "$(LAMBDA_PYTHON)" ]; then $(MAKE) --no-print-directory package \
 		&& $(MAKE) --no-print-directory package STAGE=production_compiled; \
 	else echo "No Python 3.12 here: the Lambda handler tests will skip (CI sets REQUIRE_LAMBDA=1)"; fi
+	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest
 
-lint: setup ## Lint and check formatting with ruff
+lint: setup ## Lint, check formatting (ruff) and who may import whom (import-linter: ARCHITECTURE.md)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup ## Format the code with ruff
 	$(BIN)/ruff check --fix .
@@ -116,7 +118,7 @@ $(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt
 
 package: setup dist/.built-$(STAGE) ## Build the Lambda package offline with Zappa (dist/) and check its size
 
-PACKAGE_INPUTS := $(wildcard serving/*.py) wsgi.py zappa_settings.json $(LAMBDA_REQUIREMENTS) scripts/precompile_project.py \
+PACKAGE_INPUTS := $(wildcard serving/*.py kernel/*.py service/*.py) wsgi.py zappa_settings.json $(LAMBDA_REQUIREMENTS) scripts/precompile_project.py \
 	scripts/package_size.py
 # A slim stage gives the handler zip and the project archive (S3); a *_compiled stage gives one zip, the whole function.
 dist/.built-$(STAGE): $(PACKAGE_INPUTS) $(LVENV)/.installed

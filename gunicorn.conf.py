@@ -3,7 +3,7 @@
 preload_app is True: the master builds the app and loads the active model once, and the workers share
 those pages copy-on-write. Measured with scripts/measure_workers.py (4 workers, default model): total
 PSS 371 MiB with preload against 954 MiB without, and ready in 4.5 s against 13.7 s. What does not
-survive a fork is redone per worker in post_fork (serving/forking.py): MLflow's HTTP sessions and
+survive a fork is redone per worker in post_fork (service/forking.py): MLflow's HTTP sessions and
 database pools are dropped, and each worker starts its own model watcher. A worker recycled by
 max_requests forks from the master's copy and catches up through this machine's active-model pointer
 before its first answer. GUNICORN_PRELOAD=false turns it off.
@@ -12,14 +12,14 @@ before its first answer. GUNICORN_PRELOAD=false turns it off.
 import os
 import tempfile
 
-os.environ.setdefault("HOST", "127.0.0.1")  # the app's Host check (serving/auth.py) needs the bind's address
-from serving.config import settings_or_exit  # noqa: E402
+os.environ.setdefault("HOST", "127.0.0.1")  # the app's Host check (kernel/auth.py) needs the bind's address
+from kernel.config import settings_or_exit  # noqa: E402
 
 settings = settings_or_exit()  # an invalid setting stops gunicorn here, in one line, before anything forks
-# Every value below comes from the checked settings (serving/config.py), not from the raw environment.
+# Every value below comes from the checked settings (kernel/config.py), not from the raw environment.
 bind = f"{settings.HOST or '127.0.0.1'}:{settings.PORT}"
 workers = settings.WEB_CONCURRENCY
-worker_class = "serving.gunicorn_worker.ServingWorker"  # gthread; a stop closes idle keep-alive connections
+worker_class = "service.gunicorn_worker.ServingWorker"  # gthread; a stop closes idle keep-alive connections
 threads = settings.GUNICORN_THREADS
 preload_app = settings.GUNICORN_PRELOAD
 if preload_app:
@@ -36,7 +36,7 @@ control_socket_disable = True
 # 5000 meant a new worker every few seconds. `make soak` shows a worker's memory flat without it.
 max_requests = settings.GUNICORN_MAX_REQUESTS
 max_requests_jitter = settings.GUNICORN_MAX_REQUESTS_JITTER
-accesslog = None  # the app logs one line per request itself, with model version and request id (serving/logs.py)
+accesslog = None  # the app logs one line per request itself, with model version and request id (kernel/logs.py)
 errorlog = "-"
 loglevel = settings.LOG_LEVEL
 
@@ -50,7 +50,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 # gunicorn's own lines in the app's format: JSON, or text with LOG_FORMAT=text. Imported after the
 # variables above are set: importing the package loads numpy.
-from serving.logs import gunicorn_logconfig  # noqa: E402
+from kernel.logs import gunicorn_logconfig  # noqa: E402
 
 _secrets = tuple(t.get_secret_value() for t in (settings.API_TOKEN, settings.PREDICT_TOKEN) if t is not None)
 logconfig_dict = gunicorn_logconfig(settings.LOG_FORMAT, loglevel, _secrets)
@@ -73,7 +73,7 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     if server.cfg.preload_app:
-        from serving.forking import after_fork
+        from service.forking import after_fork
 
         after_fork(server.app.wsgi())
 

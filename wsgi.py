@@ -1,5 +1,5 @@
 """The WSGI entry point for gunicorn (`wsgi:app`) and Zappa (`wsgi.app`)."""
 
-from serving import create_app
+from service import create_app
 
 app = create_app()

@@ -43,7 +43,7 @@ def main() -> None:
     import orjson
     import pandas as pd
 
-    from serving import create_app
+    from service import create_app
     from serving.prediction import parse_rows, predict, probabilities_of, validate_rows
     from training.datasets import load_builtin
 

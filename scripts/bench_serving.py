@@ -593,7 +593,7 @@ def table(results: dict, info: dict, args) -> str:
 # ---- the run -----------------------------------------------------------------------------------------------
 def register_models(tracking_uri: str) -> dict:
     """Train and register both models on iris with the project's training code; nothing activated yet."""
-    from serving.registry import ModelRef, Registry
+    from kernel.registry import ModelRef, Registry
     from training.datasets import load_builtin
     from training.job import TrainingSpec, run_training
 

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from serving import create_app
+    from service import create_app
 
     with tempfile.TemporaryDirectory() as folder:
         config = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -15,20 +14,26 @@ from typing import Any
 import numpy as np
 from marshmallow import RAISE, Schema, fields
 
-from serving.registry import COMPILED_FILE, ModelRef
+from kernel import model_format
+from kernel.errors import DomainError
+from kernel.registry import ModelRef
+from serving.arrays import Feature, fast_columns, onnx_probabilities, sklearn_frame
 
 log = logging.getLogger(__name__)
 
 _NUMBER_TYPES = {"double", "float", "long", "integer"}
-# The largest number the runtimes hold: the ONNX forms take float32, as scikit-learn's trees do inside.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 _SESSION_LOCK = threading.Lock()
 _INHERITED_SESSIONS: list = []  # sessions copied from a parent process: kept, never destroyed in the child
-_KIND_TYPES = {"number": (int, float), "text": (str,), "boolean": (bool,)}
 
 
-class ModelLoadError(Exception):
-    """The version's files are not a model this service can serve."""
+class ModelLoadError(DomainError):
+    """The version's files are not a model this service can serve (422: the previous model keeps serving)."""
+
+    status = 422
+    code = "model_not_loadable"
+
+    def client_message(self) -> str:
+        return f"{self}. The previous model keeps serving."
 
 
 class SklearnForm:
@@ -54,34 +59,20 @@ class SklearnForm:
         return self._load is None
 
 
-@dataclass(frozen=True)
-class Feature:
-    """One input column as the model's MLflow signature declares it."""
-
-    name: str
-    kind: str  # "number", "text" or "boolean"
-    required: bool  # False when the training data had missing values: null is then accepted
-
-    @functools.cached_property
-    def allowed_types(self) -> frozenset:
-        """The JSON value types (exact Python types) this feature accepts."""
-        return frozenset(_KIND_TYPES[self.kind] + (() if self.required else (type(None),)))
-
-
 class Number(fields.Float):
     """A JSON number: not a numeric string, not a boolean, not NaN or Infinity."""
 
     default_error_messages = {
         "invalid": "Not a valid number.",
         "special": "NaN and Infinity are not allowed.",
-        "too_large": f"Number too large: the model computes in 32-bit floats, which hold at most ±{FLOAT32_MAX:.7g}.",
+        "too_large": f"Number too large: the model computes in 32-bit floats, which hold at most ±{model_format.FLOAT32_MAX:.7g}.",
     }
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.make_error("invalid")
         number = super()._deserialize(value, attr, data, **kwargs)
-        if abs(number) > FLOAT32_MAX:
+        if abs(number) > model_format.FLOAT32_MAX:
             raise self.make_error("too_large")
         return number
 
@@ -133,7 +124,6 @@ class LoadedModel:
     class_array: np.ndarray = field(init=False, repr=False)
     class_keys: list = field(init=False)
     answer_model: dict = field(init=False)
-    onnx_probability_output: list = field(init=False)
 
     def __post_init__(self):
         names = [f.name for f in self.features]
@@ -145,7 +135,6 @@ class LoadedModel:
         set_(self, "class_array", np.asarray(self.classes, dtype=object))
         set_(self, "class_keys", [str(label) for label in self.classes])
         set_(self, "answer_model", {**self.ref.as_dict(), "runtime": self.runtime})
-        set_(self, "onnx_probability_output", ["probabilities"])  # skl2onnx's name, with zipmap off
 
     @property
     def estimator(self) -> Any:
@@ -199,40 +188,12 @@ def onnx_session(onnx_bytes: bytes):
     return onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def _read_verdict(path: Path) -> dict | None:
-    """The version's compiled.json (runtime, reason, classes, scikit-learn's answers on the input example)."""
-    try:
-        verdict = json.loads((path / "extra_files" / COMPILED_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return verdict if isinstance(verdict, dict) else None
-
-
-def _compiled_form(path: Path, verdict: dict | None, runtime_setting: str) -> tuple[bytes | None, str]:
-    """The verified ONNX form of a version, if it has one and the setting allows it, and why (not).
-
-    `verdict` is the version's compiled.json as `_read_verdict` read it (None: missing or unreadable).
-    """
-    if runtime_setting == "sklearn":
-        return None, "SERVING_RUNTIME=sklearn forces scikit-learn"
-    if not (path / "extra_files" / COMPILED_FILE).exists():
-        return None, "registered before compiled inference; no ONNX form"
-    if verdict is None:
-        return None, f"{COMPILED_FILE} is not readable"
-    if verdict.get("runtime") != "onnx":
-        return None, str(verdict.get("reason", "not compiled"))
-    try:
-        return (path / "extra_files" / "model.onnx").read_bytes(), str(verdict.get("reason", "compiled"))
-    except FileNotFoundError:
-        return None, "marked compiled but its model.onnx is missing"
-
-
 def _load_estimator(path: Path, flavor: dict, ref: ModelRef):
     """The scikit-learn pipeline from its skops file, with the service's trusted types; never pickle."""
     try:
         import skops.io
 
-        from serving.trusted_types import TRUSTED_TYPES
+        from kernel.trusted_types import TRUSTED_TYPES
     except ImportError:
         return None  # a compiled-only install (no scikit-learn): the ONNX form must serve
     try:
@@ -280,8 +241,8 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         features.append(Feature(column["name"], kind, column.get("required", True)))
     features = tuple(features)
     example_rows = _input_example(path, mlmodel, features, ref)
-    verdict = _read_verdict(path)
-    onnx_bytes, reason = _compiled_form(path, verdict, runtime_setting)
+    verdict = model_format.read_verdict(path)
+    onnx_bytes, reason = model_format.compiled_form(path, verdict, runtime_setting)
     if onnx_bytes is None:  # scikit-learn serves the version: load it now
         sklearn_form = SklearnForm(value=_load_estimator(path, flavor, ref))
         if sklearn_form.get() is None:
@@ -380,17 +341,17 @@ def _checked(model: LoadedModel, example_rows: list[dict], recorded: list | None
         return model
     if recorded is None and model.estimator is None:
         return model  # a compiled-only install: nothing to compare with
-    from serving.prediction import _onnx_probabilities, _sklearn_frame, fast_columns, label_indices
-
     columns = fast_columns(model, example_rows)
     try:
-        compiled = _onnx_probabilities(model, columns)
+        compiled = onnx_probabilities(model, columns)
         if recorded is not None:
             expected = np.asarray(recorded, dtype=np.float64)
         else:
-            expected = model.estimator.predict_proba(_sklearn_frame(model, columns))
+            expected = model.estimator.predict_proba(sklearn_frame(model, columns))
         agree = compiled.shape == expected.shape and np.allclose(compiled, expected, atol=1e-5)
-        agree = agree and (label_indices(compiled, True) == label_indices(expected, False)).all()
+        agree = (
+            agree and (model_format.label_indices(compiled, True) == model_format.label_indices(expected, False)).all()
+        )
     except Exception as exc:
         agree, problem = False, f"{type(exc).__name__}: {exc}"
     else:

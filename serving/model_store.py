@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kernel.errors import DomainError
+from kernel.locks import file_lock
+from kernel.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
 from serving.loaded_model import LoadedModel, ModelLoadError, load_model_dir
-from serving.locks import file_lock
-from serving.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,21 @@ RETRY_FAILED_SECONDS = 60.0
 PRELOAD_SECONDS = 0.2
 
 
-class StateNotWritable(Exception):
+class StateNotWritable(DomainError):
     """This machine's state folder (model cache, pointer, locks) cannot be written: read-only or full."""
+
+    status = 503
+    code = "state_not_writable"
+    headers = {"Retry-After": "30"}
+    log_level = logging.ERROR
 
     def __init__(self, folder: Path, exc: OSError):
         self.reason = exc.strerror or str(exc)  # "Read-only file system", "No space left on device"
         super().__init__(f"{folder}: {self.reason}")
+
+    def client_message(self) -> str:
+        return (f"This machine's state folder (STATE_DIR) cannot be written ({self.reason}); nothing was changed "
+                "and the previous model keeps serving. Free space or make it writable, then retry.")  # fmt: skip
 
 
 def _check_writable(folder: Path) -> None:
@@ -133,8 +143,12 @@ class ModelStore:
         recorded in `last_error`, the current model keeps serving, and a version that failed is not
         tried again for a while. A worker forked while the folder is read-only still boots.
         """
+        self._guarded(self._follow_registry)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a follow step; a registry, model or state-folder problem is recorded, never raised."""
         try:
-            self._follow_registry()
+            step()
             self.registry_available = True
         except RegistryUnavailable as exc:
             self.registry_available = False
@@ -144,6 +158,16 @@ class ModelStore:
             self.last_error = str(StateNotWritable(self.state_dir, exc))
             log.error("cannot follow the registry: %s", self.last_error)
 
+    def catch_up(self, ref: ModelRef) -> None:
+        """Serve `ref` on this machine now if the registry names it active (read-your-writes after a job).
+
+        The narrow hook the training half calls after a job answers `activated`: it loads exactly that
+        version, never bootstraps, and writes neither the job nor the registry (only this machine's pointer).
+        """
+        if self.current is not None and self.current.ref == ref and self.read_pointer() == ref:
+            return
+        self._guarded(lambda: self._follow_to(ref))
+
     def _follow_registry(self) -> None:
         ref = self.registry.get_active_model()
         if ref is None:
@@ -151,6 +175,10 @@ class ModelStore:
                 ref = self._bootstrap()
             if ref is None:
                 return
+        self._follow_to(ref)
+
+    def _follow_to(self, ref: ModelRef) -> None:
+        """Load `ref` and point this machine at it, if the registry still names it active."""
         if self.current is not None and self.current.ref == ref and self.read_pointer() == ref:
             return
         if self._recently_failed(ref):

@@ -1,8 +1,4 @@
-"""Prediction as a plain function: request body in, answer out; the view only adapts HTTP.
-
-Valid rows go from the parsed JSON straight into the arrays the runtime takes: one (n, 1) array per
-column for ONNX Runtime, a DataFrame only when scikit-learn serves the version.
-"""
+"""Prediction as a plain function: request body in, answer out; the view only adapts HTTP."""
 
 from __future__ import annotations
 
@@ -11,36 +7,18 @@ import functools
 import numpy as np
 from marshmallow import ValidationError
 
-from serving.loaded_model import FLOAT32_MAX, LoadedModel
+from kernel.model_format import BATCH_KEYS, first_top_index, label_indices
+from serving.arrays import SMALL_BATCH, fast_columns, onnx_probabilities, sklearn_frame
+from serving.loaded_model import LoadedModel
 
-# The batch forms: ours ("records") and those of MLflow's scoring server.
-BATCH_KEYS = ("records", "dataframe_records", "dataframe_split", "instances", "inputs")
 MAX_REPORTED_ROWS = 20
-# Up to this many rows, plain Python checks and labels are faster than numpy's per-call setup.
-SMALL_BATCH = 32
-# ONNX forms compute in float32: a tie in scikit-learn's float64 probabilities (7 trees of 15 for each of
-# two classes) arrives as two values a few 1e-8 apart. Within this margin the first class wins, as
-# scikit-learn's argmax picks the first of equal values.
-TIE_MARGIN = 1e-6
-
-
-def label_indices(probabilities: np.ndarray, compiled: bool) -> np.ndarray:
-    """The most probable class per row; for a compiled form, the first of those within TIE_MARGIN of the top."""
-    if not compiled:
-        return probabilities.argmax(axis=1)
-    return (probabilities >= probabilities.max(axis=1, keepdims=True) - TIE_MARGIN).argmax(axis=1)
 
 
 def _labels(model: LoadedModel, probabilities: np.ndarray, rows: list[list[float]] | None, compiled: bool) -> list:
     """Each row's label, as label_indices picks it (in plain Python for a few rows: no numpy call setup)."""
     if rows is None or len(rows) > SMALL_BATCH:
         return model.class_array[label_indices(probabilities, compiled)].tolist()
-    margin = TIE_MARGIN if compiled else 0.0
-    labels = []
-    for row in rows:
-        top = max(row) - margin
-        labels.append(model.classes[next(i for i, p in enumerate(row) if p >= top)])
-    return labels
+    return [model.classes[first_top_index(row, compiled)] for row in rows]
 
 
 class BadInput(Exception):
@@ -99,43 +77,6 @@ def parse_rows(body, feature_names: list[str]) -> tuple[list, str | None]:
     return rows, key
 
 
-def _within_float32(values: list) -> bool:
-    """Every value is a number a 32-bit float holds (NaN and Infinity fail the comparison)."""
-    if len(values) <= SMALL_BATCH:
-        # Python compares any int with a float exactly: 10**400 fails here without an OverflowError.
-        return all(-FLOAT32_MAX <= v <= FLOAT32_MAX for v in values)
-    try:
-        array = np.array(values, dtype="float64")
-    except OverflowError:
-        return False  # an integer too large for a float: the schema says "Number too large."
-    return bool(np.abs(array).max() <= FLOAT32_MAX)
-
-
-def fast_columns(model: LoadedModel, rows: list) -> dict | None:
-    """The rows as one list of values per feature when every row is valid, checked a column at a time.
-
-    None if any row is not valid. Accepts exactly what the marshmallow schema accepts
-    (tests/test_validation.py checks both agree); the schema then only runs on failing bodies, to
-    say what is wrong. None stands for a missing value where the training data had gaps.
-    """
-    expected = model.feature_set
-    for row in rows:
-        if type(row) is not dict or row.keys() != expected:
-            return None
-    columns = {}
-    for feature in model.features:
-        name = feature.name
-        values = [row[name] for row in rows]
-        if not set(map(type, values)) <= feature.allowed_types:  # exact types: a bool is not a number
-            return None
-        if feature.kind == "number":
-            present = values if feature.required else [v for v in values if v is not None]
-            if present and not _within_float32(present):
-                return None
-        columns[name] = values
-    return columns
-
-
 def row_errors(model: LoadedModel, rows: list, key: str | None) -> dict:
     """What is wrong, per field (one row) or per row index (a batch), from the marshmallow schema."""
     errors = {}
@@ -166,32 +107,6 @@ def validate_rows(model: LoadedModel, rows: list, key: str | None, max_rows: int
     return columns
 
 
-def _onnx_probabilities(model: LoadedModel, columns: dict) -> np.ndarray:
-    numbers = model.number_features
-    # One array for every number column (None, a missing value, becomes NaN, which the compiled imputer
-    # fills); each input is a contiguous (n, 1) view of one of its rows.
-    matrix = np.array([columns[name] for name in numbers], dtype=np.float32) if numbers else None
-    feeds = {name: matrix[i].reshape(-1, 1) for i, name in enumerate(numbers)}
-    for name in model.text_features:  # ONNX strings cannot be missing: the compiled form reads "" as missing
-        feeds[name] = np.array(["" if v is None else v for v in columns[name]], dtype=object).reshape(-1, 1)
-    return model.session.run(model.onnx_probability_output, feeds)[0]
-
-
-def _sklearn_frame(model: LoadedModel, columns: dict):
-    import pandas as pd
-
-    frame = {}
-    for feature in model.features:
-        values = columns[feature.name]
-        if feature.kind == "number":
-            frame[feature.name] = np.array(values, dtype="float64")
-        elif feature.kind == "text":
-            frame[feature.name] = np.array([np.nan if v is None else v for v in values], dtype=object)
-        else:
-            frame[feature.name] = np.array(values, dtype=bool)
-    return pd.DataFrame(frame, columns=model.feature_names)
-
-
 def probabilities_of(model: LoadedModel, columns: dict, key: str | None) -> tuple[np.ndarray, bool]:
     """Class probabilities per row, and whether ONNX Runtime computed them (the version is compiled).
 
@@ -199,12 +114,12 @@ def probabilities_of(model: LoadedModel, columns: dict, key: str | None) -> tupl
     scikit-learn in 64 bits; a row no runtime can score is a 400, never a NaN in the answer.
     """
     if model.session is not None:
-        probabilities = _onnx_probabilities(model, columns)
+        probabilities = onnx_probabilities(model, columns)
         if np.isfinite(probabilities).all():
             return probabilities, True
         if model.estimator is None:
             return _finite_or_bad(probabilities, key), True
-    return _finite_or_bad(model.estimator.predict_proba(_sklearn_frame(model, columns)), key), False
+    return _finite_or_bad(model.estimator.predict_proba(sklearn_frame(model, columns)), key), False
 
 
 def _finite_or_bad(probabilities: np.ndarray, key: str | None) -> np.ndarray:
@@ -228,7 +143,7 @@ def _as_answered(probabilities: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _probability_objects(keys: tuple[str, ...]):
+def probability_objects(keys: tuple[str, ...]):
     """A function from probability rows to `{class: probability}` objects, made for these classes.
 
     A dict display with the class names bound (`{k0: p0, k1: p1, ...}`) builds 10,000 rows in about a
@@ -258,7 +173,7 @@ def predict(model: LoadedModel, body, max_rows: int) -> dict:
         # The label is the most probable class, as scikit-learn's own predict() does for these models.
         answer["predictions"] = _labels(model, probabilities, raw, compiled)
         answered = _as_answered(probabilities).tolist() if compiled else raw
-        answer["probabilities"] = _probability_objects(tuple(model.class_keys))(answered)
+        answer["probabilities"] = probability_objects(tuple(model.class_keys))(answered)
     else:
-        answer["predictions"] = model.estimator.predict(_sklearn_frame(model, columns)).tolist()
+        answer["predictions"] = model.estimator.predict(sklearn_frame(model, columns)).tolist()
     return answer

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from serving import create_app
-from serving.registry import ModelRef, Registry
+from kernel.registry import ModelRef, Registry
+from service import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NAME = "iris-RandomForestClassifier"

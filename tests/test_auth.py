@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from serving import create_app
-from serving.auth import ensure_token
-from serving.config import ConfigError
+from kernel.auth import ensure_token
+from kernel.config import ConfigError
+from service import create_app
 from tests.conftest import DEFAULT_NAME, IRIS_ROW, ROOT, TOKEN
 
 USE_MODEL = {"name": DEFAULT_NAME, "version": "1"}
@@ -47,7 +47,11 @@ def open_config(app_config) -> dict:
 def test_management_endpoints_need_the_token(store, app_config, open_config, method, path, body, token_source):
     config = app_config if token_source == "API_TOKEN" else open_config
     app = create_app(config)
-    token = TOKEN if token_source == "API_TOKEN" else (Path(app.config["STATE_DIR"]) / "api-token").read_text().strip()
+    token = (
+        TOKEN
+        if token_source == "API_TOKEN"
+        else (Path(app.extensions["settings"].STATE_DIR) / "api-token").read_text().strip()
+    )
     client = app.test_client()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"},
                     {"Authorization": token}, {"Authorization": f"Bearer {token}x"}):  # fmt: skip
@@ -64,14 +68,14 @@ def test_management_endpoints_need_the_token(store, app_config, open_config, met
 
 def test_api_auth_off_opens_them_and_warns_at_every_start(store, open_config, caplog):
     for _ in range(2):
-        with caplog.at_level(logging.WARNING, logger="serving.auth"):
+        with caplog.at_level(logging.WARNING, logger="kernel.auth"):
             caplog.clear()
             app = create_app({**open_config, "API_AUTH": "off"})
         assert sum("API_AUTH=off" in r.getMessage() for r in caplog.records) == 1
     client = app.test_client()
     for method, path, body in MANAGEMENT:
         assert call(client, method, path, body).status_code in (400, 404)
-    assert not os.path.exists(os.path.join(app.config["STATE_DIR"], "api-token"))
+    assert not os.path.exists(os.path.join(app.extensions["settings"].STATE_DIR, "api-token"))
 
 
 @pytest.mark.parametrize(("method", "path", "body"), PREDICT)
@@ -87,7 +91,7 @@ def test_predict_token_when_set(store, app_config, method, path, body):
 def test_generated_token_is_private_logged_once_with_its_path(store, open_config, caplog):
     with caplog.at_level(logging.INFO):
         first = create_app(open_config)
-    path = os.path.join(first.config["STATE_DIR"], "api-token")
+    path = os.path.join(first.extensions["settings"].STATE_DIR, "api-token")
     token = Path(path).read_text().strip()
     assert len(token) >= 32
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -151,7 +155,7 @@ def test_a_token_file_readable_by_others_is_made_private(tmp_path):
 
 def test_make_token_prints_the_services_token(store, open_config):
     app = create_app(open_config)
-    kept = (Path(app.config["STATE_DIR"]) / "api-token").read_text().strip()
+    kept = (Path(app.extensions["settings"].STATE_DIR) / "api-token").read_text().strip()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "STATE_DIR": open_config["STATE_DIR"], "API_TOKEN": ""}
     done = subprocess.run(["make", "-s", "token"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

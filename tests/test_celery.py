@@ -21,7 +21,7 @@ from datetime import datetime
 import pytest
 import requests
 
-from serving.config import Settings
+from kernel.config import Settings
 from tests.conftest import ROOT, free_port, mlflow_client, ref
 from tests.servers import LoggedProcess, Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
@@ -297,7 +297,7 @@ def test_an_api_restart_loses_no_queued_or_running_job(cluster):
 
 def test_a_job_runs_through_sqs(stack, tmp_path):  # noqa: F811 - the imported fixture
     """Celery's SQS transport against moto's SQS (the moto server that holds the artifact bucket)."""
-    from serving import create_app
+    from service import create_app
 
     moto = stack["s3"].url.removeprefix("http://")
     transport = {"region": "us-east-1", "is_secure": False, "visibility_timeout": 60, "polling_interval": 0.5}

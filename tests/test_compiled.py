@@ -12,8 +12,8 @@ import onnxruntime
 import pandas as pd
 import pytest
 
+from kernel.model_format import label_indices
 from serving.loaded_model import load_model_dir
-from serving.prediction import label_indices
 from tests.conftest import ROOT
 from training.compile import compile_pipeline, feeds_from_frame
 from training.datasets import from_frame, load_builtin
@@ -171,7 +171,7 @@ def test_version_without_compiled_form_is_served_by_sklearn(client, app, mixed_v
 
 
 def test_serving_runtime_sklearn_forces_scikit_learn_with_same_labels(store, app_config, client):
-    from serving import create_app
+    from service import create_app
 
     forced = create_app({**app_config, "SERVING_RUNTIME": "sklearn", "STATE_DIR": app_config["STATE_DIR"] + "-sk"})
     try:
@@ -216,7 +216,7 @@ def test_compiled_version_serves_without_importing_scikit_learn(app, tmp_path):
 import json, sys
 from serving.loaded_model import load_model_dir
 from serving.prediction import predict
-from serving.registry import ModelRef
+from kernel.registry import ModelRef
 model = load_model_dir(__import__("pathlib").Path({str(folder)!r}), ModelRef({ref.name!r}, {ref.version!r}))
 answer = predict(model, {{"records": [model.example]}}, 10)
 before = sorted(m for m in ("sklearn", "skops") if m in sys.modules)

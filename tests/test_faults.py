@@ -114,7 +114,7 @@ def start_service(env: dict, folder: Path, **extra) -> Service:
 @pytest.fixture(scope="module")
 def iris_nb(store):
     """A second iris version (another estimator), registered and not active."""
-    from serving.registry import ModelRef
+    from kernel.registry import ModelRef
     from training.datasets import load_builtin
     from training.job import TrainingSpec, run_training
 

@@ -95,10 +95,10 @@ def run_handler(task: Path, events: list[dict], env: dict) -> tuple[list[dict], 
 
 def set_active(uri: str, name: str) -> None:
     """Point the registry at a version, as /use-model or the training job would."""
-    from serving.config import load_config
-    from serving.registry import ModelRef, registry_from_config
+    from kernel.config import load_settings
+    from kernel.registry import ModelRef, registry_from_settings
 
-    registry_from_config(load_config({"MLFLOW_TRACKING_URI": uri})).set_active_model(ModelRef(name, "1"))
+    registry_from_settings(load_settings({"MLFLOW_TRACKING_URI": uri})).set_active_model(ModelRef(name, "1"))
 
 
 def test_package_has_no_scikit_learn(task_dir):

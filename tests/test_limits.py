@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from serving import create_app
+from service import create_app
 from tests.conftest import IRIS_ROW, client_of
 from training.datasets import DatasetError, from_csv
 

@@ -107,7 +107,7 @@ def test_pickled_model_is_refused_and_old_model_keeps_serving(client, store):
 
 
 def test_token_required_when_configured(store, app_config):
-    from serving import create_app
+    from service import create_app
 
     app = create_app({**app_config, "API_TOKEN": "s3cret"})
     client = app.test_client()

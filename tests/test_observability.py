@@ -13,8 +13,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import create_app
-from serving.logs import make_formatter, redact, request_id_from
+from kernel.logs import make_formatter, redact, request_id_from
+from service import create_app
 from tests.conftest import DEFAULT_NAME, IRIS_ROW, ROOT
 from tests.servers import Service
 
@@ -80,7 +80,7 @@ def test_log_lines_inside_a_request_carry_its_id(app):
                                headers={"X-Request-ID": "inside-1"})  # fmt: skip
     finally:
         logging.getLogger().removeHandler(handler)
-    inside = [r for r in records if r.name == "serving.scoring"]
+    inside = [r for r in records if r.name == "serving.mlflow_protocol"]
     assert inside and all(r.request_id == "inside-1" for r in inside)
 
 
@@ -160,7 +160,7 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
 
 
 def test_job_lines_carry_the_job_id():
-    from serving.logs import bind_job, setup_job_logging
+    from kernel.logs import bind_job, setup_job_logging
 
     record = logging.LogRecord("training", logging.INFO, __file__, 1, "fitting", (), None)
     root = logging.getLogger()
@@ -179,6 +179,6 @@ def test_job_lines_carry_the_job_id():
         thread.join()
         assert from_thread.job_id == "job-42"
     finally:
-        from serving.logs import set_job_id
+        from kernel.logs import set_job_id
 
         set_job_id(None)

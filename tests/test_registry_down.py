@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from serving import create_app
-from serving.registry import ModelRef
+from kernel.registry import ModelRef
+from service import create_app
 from tests.conftest import IRIS_ROW, TOKEN, client_of, ref, stop
 from tests.servers import start_mlflow_server
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving import create_app
+from service import create_app
 from tests.conftest import DEFAULT_NAME, IRIS_ROW, TOKEN, client_of
 
 

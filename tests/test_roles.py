@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from serving import create_app
+from service import create_app
 from tests.conftest import IRIS_ROW, ROOT, client_of, ref
 
 
@@ -16,7 +16,7 @@ def test_inference_role_has_no_training_and_serves_the_registry(store, tmp_path)
     script = textwrap.dedent(
         """
         import json, sys
-        from serving import create_app
+        from service import create_app
         app = create_app({"WATCH_REGISTRY": False})
         client = app.test_client()
         print(json.dumps({

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from serving import create_app
+from service import create_app
 from tests.conftest import DEFAULT_NAME, IRIS_ROW, ROOT, TOKEN, client_of, ref
 
 
@@ -75,7 +75,7 @@ def test_a_start_serving_a_compiled_version_does_not_import_scikit_learn(store, 
     store["registry"].set_active_model(store["default"])
     script = f"""
 import json, sys
-from serving import create_app
+from service import create_app
 app = create_app({app_config!r})
 client = app.test_client()
 predicted = client.post("/predict", json={IRIS_ROW!r})

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving import create_app
+from service import create_app
 from tests.conftest import client_of, mlflow_client, ref
 from training.estimators import ESTIMATORS
 
@@ -424,7 +424,7 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
 
 def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(store):
     """Taken over after registering: the version goes, and the active model goes back to the previous one."""
-    from serving.registry import ModelRef
+    from kernel.registry import ModelRef
     from training.job import TrainingSpec
     from training.jobs import _withdraw, create_job, execute_job
 

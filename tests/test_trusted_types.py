@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import skops.io
 
-from serving.trusted_types import TRUSTED_TYPES
+from kernel.trusted_types import TRUSTED_TYPES
 from training.datasets import from_frame, load_builtin
 from training.estimators import ESTIMATORS
 from training.pipeline import build_pipeline

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from serving.loaded_model import FLOAT32_MAX
-from serving.prediction import BadInput, fast_columns, parse_rows, row_errors
-from tests.conftest import IRIS_ROW
+from kernel.model_format import FLOAT32_MAX
+from service import create_app
+from serving.arrays import fast_columns
+from serving.prediction import BadInput, parse_rows, row_errors
+from tests.conftest import IRIS_ROW, client_of
 
 
 def without(key):
@@ -124,8 +126,8 @@ def test_over_size_limit_is_413(client, app):
     assert "10000 bytes" in response.json["message"]
 
 
-def test_too_many_rows_is_400(client, app):
-    app.config["MAX_BATCH_ROWS"] = 10
+def test_too_many_rows_is_400(store, app_config):
+    client = client_of(create_app({**app_config, "MAX_BATCH_ROWS": 10}))
     response = client.post("/predict", json={"records": [IRIS_ROW] * 11})
     check_bad(client, response, "records")
     assert "at most 10" in json.dumps(response.json["errors"]["records"])
@@ -188,8 +190,8 @@ def test_extreme_but_holdable_numbers_get_200(client, value):
     assert len(probabilities) == 4 and all(abs(sum(p.values()) - 1) < 1e-6 for p in probabilities)
 
 
-def test_too_many_rows_names_the_key_used(client, app):
-    app.config["MAX_BATCH_ROWS"] = 2
+def test_too_many_rows_names_the_key_used(store, app_config):
+    client = client_of(create_app({**app_config, "MAX_BATCH_ROWS": 2}))
     response = client.post("/predict", json={"instances": [IRIS_ROW] * 3})
     assert response.status_code == 400
     assert list(response.json["errors"]) == ["instances"]
@@ -199,8 +201,8 @@ def test_too_many_rows_names_the_key_used(client, app):
 def test_probability_objects_equal_the_plain_form(count):
     """The answer's {class: probability} objects, built by a function made per class set, are exactly
     what dict(zip(...)) gives, whatever the class names hold."""
-    from serving.prediction import _probability_objects
+    from serving.prediction import probability_objects
 
     keys = tuple(f'c{i} "}} {{ \\n' if i % 2 else str(i) for i in range(count))
     rows = [[(r * count + i) / 1000 for i in range(count)] for r in range(50)]
-    assert _probability_objects(keys)(rows) == [dict(zip(keys, row)) for row in rows]
+    assert probability_objects(keys)(rows) == [dict(zip(keys, row)) for row in rows]

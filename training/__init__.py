@@ -1,1 +1,15 @@
-"""Training: estimators, datasets and the job that fits, evaluates and registers a model."""
+"""Training: client datasets, allow-listed estimators, jobs and their executors, and its blueprint."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from kernel.config import Settings
+from kernel.registry import Registry
+
+
+def init_app(app: Flask, settings: Settings, registry: Registry) -> None:
+    """Register the training blueprint and this machine's job executor."""
+    from training.views import register_training
+
+    register_training(app, settings, registry)

@@ -29,17 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-activate", action="store_true", help="register without making it active")
     args = parser.parse_args(argv)
 
-    from serving.config import settings_or_exit
-    from serving.registry import registry_from_config
+    from kernel.config import settings_or_exit
+    from kernel.registry import registry_from_settings
     from training.job import run_training
     from training.schemas import InvalidTrainingRequest, parse_train_request
 
-    config = settings_or_exit().model_dump()  # an invalid setting: one line on stderr, exit 2
+    settings = settings_or_exit()  # an invalid setting: one line on stderr, exit 2
     body = {"estimator": args.estimator, "params": args.params, "activate": not args.no_activate}
     for key, value in (("dataset", args.dataset), ("target", args.target), ("model_name", args.model_name)):
         if value:
             body[key] = value
-    limits = {"max_rows": config["TRAIN_MAX_ROWS"], "max_columns": config["TRAIN_MAX_COLUMNS"]}
+    limits = {"max_rows": settings.TRAIN_MAX_ROWS, "max_columns": settings.TRAIN_MAX_COLUMNS}
     try:
         upload = (args.csv.read_bytes(), args.csv.name) if args.csv else None
         parsed = parse_train_request(body, limits, upload)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.datasets import load_builtin
 
     dataset = load_builtin(parsed.dataset) if isinstance(parsed.dataset, str) else parsed.dataset
-    registry = registry_from_config(config)
+    registry = registry_from_settings(settings)
     try:
         # MLflow prints progress ("View run at ...") to stdout: keep stdout for the JSON result alone.
         with contextlib.redirect_stdout(sys.stderr):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.registry import ModelRef, Registry
+from kernel.registry import ModelRef, Registry
 from training.datasets import load_builtin
 from training.job import TrainingSpec, run_training
 

@@ -22,18 +22,16 @@ from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Regi
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
 from mlflow.utils import request_utils
 
-from serving.registry import RegistryUnavailable, registry_from_config, translate_errors
-from training.jobs import LEASE_SECONDS, ExecutorUnavailable, execute_job, fail_job, time_limit_error
+from kernel.config import Settings
+from kernel.registry import RegistryUnavailable, registry_from_settings, translate_errors
+from training.jobs import LEASE_SECONDS, ExecutorUnavailable, execute_job, fail_job, hard_time_limit, time_limit_error
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "training.run_job"
+QUEUE_UNREACHABLE = ("The training queue cannot be reached (CELERY_BROKER_URL); nothing was queued. Predictions "
+                     "are not affected.")  # fmt: skip
 REGISTRY_RETRY_SECONDS = 15  # how often a job whose record is out of reach (tracking server down) tries again
-
-
-def hard_time_limit(seconds: int) -> int:
-    """The limit at which the job's process is killed: the soft limit plus time to record the failure."""
-    return seconds + max(10, seconds // 10)
 
 
 def visibility_timeout(seconds: int) -> int:
@@ -47,8 +45,8 @@ class JobRequest(Request):
     def on_timeout(self, soft, timeout):
         super().on_timeout(soft, timeout)
         if not soft:  # the hard limit: the pool killed the process, which cannot record it itself
-            config = self.task.app.conf.training_config
-            fail_job(registry_from_config(config), self.id, time_limit_error(config["TRAIN_TIME_LIMIT_SECONDS"]))
+            settings = self.task.app.conf.training_settings
+            fail_job(registry_from_settings(settings), self.id, time_limit_error(settings.TRAIN_TIME_LIMIT_SECONDS))
 
 
 @signals.worker_process_init.connect(weak=False, dispatch_uid="training.fresh_connections")
@@ -63,19 +61,19 @@ def _fresh_connections(**kwargs) -> None:
             engine.dispose(close=False)
 
 
-def make_celery(config: dict) -> Celery:
+def make_celery(settings: Settings) -> Celery:
     """The Celery app for these settings; connects to the broker only when it sends or works."""
-    limit = config["TRAIN_TIME_LIMIT_SECONDS"]
-    options = {"visibility_timeout": visibility_timeout(limit), **json.loads(config["CELERY_BROKER_TRANSPORT_OPTIONS"])}
-    if config["CELERY_BROKER_URL"].startswith("redis"):
+    limit = settings.TRAIN_TIME_LIMIT_SECONDS
+    options = {"visibility_timeout": visibility_timeout(limit), **json.loads(settings.CELERY_BROKER_TRANSPORT_OPTIONS)}
+    if settings.CELERY_BROKER_URL.startswith("redis"):
         options.setdefault("socket_connect_timeout", 3)
-    app = Celery("training", broker=config["CELERY_BROKER_URL"], set_as_current=False)
+    app = Celery("training", broker=settings.CELERY_BROKER_URL, set_as_current=False)
     app.conf.update(
-        training_config=config,
+        training_settings=settings,
         broker_transport_options=options,
         broker_connection_timeout=3,
         broker_connection_retry_on_startup=True,
-        task_default_queue=config["TRAIN_QUEUE"],
+        task_default_queue=settings.TRAIN_QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -83,7 +81,7 @@ def make_celery(config: dict) -> Celery:
         task_time_limit=hard_time_limit(limit),
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         worker_prefetch_multiplier=1,
-        worker_concurrency=config["TRAIN_WORKER_CONCURRENCY"],
+        worker_concurrency=settings.TRAIN_WORKER_CONCURRENCY,
         worker_max_tasks_per_child=1,  # a fresh process per job: nothing one job leaves behind reaches the next
         worker_hijack_root_logger=False,
         worker_proc_alive_timeout=60,  # a fresh job process on a busy machine may take a while to say it is up
@@ -93,12 +91,12 @@ def make_celery(config: dict) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True, Request=JobRequest, max_retries=None)
     def run_job(task, job_id: str) -> str:
-        settings = task.app.conf.training_config
+        settings = task.app.conf.training_settings
         worker = f"{task.request.hostname}:{os.getpid()}"
-        registry = registry_from_config(settings)
-        limit = settings["TRAIN_TIME_LIMIT_SECONDS"]
+        registry = registry_from_settings(settings)
+        limit = settings.TRAIN_TIME_LIMIT_SECONDS
         try:
-            outcome = translate_errors(execute_job)(registry, job_id, settings["TRAIN_MAX_ATTEMPTS"], worker, limit)
+            outcome = translate_errors(execute_job)(registry, job_id, settings.TRAIN_MAX_ATTEMPTS, worker, limit)
         except RegistryUnavailable as exc:  # the job's record is out of reach: keep the job, try again later
             log.warning("job %s: %s; trying again in %d s", job_id, exc, REGISTRY_RETRY_SECONDS)
             raise task.retry(countdown=REGISTRY_RETRY_SECONDS, exc=exc) from None
@@ -112,8 +110,8 @@ def make_celery(config: dict) -> Celery:
 class CeleryExecutor:
     """Sends jobs to the broker; the API machine never trains."""
 
-    def __init__(self, config: dict):
-        self.app = make_celery(config)
+    def __init__(self, settings: Settings):
+        self.app = make_celery(settings)
 
     def send(self, job_id: str) -> None:
         """Queue the job (its id is the task's id); ExecutorUnavailable if the broker cannot be reached."""
@@ -121,4 +119,4 @@ class CeleryExecutor:
             self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, retry=True)
         except Exception as exc:  # kombu's OperationalError, a socket error, botocore's errors for SQS
             log.error("could not queue job %s: %s", job_id, exc)
-            raise ExecutorUnavailable(str(exc)) from exc
+            raise ExecutorUnavailable(str(exc), QUEUE_UNREACHABLE) from exc

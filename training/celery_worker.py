@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 import sys
 
-from serving.config import load_config
-from serving.registry import registry_from_config
+from kernel.config import load_settings
+from kernel.registry import registry_from_settings
 from training.celery_app import make_celery
 from training.jobs import preload_training
 
 
 def main(argv: list[str]) -> None:
     """Start the worker: TRAIN_WORKER_CONCURRENCY processes, prefetch 1, acks late, the time limits."""
-    config = load_config({"TRAIN_EXECUTOR": "celery"})
+    settings = load_settings({"TRAIN_EXECUTOR": "celery"})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    registry_from_config(config)  # MLflow's client bounds, in the environment the job processes inherit
+    registry_from_settings(settings)  # MLflow's client bounds, in the environment the job processes inherit
     preload_training()
-    app = make_celery(config)
-    app.worker_main(["worker", "--loglevel=INFO", "--pool=prefork", "--queues", config["TRAIN_QUEUE"],
+    app = make_celery(settings)
+    app.worker_main(["worker", "--loglevel=INFO", "--pool=prefork", "--queues", settings.TRAIN_QUEUE,
                      "--without-gossip", "--without-mingle", *argv])  # fmt: skip
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from kernel.model_format import MISSING_TEXT, PROBABILITY_OUTPUT, label_indices, onnx_feeds
+
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-5
-ONNX_FILE = "model.onnx"
 # ai.onnx 18 with ai.onnx.ml 3 is what skl2onnx 1.20 and ONNX Runtime 1.32 agree on for every estimator here.
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
 
@@ -29,7 +30,6 @@ class Compiled:
 
     onnx: bytes | None
     reason: str
-    max_difference: float | None = None
 
     @property
     def runtime(self) -> str:
@@ -42,17 +42,11 @@ def onnx_inputs(features: pd.DataFrame) -> dict[str, str]:
 
 
 def feeds_from_frame(features: pd.DataFrame) -> dict[str, np.ndarray]:
-    """A frame as ONNX Runtime's inputs: one (n, 1) array per column (missing text as "")."""
-    feeds = {}
-    for column, kind in onnx_inputs(features).items():
-        values = features[column]
-        if kind == "float":
-            feeds[column] = values.to_numpy(dtype=np.float32).reshape(-1, 1)
-        else:
-            feeds[column] = np.array([("" if v is None or v != v else str(v)) for v in values], dtype=object).reshape(
-                -1, 1
-            )
-    return feeds
+    """A frame as ONNX Runtime's inputs, by the format's feed rule (missing text as "")."""
+    kinds = onnx_inputs(features)
+    numbers = {column: features[column].to_numpy(dtype=np.float32) for column, kind in kinds.items() if kind == "float"}
+    texts = {column: features[column].tolist() for column, kind in kinds.items() if kind == "string"}
+    return onnx_feeds(numbers, texts)
 
 
 def _convert(pipeline, features: pd.DataFrame) -> bytes:
@@ -68,7 +62,7 @@ def _convert(pipeline, features: pd.DataFrame) -> bytes:
 
 def _empty_text_values(features: pd.DataFrame) -> list[str]:
     """Text columns where "" is a real value: it cannot also stand for "missing" in the ONNX form."""
-    return [c for c, kind in onnx_inputs(features).items() if kind == "string" and (features[c] == "").any()]
+    return [c for c, kind in onnx_inputs(features).items() if kind == "string" and (features[c] == MISSING_TEXT).any()]
 
 
 def _for_onnx(pipeline):
@@ -87,7 +81,7 @@ def _for_onnx(pipeline):
         if name == "text":
             for step in transformer.named_steps.values():
                 if isinstance(step, SimpleImputer):
-                    step.missing_values = ""
+                    step.missing_values = MISSING_TEXT
     return converted
 
 
@@ -98,11 +92,8 @@ def compare(pipeline, onnx_bytes: bytes, features: pd.DataFrame) -> float:
     """
     import onnxruntime
 
-    from serving.prediction import label_indices
-
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    probability_output = session.get_outputs()[1].name
-    (onnx_probabilities,) = session.run([probability_output], feeds_from_frame(features))
+    (onnx_probabilities,) = session.run([PROBABILITY_OUTPUT], feeds_from_frame(features))
     # Labels as the service answers them from each runtime's probabilities.
     served = label_indices(onnx_probabilities, compiled=True)
     expected_labels = pipeline.predict(features)
@@ -130,6 +121,4 @@ def compile_pipeline(pipeline, train_features: pd.DataFrame, holdout_features: p
         return Compiled(None, f"the ONNX form does not agree with scikit-learn: {str(exc)[:300]}")
     if difference > TOLERANCE:
         return Compiled(None, f"ONNX probabilities differ from scikit-learn's by {difference:.2e} (> {TOLERANCE})")
-    return Compiled(
-        onnx_bytes, f"verified on {len(holdout_features)} hold-out and {len(train_features)} training rows", difference
-    )
+    return Compiled(onnx_bytes, f"verified on {len(holdout_features)} hold-out and {len(train_features)} training rows")

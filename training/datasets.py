@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn import datasets as sk_datasets
 
-from serving.prediction import BATCH_KEYS
+from kernel.model_format import BATCH_KEYS
 
 BUILTIN_DATASETS = {
     "iris": sk_datasets.load_iris,

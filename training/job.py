@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import mlflow
 
-from serving.registry import Registry, log_model_version
+from kernel.registry import Registry
 from training.datasets import Dataset
 from training.estimators import build_estimator
 from training.pipeline import build_pipeline, evaluate, split
+from training.registration import log_model_version
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def run_training(
 
         tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
         on_phase("converting")  # log_model_version compiles the ONNX form and checks it
-        ref = log_model_version(registry, model, train_x, model_name, tags, metrics, holdout=test_x)
+        ref = log_model_version(model, train_x, model_name, tags, metrics, holdout=test_x)
         try:
             on_phase("registering")  # the job may have been taken over meanwhile: then this version goes
         except Exception:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from mlflow.entities import DatasetInput, InputTag, RunStatus, RunTag
 
-from serving.registry import ModelNotFound, ModelRef, Registry, _iso, translate_errors
+from kernel.errors import DomainError
+from kernel.registry import ModelNotFound, ModelRef, Registry, iso_time, translate_errors
 
 if TYPE_CHECKING:  # imported where a job runs: they import scikit-learn, which a serving process does not need
     from training.datasets import Dataset
@@ -35,16 +36,43 @@ KIND_TAG = "job.kind"
 DATASET_ARTIFACT = "dataset/rows.json"
 
 
-class JobNotFound(Exception):
-    """No training job with that id."""
+class JobNotFound(DomainError):
+    """No training job with that id (404)."""
+
+    status = 404
+    code = "job_not_found"
+
+    def client_message(self) -> str:
+        return f"No training job {str(self)!r}."
 
 
-class QueueFull(Exception):
-    """TRAIN_MAX_QUEUED jobs are already waiting."""
+class QueueFull(DomainError):
+    """TRAIN_MAX_QUEUED jobs are already waiting (429, try again later)."""
+
+    status = 429
+    code = "too_many_jobs"
+    headers = {"Retry-After": "30"}
+
+    def client_message(self) -> str:
+        return f"{self}; try again later."
 
 
-class ExecutorUnavailable(Exception):
-    """The job could not be handed to any worker (the broker is unreachable); it was discarded."""
+class ExecutorUnavailable(DomainError):
+    """The job could not be handed to any worker (the broker is unreachable); it was discarded (503)."""
+
+    status = 503
+    code = "training_unavailable"
+    headers = {"Retry-After": "30"}
+    log_level = logging.ERROR
+
+    def __init__(
+        self, detail: str, client_message: str = "The training process could not be started; nothing was trained."
+    ):
+        super().__init__(detail)
+        self._client_message = client_message
+
+    def client_message(self) -> str:
+        return self._client_message
 
 
 # ---- the submitter: creates the job, then never writes to it again ----------------------------------
@@ -141,7 +169,7 @@ def mark_job(registry: Registry, job_id: str, status: str | None = None, **detai
 def _count(outcome: str) -> None:
     """training_jobs_total{outcome}: shared with the API's /metrics where the job runs beside it."""
     try:
-        from serving.metrics import count_training_job
+        from kernel.metrics import count_training_job
 
         count_training_job(outcome)
     except Exception:  # a metric must never fail a job
@@ -174,6 +202,11 @@ def fail_job(registry: Registry, job_id: str, error: str) -> None:
     """Record the job failed, after removing any version it registered."""
     remove_versions_of(registry, job_id)
     mark_job(registry, job_id, "failed", error=error, finished_at=repr(time.time()))
+
+
+def hard_time_limit(seconds: int) -> int:
+    """The limit at which the job's process is killed: the soft limit plus time to record the failure."""
+    return seconds + max(10, seconds // 10)
 
 
 def time_limit_error(seconds: int) -> str:
@@ -421,7 +454,7 @@ def get_job(registry: Registry, job_id: str) -> dict:
         "estimator": request.get("estimator"),
         "params": request.get("params"),
         "dataset": request.get("dataset"),
-        "created_at": _iso(run.info.start_time),
+        "created_at": iso_time(run.info.start_time),
         "location": f"/train/jobs/{job_id}",
     }
     if status == "queued":
@@ -429,7 +462,7 @@ def get_job(registry: Registry, job_id: str) -> dict:
         return job
     job.update(attempt=int(tags.get("job.attempt", "1")), worker=tags.get("job.worker"),
                waited_seconds=_seconds(times.get("started_at"), times.get("created_at")),
-               started_at=_iso(int(times["started_at"] * 1000)) if "started_at" in times else None)  # fmt: skip
+               started_at=iso_time(int(times["started_at"] * 1000)) if "started_at" in times else None)  # fmt: skip
     if status == "running":
         job["phase"] = tags.get("job.phase")
         job["phase_elapsed_seconds"] = _seconds(now, float(tags.get("job.phase_started_at", now)))
@@ -437,7 +470,7 @@ def get_job(registry: Registry, job_id: str) -> dict:
         age = heartbeat_age(tags, now)
         job["heartbeat_age_seconds"] = round(age, 3) if age is not None else None
     else:
-        job["finished_at"] = _iso(int(times["finished_at"] * 1000)) if "finished_at" in times else None
+        job["finished_at"] = iso_time(int(times["finished_at"] * 1000)) if "finished_at" in times else None
         job["elapsed_seconds"] = _seconds(times.get("finished_at"), times.get("started_at"))
     if "job.lost" in tags:
         job["lost_attempt"] = tags["job.lost"]

@@ -25,8 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from serving.config import PROJECT_ROOT, load_config
-from serving.registry import ModelNotFound, RegistryUnavailable, translate_errors
+from kernel.config import PROJECT_ROOT, Settings, settings_from_json, settings_to_json
+from kernel.registry import ModelNotFound, RegistryUnavailable, registry_from_settings, translate_errors
 from training.jobs import FINAL, ExecutorUnavailable, preload_training
 
 log = logging.getLogger(__name__)
@@ -55,32 +55,32 @@ def try_lock(path: Path):
 class LocalExecutor:
     """Starts each job in a detached process on this machine, and starts again any whose process died."""
 
-    def __init__(self, config: dict, registry):
-        self.config, self.registry = config, registry
-        # The job's process gets this app's settings (a test's overrides included), by their names.
-        self.settings = {name: str(config[name]) for name in load_config() if config.get(name) is not None}
+    def __init__(self, settings: Settings, registry):
+        self.settings, self.registry = settings, registry
+        self.state_dir = Path(settings.STATE_DIR)
         self._sweeper = None
 
     def send(self, job_id: str) -> None:
         """Start the job's process; ExecutorUnavailable if it cannot start."""
-        folder = Path(self.config["STATE_DIR"]) / "jobs"
+        folder = self.state_dir / "jobs"
         folder.mkdir(parents=True, exist_ok=True)
-        job_lock_path(self.config["STATE_DIR"], job_id).touch()  # the sweeper's record that this machine runs it
-        env = {**os.environ, **self.settings, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+        job_lock_path(self.state_dir, job_id).touch()  # the sweeper's record that this machine runs it
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
         try:
             with open(folder / f"{job_id}.log", "w") as output:
                 # The launcher forks the job's process and exits at once: no zombie for the serving worker.
+                # The job's process receives this app's settings (a test's overrides included) on its stdin.
                 subprocess.run([sys.executable, "-m", "training.worker", job_id], cwd=PROJECT_ROOT, env=env,
-                               stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True,
-                               timeout=30, start_new_session=True)  # fmt: skip
+                               input=settings_to_json(self.settings).encode(), stdout=output,
+                               stderr=subprocess.STDOUT, check=True, timeout=30, start_new_session=True)  # fmt: skip
         except (subprocess.SubprocessError, OSError) as exc:
-            job_lock_path(self.config["STATE_DIR"], job_id).unlink(missing_ok=True)
+            job_lock_path(self.state_dir, job_id).unlink(missing_ok=True)
             raise ExecutorUnavailable(f"the job's process could not start: {exc}") from exc
 
     def recover(self) -> list[str]:
         """Start again each unfinished job of this machine whose processes are gone; returns their ids."""
         started = []
-        for path in sorted((Path(self.config["STATE_DIR"]) / "jobs").glob("*.lock")):
+        for path in sorted((self.state_dir / "jobs").glob("*.lock")):
             job_id = path.stem
             try:
                 if time.time() - path.stat().st_mtime < RELAUNCH_SECONDS:
@@ -140,18 +140,17 @@ def wait_for_slot(state_dir: Path, slots: int):
         time.sleep(SLOT_POLL_SECONDS)
 
 
-def _attempt(config: dict, job_id: str) -> str:
+def _attempt(settings: Settings, job_id: str) -> str:
     """One attempt, in the pool's process: the same function a Celery worker runs."""
-    from serving.registry import registry_from_config
     from training.jobs import execute_job, worker_name
 
-    registry = registry_from_config(config)
-    limit = config["TRAIN_TIME_LIMIT_SECONDS"]
+    registry = registry_from_settings(settings)
+    limit = settings.TRAIN_TIME_LIMIT_SECONDS
     # previous_lost: this process holds the job's lock, so no other process of this machine runs it
-    return execute_job(registry, job_id, config["TRAIN_MAX_ATTEMPTS"], worker_name(), limit, previous_lost=True)
+    return execute_job(registry, job_id, settings.TRAIN_MAX_ATTEMPTS, worker_name(), limit, previous_lost=True)
 
 
-def run_job(config: dict, job_id: str) -> str:
+def run_job(settings: Settings, job_id: str) -> str:
     """Run the job's attempts in a billiard pool, one fresh process each, with Celery's time limits.
 
     Returns the job's final status, or "skipped" if it had already finished.
@@ -159,19 +158,17 @@ def run_job(config: dict, job_id: str) -> str:
     from billiard.exceptions import TimeLimitExceeded, WorkerLostError
     from billiard.pool import Pool
 
-    from serving.registry import registry_from_config
-    from training.celery_app import hard_time_limit
-    from training.jobs import fail_job, time_limit_error
+    from training.jobs import fail_job, hard_time_limit, time_limit_error
 
-    limit = config["TRAIN_TIME_LIMIT_SECONDS"]
-    for _ in range(config["TRAIN_MAX_ATTEMPTS"] + 1):  # the last one records the lost attempts and fails
+    limit = settings.TRAIN_TIME_LIMIT_SECONDS
+    for _ in range(settings.TRAIN_MAX_ATTEMPTS + 1):  # the last one records the lost attempts and fails
         pool = Pool(1, maxtasksperchild=1, soft_timeout=limit, timeout=hard_time_limit(limit), lost_worker_timeout=1)
         try:
-            return pool.apply_async(_attempt, (config, job_id)).get()
+            return pool.apply_async(_attempt, (settings, job_id)).get()
         except Exception as wrapped:  # billiard hands the pool's own errors over wrapped, with their traceback
             error = getattr(wrapped, "exc", wrapped)
             if isinstance(error, TimeLimitExceeded):  # killed at the hard limit: it could not record that itself
-                fail_job(registry_from_config(config), job_id, time_limit_error(limit))
+                fail_job(registry_from_settings(settings), job_id, time_limit_error(limit))
                 return "failed"
             if not isinstance(error, WorkerLostError):
                 raise
@@ -180,18 +177,18 @@ def run_job(config: dict, job_id: str) -> str:
             pool.terminate()
 
 
-def main(job_id: str) -> None:
+def main(job_id: str, settings: Settings) -> None:
+    """Run the job on this machine: hold its lock, wait for a slot, then its attempts."""
     os.nice(10)  # training yields the CPU to the serving workers of the same machine
-    config = load_config()
-    path = job_lock_path(config["STATE_DIR"], job_id)
+    path = job_lock_path(settings.STATE_DIR, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     job_lock = try_lock(path)  # held, through the pool's processes too, until the job's last process ends
     if job_lock is None:
         return  # another process of this machine runs the job (the sweeper started it twice)
-    slot = wait_for_slot(Path(config["STATE_DIR"]), config["TRAIN_WORKER_CONCURRENCY"])
+    slot = wait_for_slot(Path(settings.STATE_DIR), settings.TRAIN_WORKER_CONCURRENCY)
     preload_training()  # the attempts' processes fork from this one
     try:
-        outcome = run_job(config, job_id)
+        outcome = run_job(settings, job_id)
     finally:
         slot.close()
     if outcome in (*FINAL, "skipped"):
@@ -200,6 +197,7 @@ def main(job_id: str) -> None:
 
 
 if __name__ == "__main__":
+    job_settings = settings_from_json(sys.stdin.read())  # read before the fork: the launcher's pipe
     if os.fork():  # the launcher returns at once; the forked process runs the job
         os._exit(0)
-    main(sys.argv[1])
+    main(sys.argv[1], job_settings)

@@ -197,9 +197,26 @@ def load_settings(overrides: dict | None = None) -> Settings:
         raise ConfigError("Invalid configuration: " + "; ".join(_describe(e) for e in exc.errors())) from None
 
 
-def load_config(overrides: dict | None = None) -> dict:
-    """The settings as the dict Flask's `app.config` and the job processes read (`config["NAME"]`)."""
-    return load_settings(overrides).model_dump()
+def settings_to_json(settings: Settings) -> str:
+    """The settings, secrets included, as JSON: what a job's process receives instead of re-reading the environment."""
+    values = {
+        name: value.get_secret_value() if isinstance(value, SecretStr) else value
+        for name, value in settings.model_dump().items()
+        if value is not None
+    }
+    return json.dumps(values)
+
+
+def settings_from_json(text: str) -> Settings:
+    """The settings `settings_to_json` wrote, checked again (every field given: the environment changes none)."""
+    return load_settings(json.loads(text))
+
+
+def current_settings() -> Settings:
+    """The settings of the app handling the current request (the factory keeps them in `app.extensions`)."""
+    from flask import current_app
+
+    return current_app.extensions["settings"]
 
 
 def settings_or_exit() -> Settings:

@@ -6,17 +6,18 @@ import logging
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from serving.auth import require_token
-from serving.errors import APIError, registry_unavailable
-from serving.loaded_model import LoadedModel, ModelLoadError
-from serving.logs import note_model
-from serving.metrics import count_predictions
-from serving.model_store import ModelStore, StateNotWritable
+from kernel.auth import require_token
+from kernel.config import current_settings
+from kernel.errors import APIError
+from kernel.http import load_body
+from kernel.logs import note_model
+from kernel.metrics import count_predictions
+from kernel.registry import ModelNotFound, ModelRef, Registry
+from serving.loaded_model import LoadedModel
+from serving.mlflow_protocol import document, scoring_body, with_error_codes
+from serving.model_store import ModelStore
 from serving.prediction import BadInput, predict
-from serving.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
-from serving.requests import load_body
 from serving.schemas import UseModelRequest
-from serving.scoring import document, scoring_body, with_error_codes
 
 bp = Blueprint("inference", __name__)
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ def active_model() -> LoadedModel:
         raise APIError(503, "not_ready", f"No model is loaded: {reason}", headers={"Retry-After": "5"})
     note_model(model.ref)
     return model
-
-
-def _unavailable(exc: RegistryUnavailable) -> APIError:
-    return registry_unavailable(exc, "predictions still work")
 
 
 @bp.get("/ready")
@@ -69,7 +66,7 @@ def predict_view():
     model = active_model()
     body = scoring_body(model)
     try:
-        answer = predict(model, body, current_app.config["MAX_BATCH_ROWS"])
+        answer = predict(model, body, current_settings().MAX_BATCH_ROWS)
     except BadInput as exc:
         raise APIError(400, "invalid_input", exc.message, errors=exc.errors, example=model.example) from exc
     count_predictions(model.ref.name, model.ref.version, len(answer["predictions"]))
@@ -79,11 +76,7 @@ def predict_view():
 @bp.get("/models")
 def list_models():
     """Every registered version with its creation date, metrics, aliases and whether it is active."""
-    try:
-        forced = "sklearn" if current_app.config["SERVING_RUNTIME"] == "sklearn" else None
-        return jsonify(models=registry().list_models(forced))
-    except RegistryUnavailable as exc:
-        raise _unavailable(exc) from exc
+    return jsonify(models=registry().list_models(current_settings().SERVING_RUNTIME))
 
 
 @bp.post("/use-model")
@@ -103,19 +96,6 @@ def use_model():
             404,
             "model_not_found",
             f"No registered model {request['name']!r} with {wanted}. GET /models lists the registered versions.",
-        ) from exc
-    except RegistryUnavailable as exc:
-        raise _unavailable(exc) from exc
-    except ModelLoadError as exc:
-        raise APIError(422, "model_not_loadable", f"{exc}. The previous model keeps serving.") from exc
-    except StateNotWritable as exc:
-        log.error("cannot write the state folder: %s", exc)
-        raise APIError(
-            503,
-            "state_not_writable",
-            f"This machine's state folder (STATE_DIR) cannot be written ({exc.reason}); nothing was changed and "
-            "the previous model keeps serving. Free space or make it writable, then retry.",
-            headers={"Retry-After": "30"},
         ) from exc
     note_model(loaded.ref)
     return {"model": loaded.describe(), "features": loaded.feature_names, "classes": list(loaded.classes)}

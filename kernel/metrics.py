@@ -12,7 +12,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
-from serving.registry import ModelRef
+from kernel.registry import ModelRef
 
 bp = Blueprint("metrics", __name__)
 

@@ -1,4 +1,8 @@
-"""Every error is JSON of one shape: {"error": code, "message": sentence, ...details}."""
+"""Every error is JSON of one shape: {"error": code, "message": sentence, ...details}, from one handler.
+
+A domain error (the registry unreachable, a job not found, a full queue) carries its own HTTP status,
+code and sentence, as MLServer's errors do: views raise it or let it pass, and never map it themselves.
+"""
 
 from __future__ import annotations
 
@@ -22,19 +26,29 @@ class APIError(Exception):
         self.details = details
 
 
+class DomainError(Exception):
+    """A failure of the domain that knows how a client is told: its status, code, sentence and headers.
+
+    Subclasses set `status` and `code`, and `client_message()` where the exception's own text (which
+    may hold URLs or hosts) must stay in the log.
+    """
+
+    status = 500
+    code = "internal_error"
+    headers: dict = {}
+    log_level = logging.INFO
+
+    def client_message(self) -> str:
+        return str(self)
+
+
+def _domain_error(exc: DomainError):
+    log.log(exc.log_level, "%s: %s", exc.code, exc)
+    return jsonify({"error": exc.code, "message": exc.client_message()}), exc.status, exc.headers
+
+
 def _http_code(exc: HTTPException) -> str:
     return (exc.name or "error").lower().replace(" ", "_").replace("'", "")
-
-
-def registry_unavailable(exc: Exception, consequence: str) -> APIError:
-    """503 for an unreachable tracking server; the detail (URLs, hosts) stays in the log, not the answer."""
-    log.warning("registry unavailable: %s", exc)
-    return APIError(
-        503,
-        "registry_unavailable",
-        f"The model registry (MLflow) cannot be reached; {consequence}. Try again shortly.",
-        headers={"Retry-After": "10"},
-    )
 
 
 _MESSAGES = {
@@ -47,6 +61,8 @@ _MESSAGES = {
 
 def register_error_handlers(app: Flask) -> None:
     """One handler for every error, on the app, so unmatched URLs and 500s are JSON too."""
+
+    app.register_error_handler(DomainError, _domain_error)
 
     @app.errorhandler(APIError)
     def api_error(exc: APIError):

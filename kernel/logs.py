@@ -128,7 +128,7 @@ def gunicorn_logconfig(log_format: str = "json", level: str = "INFO", secrets: t
             "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
         },
         "handlers": {
-            "serving": {"()": "serving.logs.make_handler", "log_format": log_format, "secrets": tuple(secrets)}
+            "serving": {"()": "kernel.logs.make_handler", "log_format": log_format, "secrets": tuple(secrets)}
         },
         "formatters": {},
     }

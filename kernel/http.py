@@ -10,7 +10,7 @@ from flask import Flask, request
 from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from serving.errors import APIError
+from kernel.errors import APIError
 
 _READ_SIZE = 64 * 1024
 _OVER_LIMIT = "serving.body_over_limit"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from flask import Flask, current_app, request
 
-from serving.config import ConfigError, Settings, settings_or_exit
-from serving.errors import APIError
+from kernel.config import ConfigError, Settings, settings_or_exit
+from kernel.errors import APIError
 
 log = logging.getLogger(__name__)
 

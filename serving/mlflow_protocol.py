@@ -15,10 +15,11 @@ import math
 from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from serving.errors import APIError
+from kernel.errors import APIError
+from kernel.http import json_body
+from kernel.model_format import BATCH_KEYS
 from serving.loaded_model import LoadedModel
-from serving.prediction import BATCH_KEYS, BadInput, parse_rows
-from serving.requests import json_body
+from serving.prediction import BadInput, parse_rows
 
 CSV_TYPE = "text/csv"
 PARAMS_KEY = "params"

@@ -34,7 +34,7 @@ def warm_up(app: Flask, store) -> None:
     call, the metric files of this process)."""
     import logging
 
-    from serving import metrics
+    from kernel import metrics
     from serving.prediction import predict
 
     store.follow_registry()  # this worker's own MLflow connection, opened now rather than under load

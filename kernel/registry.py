@@ -18,14 +18,14 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from serving.config import artifact_location, check_tracking_uri, sqlite_path
-from serving.locks import file_lock
+from kernel.config import Settings, artifact_location, check_tracking_uri, sqlite_path
+from kernel.errors import DomainError
+from kernel.locks import file_lock
+from kernel.model_format import runtime_of
 
 log = logging.getLogger(__name__)
 
 ACTIVE_TAG = "serving.active_model"
-# Beside the model in its folder: which runtime serves the version and why (written at registration).
-COMPILED_FILE = "compiled.json"
 # A malformed version ("abc") is INVALID_PARAMETER_VALUE: for a lookup, that too is "no such model".
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}
 
@@ -38,8 +38,16 @@ class ModelNotFound(RegistryError):
     """No registered model, version or alias by that name."""
 
 
-class RegistryUnavailable(RegistryError):
-    """The tracking server (or database) did not answer."""
+class RegistryUnavailable(RegistryError, DomainError):
+    """The tracking server (or database) did not answer: 503, the detail (URLs, hosts) only in the log."""
+
+    status = 503
+    code = "registry_unavailable"
+    headers = {"Retry-After": "10"}
+    log_level = logging.WARNING
+
+    def client_message(self) -> str:
+        return "The model registry (MLflow) cannot be reached; nothing was changed, and predictions still work. Try again shortly."
 
 
 @dataclass(frozen=True)
@@ -85,16 +93,8 @@ def _json_or_empty(text: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def runtime_of(tags: dict, forced_runtime: str | None = None) -> dict:
-    """Which runtime serves a version, and why: its registration's verdict unless a setting forces one."""
-    if forced_runtime == "sklearn":
-        return {"runtime": "sklearn", "runtime_reason": "SERVING_RUNTIME=sklearn forces scikit-learn"}
-    if tags.get("runtime") not in ("onnx", "sklearn"):
-        return {"runtime": "sklearn", "runtime_reason": "registered before compiled inference; no ONNX form"}
-    return {"runtime": tags["runtime"], "runtime_reason": tags.get("runtime_reason", "")}
-
-
-def _iso(timestamp_ms: int | None) -> str | None:
+def iso_time(timestamp_ms: int | None) -> str | None:
+    """An MLflow timestamp (milliseconds) as ISO 8601 in UTC ("2026-12-02T15:12:16.123000Z"), or None."""
     if timestamp_ms is None:
         return None
     return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
@@ -151,10 +151,10 @@ class Registry:
             if not token:
                 return versions
 
-    def list_models(self, forced_runtime: str | None = None) -> list[dict]:
+    def list_models(self, serving_runtime: str = "auto") -> list[dict]:
         """What `/models` answers: one entry per version, newest first, with its tags and aliases.
 
-        `forced_runtime` ("sklearn") is SERVING_RUNTIME when it overrides the versions' compiled forms.
+        `serving_runtime` is SERVING_RUNTIME ("sklearn" overrides the versions' compiled forms).
         """
         active = self.get_active_model()
         aliases = self.search_aliases()
@@ -165,14 +165,14 @@ class Registry:
                 {
                     "name": mv.name,
                     "version": str(mv.version),
-                    "created_at": _iso(mv.creation_timestamp),
+                    "created_at": iso_time(mv.creation_timestamp),
                     "estimator": tags.get("estimator"),
                     "dataset": tags.get("dataset"),
                     "metrics": _json_or_empty(tags.get("metrics")),
                     "run_id": mv.run_id,
                     "aliases": sorted(aliases.get((mv.name, str(mv.version)), [])),
                     "active": active == ModelRef(mv.name, str(mv.version)),
-                    **runtime_of(tags, forced_runtime),
+                    **runtime_of(tags, serving_runtime),
                 }
             )
         entries.sort(key=lambda e: (e["created_at"] or "", e["name"], int(e["version"])), reverse=True)
@@ -265,76 +265,10 @@ class Registry:
         self.client.delete_model_version(ref.name, ref.version)
 
 
-def _pinned_requirements() -> list[str]:
-    """The packages a registered model needs to load, at the versions it was trained with."""
-    from importlib.metadata import version
-
-    packages = ("mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas")
-    return [f"{package}=={version(package)}" for package in packages]
-
-
-def log_model_version(
-    registry: Registry,
-    model,
-    features,
-    model_name: str,
-    tags: dict,
-    metrics: dict,
-    holdout=None,
-) -> ModelRef:
-    """Log a fitted pipeline to the active run in skops format and register it as a new version.
-
-    Called inside `mlflow.start_run(...)` by the training job. The signature (feature names and
-    types) and the input example come from the training rows; the class labels are the model's own.
-    The version's model folder also holds its compiled form (`extra_files/model.onnx`) when that
-    agrees with scikit-learn on the hold-out and training rows, and `extra_files/compiled.json`
-    saying which runtime serves it and why, with scikit-learn's answers on the input example (the
-    service checks the ONNX form against them before serving it, without loading scikit-learn).
-    MLflow clients still load the scikit-learn model.
-    """
-    import tempfile
-
-    import mlflow
-    import mlflow.sklearn
-    from mlflow.models import infer_signature
-
-    from serving.trusted_types import TRUSTED_TYPES
-    from training.compile import ONNX_FILE, compile_pipeline
-
-    signature = infer_signature(features, model.predict(features.head(20)))
-    compiled = compile_pipeline(model, features, features.head(0) if holdout is None else holdout)
-    example = features.head(3)
-    with tempfile.TemporaryDirectory() as folder:
-        extra_files = [str(Path(folder) / COMPILED_FILE)]
-        verdict = {"runtime": compiled.runtime, "reason": compiled.reason, "classes": model.classes_.tolist()}
-        if compiled.onnx is not None:  # the service checks the ONNX form against these before it serves it
-            verdict["example_probabilities"] = model.predict_proba(example).tolist()
-        Path(extra_files[0]).write_text(json.dumps(verdict))
-        if compiled.onnx is not None:
-            (Path(folder) / ONNX_FILE).write_bytes(compiled.onnx)
-            extra_files.append(str(Path(folder) / ONNX_FILE))
-        info = mlflow.sklearn.log_model(
-            model,
-            name="model",
-            serialization_format="skops",
-            skops_trusted_types=TRUSTED_TYPES,
-            signature=signature,
-            input_example=example,
-            # Stated, not inferred: inference starts a Python subprocess and costs seconds per job.
-            pip_requirements=_pinned_requirements(),
-            extra_files=extra_files,
-        )
-    mlflow.set_tags({"runtime": compiled.runtime, "runtime_reason": compiled.reason})
-    version_tags = {**tags, "metrics": json.dumps(metrics), "runtime": compiled.runtime,
-                    "runtime_reason": compiled.reason}  # fmt: skip
-    created = translate_errors(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
-    return ModelRef(created.name, str(created.version))
-
-
-def registry_from_config(config: dict) -> Registry:
+def registry_from_settings(settings: Settings) -> Registry:
     """The registry the settings name, with MLflow's client bounded by them (app, job and CLI alike)."""
-    mlflow_client_settings(config["MLFLOW_HTTP_REQUEST_TIMEOUT"], config["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-    return Registry(config["MLFLOW_TRACKING_URI"], config["MLFLOW_EXPERIMENT_NAME"], config["ACTIVE_ALIAS"])
+    mlflow_client_settings(settings.MLFLOW_HTTP_REQUEST_TIMEOUT, settings.MLFLOW_HTTP_REQUEST_MAX_RETRIES)
+    return Registry(settings.MLFLOW_TRACKING_URI, settings.MLFLOW_EXPERIMENT_NAME, settings.ACTIVE_ALIAS)
 
 
 def mlflow_client_settings(timeout: int, max_retries: int) -> None:

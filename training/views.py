@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, current_app, request
 
-from serving.auth import require_token
-from serving.errors import APIError, registry_unavailable
-from serving.registry import RegistryUnavailable
-from serving.requests import json_body
-from training.jobs import ExecutorUnavailable, JobNotFound, QueueFull, create_job, discard_job, get_job, wait_for_job
+from kernel.auth import require_token
+from kernel.config import Settings, current_settings
+from kernel.errors import APIError
+from kernel.http import json_body
+from kernel.registry import ModelRef, Registry
+from training.jobs import ExecutorUnavailable, create_job, discard_job, get_job, wait_for_job
 
 if TYPE_CHECKING:
     from training.schemas import TrainingRequest
@@ -22,10 +23,6 @@ EXAMPLE = {"estimator": "RandomForestClassifier", "params": {"n_estimators": 200
 
 def _registry():
     return current_app.extensions["registry"]
-
-
-def _unavailable(exc: Exception) -> APIError:
-    return registry_unavailable(exc, "nothing was trained")
 
 
 def read_train_request() -> TrainingRequest:
@@ -46,22 +43,24 @@ def read_train_request() -> TrainingRequest:
         if not isinstance(body, dict):
             raise APIError(400, "invalid_training_request", "The training request is not valid; nothing was trained.",
                            errors={"body": ["A JSON object."]}, example=EXAMPLE)  # fmt: skip
-    limits = {"max_rows": current_app.config["TRAIN_MAX_ROWS"], "max_columns": current_app.config["TRAIN_MAX_COLUMNS"]}
+    settings = current_settings()
+    limits = {"max_rows": settings.TRAIN_MAX_ROWS, "max_columns": settings.TRAIN_MAX_COLUMNS}
     try:
         return parse_train_request(body, limits, upload)
     except InvalidTrainingRequest as exc:
         raise APIError(400, "invalid_training_request", exc.message, errors=exc.errors, example=EXAMPLE) from exc
 
 
-def _follow_if_behind(job: dict) -> None:
-    """Read-your-writes: once a job answers `activated`, this machine serves its version (or a newer choice)."""
+def _catch_up(job: dict) -> None:
+    """Read-your-writes: once a job answers `activated`, this machine serves its version (or a newer choice).
+
+    Through the inference half's narrow hook (`app.extensions["catch_up"]`, absent in the training
+    role): a GET may warm this machine's model; it never writes the job or the registry.
+    """
     result = job.get("result") or {}
-    store = current_app.extensions.get("model_store")
-    if not result.get("activated") or store is None:
-        return
-    pointer = store.read_pointer()
-    if pointer is None or pointer.as_dict() != result["model"]:
-        store.follow_registry()  # loads what the registry names now: this job's version, or a later swap
+    catch_up = current_app.extensions.get("catch_up")
+    if result.get("activated") and catch_up is not None:
+        catch_up(ModelRef(**result["model"]))
 
 
 @bp.post("/train")
@@ -70,70 +69,57 @@ def train():
     """Queue a training job: 202 with its location, or 201 with the result when `wait` is true."""
     parsed = read_train_request()
     registry = _registry()
-    config = current_app.config
-    try:
-        job_id = create_job(registry, parsed.spec, parsed.dataset, config["TRAIN_MAX_QUEUED"])
-    except QueueFull as exc:
-        raise APIError(429, "too_many_jobs", f"{exc}; try again later.", headers={"Retry-After": "30"}) from exc
-    except RegistryUnavailable as exc:
-        raise _unavailable(exc) from exc
+    settings = current_settings()
+    job_id = create_job(registry, parsed.spec, parsed.dataset, settings.TRAIN_MAX_QUEUED)
     try:
         current_app.extensions["train_executor"].send(job_id)
-    except ExecutorUnavailable as exc:
+    except ExecutorUnavailable:
         discard_job(registry, job_id)
-        message = ("The training queue cannot be reached (CELERY_BROKER_URL); nothing was queued. Predictions "
-                   "are not affected.") if config["TRAIN_EXECUTOR"] == "celery" else (
-                   "The training process could not be started; nothing was trained.")  # fmt: skip
-        raise APIError(503, "training_unavailable", message, headers={"Retry-After": "30"}) from exc
+        raise
     location = f"/train/jobs/{job_id}"
     if not parsed.wait:
         return {"job_id": job_id, "status": "queued", "location": location}, 202, {"Location": location}
-    try:
-        job = wait_for_job(registry, job_id, config["TRAIN_TIME_LIMIT_SECONDS"] + 60)
-    except RegistryUnavailable as exc:
-        raise _unavailable(exc) from exc
+    job = wait_for_job(registry, job_id, settings.TRAIN_TIME_LIMIT_SECONDS + 60)
     if job["status"] not in ("succeeded", "failed"):  # still going: answer as if wait had not been asked
         return job, 202, {"Location": location}
     if job["status"] == "failed":
         raise APIError(422, "training_failed", f"The training job failed: {job.get('error')}", job=job)
     # This machine follows the registry before the 201 leaves (other instances follow by polling).
-    _follow_if_behind(job)
+    _catch_up(job)
     return job["result"], 201, {"Location": location}
 
 
 @bp.get("/train/jobs/<job_id>")
 @require_token
 def job_status(job_id: str):
-    """The job's status, phase, times and attempt, and its result once it succeeded. Only reads the job."""
-    try:
-        job = get_job(_registry(), job_id)
-    except JobNotFound as exc:
-        raise APIError(404, "job_not_found", f"No training job {job_id!r}.") from exc
-    except RegistryUnavailable as exc:
-        raise _unavailable(exc) from exc
-    _follow_if_behind(job)
+    """The job's status, phase, times and attempt, and its result once it succeeded.
+
+    Never writes the job or the registry; it may warm this machine's model (`_catch_up`).
+    """
+    job = get_job(_registry(), job_id)
+    _catch_up(job)
     return job
 
 
-def _executor(config: dict, registry):
-    if config["TRAIN_EXECUTOR"] == "celery":
+def _executor(settings: Settings, registry: Registry):
+    if settings.TRAIN_EXECUTOR == "celery":
         from training.celery_app import CeleryExecutor
 
-        return CeleryExecutor(config)
+        return CeleryExecutor(settings)
     from training.worker import LocalExecutor
 
-    return LocalExecutor(config, registry)
+    return LocalExecutor(settings, registry)
 
 
-def register_training(app: Flask) -> None:
+def register_training(app: Flask, settings: Settings, registry: Registry) -> None:
     """Add the training endpoints to the app and to its OpenAPI document.
 
     The local executor's sweeper (jobs whose process died start again) runs where the registry
     watcher does: here unless WATCH_REGISTRY is off, and in each gunicorn worker after the fork.
     """
-    executor = _executor(app.config, app.extensions["registry"])
+    executor = _executor(settings, registry)
     app.extensions["train_executor"] = executor
-    if app.config["WATCH_REGISTRY"] and hasattr(executor, "start_sweeper"):
+    if settings.WATCH_REGISTRY and hasattr(executor, "start_sweeper"):
         executor.start_sweeper()
     app.register_blueprint(bp)
     app.extensions.setdefault("openapi_extenders", []).append(_document)

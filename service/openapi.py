@@ -6,8 +6,8 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Response, current_app, request, send_from_directory
 
+from kernel.auth import needs_token
 from serving import schemas
-from serving.auth import needs_token
 
 bp = Blueprint("docs", __name__)
 

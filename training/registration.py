@@ -1,0 +1,72 @@
+"""Registration: a fitted pipeline logged to MLflow in skops format, with its compiled form, as a new version."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import mlflow.sklearn
+from mlflow.models import infer_signature
+
+from kernel.model_format import ONNX_FILE, write_verdict
+from kernel.registry import ModelRef, translate_errors
+from kernel.trusted_types import TRUSTED_TYPES
+from training.compile import compile_pipeline
+
+
+def _pinned_requirements() -> list[str]:
+    """The packages a registered model needs to load, at the versions it was trained with."""
+    from importlib.metadata import version
+
+    packages = ("mlflow", "scikit-learn", "skops", "numpy", "scipy", "pandas")
+    return [f"{package}=={version(package)}" for package in packages]
+
+
+def log_model_version(
+    model,
+    features,
+    model_name: str,
+    tags: dict,
+    metrics: dict,
+    holdout=None,
+) -> ModelRef:
+    """Log a fitted pipeline to the active run in skops format and register it as a new version.
+
+    Called inside `mlflow.start_run(...)` by the training job. The signature (feature names and
+    types) and the input example come from the training rows; the class labels are the model's own.
+    The version's model folder also holds its compiled form (`extra_files/model.onnx`) when that
+    agrees with scikit-learn on the hold-out and training rows, and `extra_files/compiled.json`
+    saying which runtime serves it and why, with scikit-learn's answers on the input example (the
+    service checks the ONNX form against them before serving it, without loading scikit-learn).
+    MLflow clients still load the scikit-learn model.
+    """
+    signature = infer_signature(features, model.predict(features.head(20)))
+    compiled = compile_pipeline(model, features, features.head(0) if holdout is None else holdout)
+    example = features.head(3)
+    with tempfile.TemporaryDirectory() as folder:
+        # The service checks the ONNX form against scikit-learn's answers on the example before it serves it.
+        answers = model.predict_proba(example).tolist() if compiled.onnx is not None else None
+        extra_files = [
+            str(write_verdict(Path(folder), compiled.runtime, compiled.reason, model.classes_.tolist(), answers))
+        ]
+        if compiled.onnx is not None:
+            (Path(folder) / ONNX_FILE).write_bytes(compiled.onnx)
+            extra_files.append(str(Path(folder) / ONNX_FILE))
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            serialization_format="skops",
+            skops_trusted_types=TRUSTED_TYPES,
+            signature=signature,
+            input_example=example,
+            # Stated, not inferred: inference starts a Python subprocess and costs seconds per job.
+            pip_requirements=_pinned_requirements(),
+            extra_files=extra_files,
+        )
+    mlflow.set_tags({"runtime": compiled.runtime, "runtime_reason": compiled.reason})
+    version_tags = {**tags, "metrics": json.dumps(metrics), "runtime": compiled.runtime,
+                    "runtime_reason": compiled.reason}  # fmt: skip
+    created = translate_errors(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
+    return ModelRef(created.name, str(created.version))
