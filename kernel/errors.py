@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
+from marshmallow import Schema, fields
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -87,3 +88,17 @@ def register_error_handlers(app: Flask) -> None:
     def unexpected(exc: Exception):
         log.exception("unhandled error")
         return jsonify({"error": "internal_error", "message": "The server failed; the error is in its log."}), 500
+
+
+class ErrorSchema(Schema):
+    """The one shape of every error answer, for the OpenAPI document."""
+
+    error = fields.String(required=True, metadata={"example": "invalid_input"})
+    message = fields.String(required=True)
+    errors = fields.Dict(metadata={"description": "What is wrong, per field (or per row of a batch)."})
+    example = fields.Dict(metadata={"description": "A row that this model accepts, sendable as-is."})
+    error_code = fields.String(
+        metadata={"description": "MLflow's error code, on /invocations (what MLflow's scoring server sends)."}
+    )
+    allowed_methods = fields.List(fields.String(), metadata={"description": "On a 405: the methods this path takes."})
+    job = fields.Dict(metadata={"description": "On a failed waited /train: the job, with its error."})

@@ -66,15 +66,3 @@ class ModelEntry(Schema):
 
 class ModelList(Schema):
     models = fields.List(fields.Nested(ModelEntry))
-
-
-class Error(Schema):
-    error = fields.String(required=True, metadata={"example": "invalid_input"})
-    message = fields.String(required=True)
-    errors = fields.Dict(metadata={"description": "What is wrong, per field (or per row of a batch)."})
-    example = fields.Dict(metadata={"description": "A row that this model accepts, sendable as-is."})
-    error_code = fields.String(
-        metadata={"description": "MLflow's error code, on /invocations (what MLflow's scoring server sends)."}
-    )
-    allowed_methods = fields.List(fields.String(), metadata={"description": "On a 405: the methods this path takes."})
-    job = fields.Dict(metadata={"description": "On a failed waited /train: the job, with its error."})

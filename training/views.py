@@ -122,7 +122,9 @@ def register_training(app: Flask, settings: Settings, registry: Registry) -> Non
     if settings.WATCH_REGISTRY and hasattr(executor, "start_sweeper"):
         executor.start_sweeper()
     app.register_blueprint(bp)
-    app.extensions.setdefault("openapi_extenders", []).append(_document)
+    from training import api_doc
+
+    app.extensions.setdefault("openapi_extenders", []).extend([api_doc.register_schemas, _document])
 
 
 def _document(spec) -> None:
@@ -131,7 +133,7 @@ def _document(spec) -> None:
 
     spec.components.schema("TrainRequest", schema=TrainRequest)
 
-    def _content(schema: str) -> dict:  # Job and TrainResult are components of serving/docs.py
+    def _content(schema: str) -> dict:  # Job and TrainResult are components of training/api_doc.py
         return {"content": {"application/json": {"schema": schema}}}
 
     error = _content("Error")

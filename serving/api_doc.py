@@ -1,0 +1,96 @@
+"""The inference half's part of the OpenAPI document: /ready, /predict, /models, /use-model and their schemas.
+
+The composition root assembles the document (service/openapi.py); each half adds its own paths. The
+one-row body is the active model's, from its signature, with a real example row.
+"""
+
+from __future__ import annotations
+
+from flask import current_app
+
+from serving import schemas
+
+_JSON = "application/json"
+_MODEL_REF = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+    "required": ["name", "version"],
+}
+RESPONSE_SCHEMAS = {
+    "Ready": {
+        "type": "object",
+        "properties": {"status": {"type": "string"}, "model": _MODEL_REF},
+        "required": ["status", "model"],
+    },
+    "UseModelResponse": {
+        "type": "object",
+        "properties": {
+            "model": _MODEL_REF,
+            "features": {"type": "array", "items": {"type": "string"}},
+            "classes": {"type": "array"},
+        },
+        "required": ["model", "features", "classes"],
+    },
+}
+
+
+def _answer(description: str, schema) -> dict:
+    return {"description": description, "content": {_JSON: {"schema": schema}}}
+
+
+def row_schema(model) -> dict:
+    """The one-row body of the active model, from its signature, with its real example row."""
+    types = {"number": "number", "text": "string", "boolean": "boolean"}
+    properties = {f.name: {"type": types[f.kind], **({} if f.required else {"nullable": True})} for f in model.features}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [f.name for f in model.features],
+        "additionalProperties": False,
+        "example": model.example,
+        "default": model.example,  # what schema-driven importers (Postman) put in the body
+    }
+
+
+def _predict_operation(model) -> dict:
+    row = row_schema(model) if model else {"type": "object", "additionalProperties": True}
+    batch = {"type": "object", "properties": {"records": {"type": "array", "items": row}}, "required": ["records"]}
+    body = {"schema": {"oneOf": [row, batch]}, **({"example": model.example} if model else {})}
+    return {
+        "summary": "Predict class labels and probabilities",
+        "description": 'One row as an object, many as {"records": [...]}; MLflow\'s '
+        "dataframe_split, dataframe_records, instances and inputs bodies are accepted too.",
+        "requestBody": {"required": True, "content": {_JSON: body}},
+        "responses": {
+            "200": _answer("predictions", "PredictResponse"),
+            "400": _answer("bad input: `errors` says what, `example` is a row that works", "Error"),
+            "503": _answer("no model loaded yet", "Error"),
+        },
+    }
+
+
+def document(spec) -> None:
+    """Add the inference endpoints and their schemas to the app's OpenAPI document (an APISpec)."""
+    for name in ("PredictResponse", "ModelList", "UseModelRequest"):
+        spec.components.schema(name, schema=getattr(schemas, name))
+    for name, schema in RESPONSE_SCHEMAS.items():
+        spec.components.schema(name, schema)
+    store = current_app.extensions.get("model_store")
+    model = store.get() if store is not None else None
+    ready = {"200": _answer("a model is loaded", "Ready"), "503": _answer("no model loaded yet", "Error")}
+    spec.path("/ready", operations={"get": {"summary": "Readiness", "responses": ready}})
+    spec.path("/predict", operations={"post": _predict_operation(model)})
+    models = {"200": _answer("versions", "ModelList"), "503": _answer("MLflow unreachable", "Error")}
+    spec.path("/models", operations={"get": {"summary": "Every registered version", "responses": models}})
+    example = {"name": "iris-RandomForestClassifier", "version": "1"}
+    use_model = {
+        "summary": "Serve another registered version (every worker and instance)",
+        "requestBody": {"required": True, "content": {_JSON: {"schema": "UseModelRequest", "example": example}}},
+        "responses": {
+            "200": _answer("now serving", "UseModelResponse"),
+            "404": _answer("no such version", "Error"),
+            "422": _answer("version cannot be loaded", "Error"),
+            "503": _answer("MLflow unreachable, or this machine's state folder cannot be written", "Error"),
+        },
+    }
+    spec.path("/use-model", operations={"post": use_model})
