@@ -13,8 +13,9 @@
 # docker/entrypoint.sh picks what runs: no argument = gunicorn on $PORT (8000); `serve` = gunicorn on 8080
 # (SageMaker's /ping and /invocations); `train ARGS` = `python -m training ARGS` (one batch training job).
 #
-# The image holds serving/ and training/: training/ is needed by the `all` and `training` roles and by the
-# `train` job. An inference-only image can drop the `COPY training/` line (APP_ROLE=inference never imports it).
+# The image holds the composition root (service/), the shared kernel (kernel/), serving/ and training/:
+# training/ is needed by the `all` and `training` roles and by the `train` job. An inference-only image can
+# drop the `COPY training/` line (APP_ROLE=inference never imports it; ARCHITECTURE.md).
 
 # ---- build stage: the pinned requirements in a virtualenv, copied whole into the runtime stage ----------
 FROM python:3.11-slim AS build
@@ -39,6 +40,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
+COPY service/ service/
+COPY kernel/ kernel/
 COPY serving/ serving/
 COPY training/ training/
 COPY wsgi.py gunicorn.conf.py ./

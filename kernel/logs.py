@@ -140,10 +140,6 @@ def request_id_from(header: str | None) -> str:
     return cleaned or uuid.uuid4().hex
 
 
-def current_request_id() -> str | None:
-    return _request_id.get()
-
-
 @contextlib.contextmanager
 def bind_job(job_id: str):
     """Every log record inside the block carries `job_id` (for training jobs: `with bind_job(job_id): ...`)."""

@@ -127,7 +127,8 @@ def test_handler_answers_api_gateway_events(api, built_package, s3, tracking_ser
     shutil.rmtree(EXTRACT_DIR, ignore_errors=True)  # a cold container has no /tmp/<project>
     try:
         answers, cold = run_handler(task, events, lambda_env(tmp_path, s3, tracking_server))
-        assert (EXTRACT_DIR / "serving" / "inference.py").exists()
+        for module in ("service/__init__.py", "serving/views.py", "kernel/model_format.py"):
+            assert (EXTRACT_DIR / module).exists(), module
         assert not (EXTRACT_DIR / "training").exists()  # the package holds no training code
     finally:
         shutil.rmtree(EXTRACT_DIR, ignore_errors=True)
