@@ -267,7 +267,7 @@ def test_a_batch_scored_again_by_scikit_learn_says_so(client, app, monkeypatch):
         result[0] = np.nan
         return result
 
-    monkeypatch.setattr(serving.prediction, "_onnx_probabilities", overflowed)
+    monkeypatch.setattr(serving.prediction, "onnx_probabilities", overflowed)
     answer = client.post("/predict", json={"records": rows}).json
     assert answer["model"]["runtime"] == "sklearn"
     assert model.sklearn_form.loaded
