@@ -57,8 +57,9 @@ class ModelCache:
     def load(self, ref: ModelRef, download: bool) -> LoadedModel:
         """The version in memory, from this machine's folder (downloading it first if `download`).
 
-        Raises ModelLoadError, FileNotFoundError (not on this machine and `download` is false),
-        ModelNotFound, RegistryUnavailable or OSError (the folder cannot be written).
+        Raises ModelLoadError (including a version the registry has no files for), FileNotFoundError
+        (not on this machine and `download` is false), RegistryUnavailable, or OSError (the folder
+        cannot be written).
         """
         if ref in self._loaded:
             return self._loaded[ref]

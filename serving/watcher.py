@@ -15,7 +15,7 @@ PRELOAD_SECONDS = 0.2
 class Watcher:
     """Every PRELOAD_SECONDS runs `follow_pointer`; every `poll_seconds`, `follow_registry` as well.
 
-    One per process: threads do not survive fork, so each gunicorn worker starts its own.
+    Threads do not survive fork: each gunicorn worker starts its own (service/forking.py).
     """
 
     def __init__(self, follow_pointer: Callable[[], object], follow_registry: Callable[[], None], poll_seconds: float):
