@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from marshmallow import RAISE, Schema, fields
+from marshmallow import Schema
 
 from kernel import model_format
 from kernel.errors import DomainError
 from kernel.registry import ModelRef
 from serving.arrays import Feature, fast_columns, onnx_probabilities, sklearn_frame
+from serving.row_schema import build_schema
 
 log = logging.getLogger(__name__)
 
@@ -57,47 +58,6 @@ class SklearnForm:
     @property
     def loaded(self) -> bool:
         return self._load is None
-
-
-class Number(fields.Float):
-    """A JSON number: not a numeric string, not a boolean, not NaN or Infinity."""
-
-    default_error_messages = {
-        "invalid": "Not a valid number.",
-        "special": "NaN and Infinity are not allowed.",
-        "too_large": f"Number too large: the model computes in 32-bit floats, which hold at most ±{model_format.FLOAT32_MAX:.7g}.",
-    }
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.make_error("invalid")
-        number = super()._deserialize(value, attr, data, **kwargs)
-        if abs(number) > model_format.FLOAT32_MAX:
-            raise self.make_error("too_large")
-        return number
-
-
-class StrictBoolean(fields.Boolean):
-    """true or false only (not 1, 0 or "yes"): what the column-at-a-time check accepts too."""
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if not isinstance(value, bool):
-            raise self.make_error("invalid")
-        return value
-
-
-def _field(feature: Feature) -> fields.Field:
-    options = {"required": True, "allow_none": not feature.required}
-    if feature.kind == "number":
-        return Number(allow_nan=False, **options)
-    if feature.kind == "boolean":
-        return StrictBoolean(**options)
-    return fields.String(**options)
-
-
-def build_schema(features: tuple[Feature, ...], name: str) -> Schema:
-    """The marshmallow schema of one row, built once per loaded version; unknown fields are errors."""
-    return Schema.from_dict({f.name: _field(f) for f in features}, name=name)(unknown=RAISE)
 
 
 @dataclass(frozen=True)
@@ -231,15 +191,7 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
             f"{ref.name} version {ref.version} is not a scikit-learn model in skops format; "
             "this service does not load pickled models"
         )
-    columns = _signature_inputs(mlmodel)
-    if not columns or not all(isinstance(c, dict) and c.get("name") for c in columns):
-        raise ModelLoadError(f"{ref.name} version {ref.version} has no signature with feature names")
-    features = []
-    for column in columns:
-        kind = column.get("type")
-        kind = "number" if kind in _NUMBER_TYPES else "boolean" if kind == "boolean" else "text"
-        features.append(Feature(column["name"], kind, column.get("required", True)))
-    features = tuple(features)
+    features = _features(mlmodel, ref)
     example_rows = _input_example(path, mlmodel, features, ref)
     verdict = model_format.read_verdict(path)
     onnx_bytes, reason = model_format.compiled_form(path, verdict, runtime_setting)
@@ -304,6 +256,19 @@ def _signature_inputs(mlmodel: dict) -> list:
     except (TypeError, ValueError):
         return []
     return columns if isinstance(columns, list) else []
+
+
+def _features(mlmodel: dict, ref: ModelRef) -> tuple[Feature, ...]:
+    """The features the version's signature names, in its order: number, boolean or text."""
+    columns = _signature_inputs(mlmodel)
+    if not columns or not all(isinstance(c, dict) and c.get("name") for c in columns):
+        raise ModelLoadError(f"{ref.name} version {ref.version} has no signature with feature names")
+    features = []
+    for column in columns:
+        kind = column.get("type")
+        kind = "number" if kind in _NUMBER_TYPES else "boolean" if kind == "boolean" else "text"
+        features.append(Feature(column["name"], kind, column.get("required", True)))
+    return tuple(features)
 
 
 def _input_example(path: Path, mlmodel: dict, features, ref: ModelRef) -> list[dict]:

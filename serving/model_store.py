@@ -2,61 +2,31 @@
 
 Three places say which version is active, from slowest to fastest to read:
 - the registry (MLflow): the source of truth, shared by every instance (an alias and a pointer tag);
-- this machine's pointer file (`<state dir>/active.json`), shared by the workers of one machine;
+- this machine's pointer file (`<state dir>/active.json`, serving/pointer.py), shared by the workers
+  of one machine;
 - `ModelStore.current`, the object the requests of this process use.
 `/use-model` writes all three before it answers. Every `/predict` compares the pointer file's
 stat with the one it last saw (a microsecond, no MLflow call), so a worker that did not serve the
-swap loads the new version from the machine's model cache before its next answer. A watcher thread
-polls the registry every few seconds so that swaps made on other instances arrive too.
+swap loads the new version from the machine's model cache (serving/model_cache.py) before its next
+answer. A watcher thread (serving/watcher.py) polls the registry every few seconds so that swaps
+made on other instances arrive too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kernel.errors import DomainError
 from kernel.locks import file_lock
 from kernel.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
-from serving.loaded_model import LoadedModel, ModelLoadError, load_model_dir
+from serving.loaded_model import LoadedModel, ModelLoadError
+from serving.model_cache import ModelCache, StateNotWritable
+from serving.pointer import Pointer, StatKey
+from serving.watcher import Watcher
 
 log = logging.getLogger(__name__)
-
-RETRY_FAILED_SECONDS = 60.0
-PRELOAD_SECONDS = 0.2
-
-
-class StateNotWritable(DomainError):
-    """This machine's state folder (model cache, pointer, locks) cannot be written: read-only or full."""
-
-    status = 503
-    code = "state_not_writable"
-    headers = {"Retry-After": "30"}
-    log_level = logging.ERROR
-
-    def __init__(self, folder: Path, exc: OSError):
-        self.reason = exc.strerror or str(exc)  # "Read-only file system", "No space left on device"
-        super().__init__(f"{folder}: {self.reason}")
-
-    def client_message(self) -> str:
-        return (f"This machine's state folder (STATE_DIR) cannot be written ({self.reason}); nothing was changed "
-                "and the previous model keeps serving. Free space or make it writable, then retry.")  # fmt: skip
-
-
-def _check_writable(folder: Path) -> None:
-    """Raise the OSError of a folder that cannot take a write (read-only or full); nothing if it can."""
-    with tempfile.TemporaryFile(dir=folder) as probe:
-        probe.write(b"\0" * 65536)
-        probe.flush()
-        os.fsync(probe.fileno())
 
 
 class ModelStore:
@@ -72,40 +42,32 @@ class ModelStore:
     ):
         self.registry = registry
         self.state_dir = Path(state_dir)
-        self.poll_seconds = poll_seconds
         self.bootstrap = bootstrap
-        self.runtime_setting = runtime_setting
+        self.cache = ModelCache(registry, self.state_dir, runtime_setting)
+        self.pointer = Pointer(self.state_dir)
+        self.watcher = Watcher(self.get, self.follow_registry, poll_seconds)
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.registry_available = True
-        self._pointer = self.state_dir / "active.json"
-        self._pointer_stat: tuple | None = None
+        self._pointer_stat: StatKey | None = None  # the pointer's stat when this process last followed it
         self._swap_lock = threading.Lock()
-        self._loaded: dict[ModelRef, LoadedModel] = {}
-        self._failed: dict[ModelRef, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # ---- the request path ------------------------------------------------------------------
     def get(self) -> LoadedModel | None:
         """The model to serve now: follows this machine's pointer first (a stat, no MLflow call)."""
-        try:
-            stat = os.stat(self._pointer)
-            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        except FileNotFoundError:
-            key = None
+        key = self.pointer.stat_key()
         if key != self._pointer_stat:
             self._follow_pointer(key)
         return self.current
 
-    def _follow_pointer(self, key) -> None:
+    def _follow_pointer(self, key: StatKey | None) -> None:
         with self._swap_lock:
             if key == self._pointer_stat:
                 return  # another thread followed it while we waited
-            ref = self.read_pointer()
+            ref = self.pointer.read()
             if ref and (self.current is None or self.current.ref != ref):
                 try:
-                    self._swap(self._load(ref, download=False))
+                    self._swap(self.cache.load(ref, download=False))
                 except (ModelLoadError, RegistryUnavailable, FileNotFoundError) as exc:
                     self._remember_failure(ref, exc)
             self._pointer_stat = key
@@ -119,12 +81,12 @@ class ModelStore:
         """
         ref = self.registry.get_model_version(ref.name, ref.version)
         try:
-            loaded = self._load(ref, download=True)
+            loaded = self.cache.load(ref, download=True)
             with file_lock(self.state_dir / "activate.lock"):
                 previous = self.registry.get_active_model()
                 self.registry.set_active_model(ref)
                 try:
-                    self.write_pointer(ref)
+                    self.pointer.write(ref)
                 except OSError:
                     if previous is not None:
                         self.registry.set_active_model(previous)  # the registry must not name what we cannot serve
@@ -145,6 +107,16 @@ class ModelStore:
         """
         self._guarded(self._follow_registry)
 
+    def catch_up(self, ref: ModelRef) -> None:
+        """Serve `ref` on this machine now if the registry names it active (read-your-writes after a job).
+
+        The narrow hook the training half calls after a job answers `activated`: it loads exactly that
+        version, never bootstraps, and writes neither the job nor the registry (only this machine's pointer).
+        """
+        if self._serving(ref):
+            return
+        self._guarded(lambda: self._follow_to(ref))
+
     def _guarded(self, step: Callable[[], None]) -> None:
         """Run a follow step; a registry, model or state-folder problem is recorded, never raised."""
         try:
@@ -158,16 +130,6 @@ class ModelStore:
             self.last_error = str(StateNotWritable(self.state_dir, exc))
             log.error("cannot follow the registry: %s", self.last_error)
 
-    def catch_up(self, ref: ModelRef) -> None:
-        """Serve `ref` on this machine now if the registry names it active (read-your-writes after a job).
-
-        The narrow hook the training half calls after a job answers `activated`: it loads exactly that
-        version, never bootstraps, and writes neither the job nor the registry (only this machine's pointer).
-        """
-        if self.current is not None and self.current.ref == ref and self.read_pointer() == ref:
-            return
-        self._guarded(lambda: self._follow_to(ref))
-
     def _follow_registry(self) -> None:
         ref = self.registry.get_active_model()
         if ref is None:
@@ -177,14 +139,16 @@ class ModelStore:
                 return
         self._follow_to(ref)
 
+    def _serving(self, ref: ModelRef) -> bool:
+        """Whether this process serves `ref` and this machine's pointer names it."""
+        return self.current is not None and self.current.ref == ref and self.pointer.read() == ref
+
     def _follow_to(self, ref: ModelRef) -> None:
         """Load `ref` and point this machine at it, if the registry still names it active."""
-        if self.current is not None and self.current.ref == ref and self.read_pointer() == ref:
-            return
-        if self._recently_failed(ref):
+        if self._serving(ref) or self.cache.recently_failed(ref):
             return
         try:
-            loaded = self._load(ref, download=True)
+            loaded = self.cache.load(ref, download=True)
         except (ModelLoadError, ModelNotFound) as exc:  # e.g. the active version was deleted
             self._remember_failure(ref, exc)
             return
@@ -193,8 +157,8 @@ class ModelStore:
             # older answer overwrite a newer pointer. The next step follows whatever is newest.
             if self.registry.get_active_model() != ref:
                 return
-            if self.read_pointer() != ref:
-                self.write_pointer(ref)
+            if self.pointer.read() != ref:
+                self.pointer.write(ref)
         with self._swap_lock:
             self._swap(loaded)
             self._pointer_stat = None  # a later swap by another worker may have landed meanwhile
@@ -221,76 +185,11 @@ class ModelStore:
         self.current = loaded
         self.last_error = None
 
-    # ---- loading -------------------------------------------------------------------------------
-    def _load(self, ref: ModelRef, download: bool) -> LoadedModel:
-        """The version in memory, from this machine's cache (downloading it first if allowed)."""
-        if ref in self._loaded:
-            return self._loaded[ref]
-        path = self._cache_dir(ref)
-        if not (path / "MLmodel").exists():
-            if not download:
-                raise FileNotFoundError(f"{ref.name} version {ref.version} is not in this machine's cache")
-            self._download(ref, path)
-        loaded = load_model_dir(path, ref, self.runtime_setting)
-        # Keep the last few versions, so swapping back and forth does not reload from disk.
-        self._loaded = {**dict(list(self._loaded.items())[-2:]), ref: loaded}
-        self._failed.pop(ref, None)
-        return loaded
-
-    def _cache_dir(self, ref: ModelRef) -> Path:
-        """One folder per registered version; the hash keeps names that read alike ("a b", "a_b") apart."""
-        if not ref.version.isdigit():
-            raise ModelLoadError(f"{ref.name}: {ref.version!r} is not a version number")
-        readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in ref.name)[:80]
-        digest = hashlib.sha256(ref.name.encode()).hexdigest()[:12]
-        return self.state_dir / "models" / f"{readable}-{digest}" / ref.version
-
-    def _download(self, ref: ModelRef, path: Path) -> None:
-        """Download into a temporary folder, then rename: a reader never sees a half-written model."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=path.parent))
-        try:
-            try:
-                downloaded = self.registry.download_model_version(ref, staging)
-            except ModelNotFound as exc:
-                raise ModelLoadError(f"{ref.name} version {ref.version} has no model files: {exc}") from exc
-            except RegistryUnavailable:
-                _check_writable(staging)  # MLflow reports a full disk as a failed download: say which it was
-                raise
-            if path.exists() and not (path / "MLmodel").exists():
-                shutil.rmtree(path, ignore_errors=True)  # left over from an interrupted download
-            try:
-                os.rename(downloaded, path)
-            except OSError:
-                if not (path / "MLmodel").exists():  # another worker finished the same download first
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
     def _remember_failure(self, ref: ModelRef, exc: Exception) -> None:
-        self._failed[ref] = time.monotonic()
+        """Record why `ref` did not load (health shows it) and hold off retrying it for a while."""
+        self.cache.mark_failed(ref)
         self.last_error = f"{ref.name} version {ref.version} failed to load: {exc}"
         log.error(self.last_error)
-
-    def _recently_failed(self, ref: ModelRef) -> bool:
-        failed_at = self._failed.get(ref)
-        return failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_SECONDS
-
-    # ---- this machine's pointer ------------------------------------------------------------------
-    def read_pointer(self) -> ModelRef | None:
-        try:
-            data = json.loads(self._pointer.read_text())
-            return ModelRef(data["name"], str(data["version"]))
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
-
-    def write_pointer(self, ref: ModelRef) -> None:
-        """Atomically replace the pointer (a new inode, so every worker's stat sees the change)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".active-", dir=self.state_dir)
-        with os.fdopen(handle, "w") as file:
-            json.dump(ref.as_dict(), file)
-        os.replace(staging, self._pointer)
 
     # ---- start and the watcher -----------------------------------------------------------------
     def start(self, watch: bool = True) -> None:
@@ -309,24 +208,9 @@ class ModelStore:
 
     def start_watcher(self) -> None:
         """Follow the registry in a background thread (in each gunicorn worker: threads do not survive fork)."""
-        self._stop = threading.Event()
         self._pointer_stat = None  # re-read this machine's pointer on the next request
-        self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
-        self._thread.start()
+        self.watcher.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _watch(self) -> None:
-        next_poll = time.monotonic() + self.poll_seconds
-        while not self._stop.wait(PRELOAD_SECONDS):
-            try:
-                self.get()  # preload swaps made by other workers, so requests rarely pay for the load
-                if time.monotonic() >= next_poll:
-                    self.follow_registry()
-                    next_poll = time.monotonic() + self.poll_seconds
-            except Exception:  # the watcher must outlive any one failure
-                log.exception("model watcher step failed")
-                next_poll = time.monotonic() + self.poll_seconds
+        """Stop the watcher thread."""
+        self.watcher.stop()

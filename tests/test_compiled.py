@@ -191,7 +191,7 @@ def test_version_registered_before_compilation_loads_with_sklearn(app, tmp_path)
     store = app.extensions["model_store"]
     current = store.get()
     folder = tmp_path / "old"
-    shutil.copytree(store._cache_dir(current.ref), folder)
+    shutil.copytree(store.cache.folder(current.ref), folder)
     shutil.rmtree(folder / "extra_files")
     old = load_model_dir(folder, current.ref)
     assert old.runtime == "sklearn" and "before compiled inference" in old.runtime_reason
@@ -202,7 +202,7 @@ def _copy_of_active(app, tmp_path, name: str):
     """The active version's downloaded folder, copied so a test may change its files."""
     current = app.extensions["model_store"].get()
     folder = tmp_path / name
-    shutil.copytree(app.extensions["model_store"]._cache_dir(current.ref), folder)
+    shutil.copytree(app.extensions["model_store"].cache.folder(current.ref), folder)
     return folder, current.ref
 
 

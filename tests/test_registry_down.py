@@ -67,8 +67,8 @@ def test_a_version_that_fails_to_load_is_not_retried_in_a_loop(store, app_config
     app = create_app(app_config)
     model_store = app.extensions["model_store"]
     attempts = []
-    original = model_store._load
-    model_store._load = lambda ref, download: attempts.append(ref) or original(ref, download)
+    original = model_store.cache.load
+    model_store.cache.load = lambda ref, download: attempts.append(ref) or original(ref, download)
     try:
         store["registry"].set_active_model(ModelRef("pickled-elsewhere", version.version))
         for _ in range(5):
