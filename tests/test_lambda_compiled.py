@@ -104,7 +104,8 @@ def set_active(uri: str, name: str) -> None:
 def test_package_has_no_scikit_learn(task_dir):
     settings = (task_dir / "zappa_settings.py").read_text()
     assert "SLIM_HANDLER=True" not in settings and "'APP_ROLE': 'inference'" in settings
-    for module in ("service/__init__.py", "serving/views.py", "kernel/model_format.py"):  # the root, inference, the kernel
+    # the root, inference and the kernel
+    for module in ("service/__init__.py", "serving/views.py", "kernel/model_format.py"):
         assert (task_dir / module).exists(), module
     assert (task_dir / "onnxruntime").is_dir()
     assert [name for name in ABSENT if (task_dir / name).exists()] == []
