@@ -113,12 +113,14 @@ def worker_pids(master: int) -> set[int]:
 
 
 def postgres_available() -> bool:
-    try:
-        import psycopg2
+    """Whether a PostgreSQL server answers at 127.0.0.1:5432. Only "could not connect" (psycopg2's
+    OperationalError) means no; anything else (psycopg2 missing, a bug here) is an error, not a skip."""
+    import psycopg2
 
+    try:
         psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3).close()
         return True
-    except Exception:
+    except psycopg2.OperationalError:
         return False
 
 

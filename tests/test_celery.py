@@ -199,7 +199,7 @@ def test_a_burst_of_six_jobs_queues_and_runs_two_at_once(cluster):
         assert read_job(apis[1], job_id) == read_job(apis[0], job_id)  # either instance answers alike
         assert len(versions_of(servers, job_id)) == 1
     assert len({(j["result"]["model"]["name"], j["result"]["model"]["version"]) for j in jobs}) == 6
-    assert most_at_once(jobs) <= 2
+    assert most_at_once(jobs) == 2  # two workers, one job each at a time: both busy at once, never more
     assert {job["worker"].split("@")[0] for job in jobs} == {"w0", "w1"}
     waits = [job["waited_seconds"] for job in jobs]
     assert max(waits) > min(waits)  # the later ones waited in the queue, none was refused
@@ -210,7 +210,6 @@ def test_a_killed_worker_loses_no_job_and_leaves_one_version(cluster):
     apis, servers, workers = cluster["apis"], cluster["stack"], cluster["workers"]
     body = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 40}, "dataset": "digits",
             "model_name": "digits-survivor"}  # fmt: skip
-    before_active = requests.get(f"{apis[0].url}/ready", timeout=30).json()["model"]
     job_id = submit(apis[0], body).json()["job_id"]
     deadline = time.monotonic() + 120
     while (job := read_job(apis[0], job_id)).get("phase") != "fitting":
@@ -224,15 +223,11 @@ def test_a_killed_worker_loses_no_job_and_leaves_one_version(cluster):
     finally:
         workers[workers.index(victim)] = Worker(victim.name, cluster["env"], cluster["folder"]).start()
     versions = versions_of(servers, job_id)
-    assert len(versions) <= 1
-    if job["status"] == "succeeded":
-        assert job["attempt"] == 2 and not job["worker"].startswith(f"{victim.name}@")
-        assert "was lost" in job["lost_attempt"]
-        assert len(versions) == 1
-    else:
-        assert "was lost" in job["error"], job
-        assert versions == []
-        assert ref(requests.get(f"{apis[0].url}/ready", timeout=30).json()["model"]) == ref(before_active)
+    # TRAIN_MAX_ATTEMPTS=2: the lost attempt is retried on the other worker, and that attempt succeeds.
+    assert job["status"] == "succeeded", job
+    assert job["attempt"] == 2 and not job["worker"].startswith(f"{victim.name}@"), job
+    assert job["lost_attempt"].startswith(f"Attempt 1 on {victim.name}@") and "was lost" in job["lost_attempt"], job
+    assert [(v.name, str(v.version)) for v in versions] == [tuple(ref(job["result"]["model"]).values())]
     print(f"\nkilled worker: job {job['status']} on attempt {job.get('attempt')}, {job.get('elapsed_seconds')} s")
 
 

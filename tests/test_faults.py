@@ -226,7 +226,10 @@ def _mount_tmpfs(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"this drill mounts a small tmpfs as the state folder, which needs root: {mounted.stderr!r}")
+        message = f"this drill mounts a small tmpfs as the state folder, which needs root: {mounted.stderr!r}"
+        if os.environ.get("REQUIRE_TMPFS") == "1":
+            pytest.fail(f"{message} (REQUIRE_TMPFS=1: it must run here)")
+        pytest.skip(f"{message} (set REQUIRE_TMPFS=1 to make this a failure)")
 
 
 def _fill(path: Path) -> None:

@@ -105,21 +105,3 @@ def test_a_keep_alive_client_is_not_stalled_after_an_early_answer(fuzz_service):
         started = time.monotonic()
         assert session.get(f"{fuzz_service.url}/health", timeout=3).status_code == 200
         assert time.monotonic() - started < 1
-
-
-def test_document_declares_every_answer(client):
-    document = client.get("/openapi.json").json
-    for path, operations in document["paths"].items():
-        for method, operation in operations.items():
-            responses = operation["responses"]
-            assert "405" in responses, (method, path)
-            if "requestBody" in operation:
-                assert {"400", "413", "415"} <= set(responses), (method, path)
-            if operation.get("security"):
-                assert "401" in responses, (method, path)
-            for status, response in responses.items():
-                if (path, status) == ("/version", "200"):
-                    continue  # MLflow's bare version string under application/json (not JSON): no schema fits it
-                assert response.get("content"), f"{method} {path} {status} has no declared body"
-    assert {"429", "503", "201", "202"} <= set(document["paths"]["/train"]["post"]["responses"])
-    assert "503" in document["paths"]["/use-model"]["post"]["responses"]

@@ -20,7 +20,9 @@ def test_pyfunc_predicts_what_the_service_predicts(client, store, wine_tree, whi
     ref = store["default"] if which == "default" else wine_tree
     dataset = load_builtin("iris" if which == "default" else "wine")
     rows = dataset.features.sample(40, random_state=0)
-    client.post("/use-model", json=ref.as_dict())
+    used = client.post("/use-model", json=ref.as_dict())
+    assert used.status_code == 200, used.json
+    assert used.json["model"]["name"] == ref.name and used.json["model"]["version"] == ref.version
     served = client.post("/predict", json={"records": rows.to_dict(orient="records")})
     assert served.status_code == 200
     mlflow.set_registry_uri(store["uri"])

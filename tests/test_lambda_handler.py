@@ -30,6 +30,7 @@ RUNTIME = ROOT / "build" / "lambda-runtime"
 INVOKE = Path(__file__).with_name("lambda_invoke.py")
 SETTINGS = json.loads((ROOT / "zappa_settings.json").read_text())["production"]
 TOKEN = "s3cr3t-from-remote-env"
+ACTIVE = {"name": "iris-RandomForestClassifier", "version": "1"}
 EXTRACT_DIR = Path("/tmp") / SETTINGS["project_name"]  # fixed by Zappa's handler: /tmp/<project_name>
 
 
@@ -115,6 +116,7 @@ def test_handler_answers_api_gateway_events(api, built_package, s3, tracking_ser
     assert "SLIM_HANDLER=True" in settings and "'APP_ROLE': 'inference'" in settings
     assert not (task / "serving").exists()  # the code comes from S3 at a cold start
     make, stage = (rest_v1, "production") if api == "rest_v1" else (http_v2, "$default")
+    authorization = "Authorization" if api == "rest_v1" else "authorization"  # as each API Gateway sends it
     events = [
         make("POST", "/predict", stage=stage, body=IRIS_ROW),
         make("POST", "/predict", stage=stage, body={"sepal_length_cm": "wide"}),
@@ -122,7 +124,8 @@ def test_handler_answers_api_gateway_events(api, built_package, s3, tracking_ser
         make("GET", "/health", stage=stage),
         make("GET", "/ready", stage=stage),
         make("POST", "/train", stage=stage, body={"estimator": "GaussianNB", "dataset": "iris"}),
-        make("POST", "/use-model", stage=stage, body={"name": "iris-RandomForestClassifier", "version": "1"}),
+        make("POST", "/use-model", stage=stage, body=ACTIVE, headers={authorization: "Bearer not-the-token"}),
+        make("POST", "/use-model", stage=stage, body=ACTIVE, headers={authorization: f"Bearer {TOKEN}"}),
     ]
     shutil.rmtree(EXTRACT_DIR, ignore_errors=True)  # a cold container has no /tmp/<project>
     try:
@@ -132,7 +135,7 @@ def test_handler_answers_api_gateway_events(api, built_package, s3, tracking_ser
         assert not (EXTRACT_DIR / "training").exists()  # the package holds no training code
     finally:
         shutil.rmtree(EXTRACT_DIR, ignore_errors=True)
-    predict, bad, malformed, health, ready, train, use_model = answers
+    predict, bad, malformed, health, ready, train, wrong_token, use_model = answers
     for answer in answers:
         assert answer["headers"]["Content-Type"].startswith("application/json"), answer
     assert predict["statusCode"] == 200, predict
@@ -145,5 +148,9 @@ def test_handler_answers_api_gateway_events(api, built_package, s3, tracking_ser
     assert json.loads(health["body"]) == {"status": "ok", "role": "inference"}
     assert ref(json.loads(ready["body"])["model"]) == {"name": "iris-RandomForestClassifier", "version": "1"}
     assert train["statusCode"] == 404  # the inference role has no training endpoint
-    assert use_model["statusCode"] == 401  # API_TOKEN arrived through remote_env from S3
+    # API_TOKEN arrived through remote_env from S3: that token is accepted, another is not. (Without it the
+    # service would make up its own token, and refuse both.)
+    assert wrong_token["statusCode"] == 401, wrong_token
+    assert use_model["statusCode"] == 200, use_model
+    assert ref(json.loads(use_model["body"])["model"]) == ACTIVE
     print(f"\ncold start ({api}): {cold:.2f} s from process start to the first /predict answer")

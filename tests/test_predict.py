@@ -62,4 +62,5 @@ def test_content_type_with_charset_is_json(client):
     import json
 
     response = client.post("/predict", data=json.dumps(IRIS_ROW), content_type="application/json; charset=utf-8")
-    assert response.status_code == 200
+    assert response.status_code == 200, response.json
+    assert response.json["predictions"] == ["setosa"]

@@ -80,7 +80,8 @@ def test_body_over_the_limit_with_content_length_is_413(service):
     response = requests.post(f"{service.url}/predict", data=body, timeout=60,
                              headers={"Content-Type": "application/json"})  # fmt: skip
     assert "Content-Length" in response.request.headers
-    assert response.status_code == 413
+    assert response.status_code == 413, response.text
+    assert response.json()["error"] == "request_entity_too_large"
 
 
 def test_chunked_body_within_the_limit_is_served(service):

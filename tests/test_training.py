@@ -233,6 +233,9 @@ def test_unreadable_csv_is_400(client):
     data = {"file": (io.BytesIO(b"\x00\xff\xfe binary"), "x.csv"), "target": "y", "estimator": "SVC"}
     response = client.post("/train", data=data, content_type="multipart/form-data")
     assert response.status_code == 400
+    assert response.json["error"] == "invalid_training_request"
+    assert list(response.json["errors"]) == ["file"]
+    assert response.json["errors"]["file"][0].startswith("not a readable CSV file"), response.json
 
 
 def slow_job(**extra) -> dict:
@@ -248,6 +251,7 @@ def test_jobs_beyond_capacity_wait_queued_then_429(store, app_config):
         fcntl.flock(held, fcntl.LOCK_EX)
         first = client.post("/train", json={"estimator": "GaussianNB", "dataset": "iris", "activate": False})
         assert first.status_code == 202, first.json
+        posted = time.time()
         time.sleep(1.5)
         waiting = client.get(first.json["location"]).json
         assert waiting["status"] == "queued"
@@ -256,30 +260,44 @@ def test_jobs_beyond_capacity_wait_queued_then_429(store, app_config):
         assert refused.status_code == 429
         assert refused.headers["Retry-After"]
         assert refused.json["error"] == "too_many_jobs"
+        released = time.time()
     job = wait_done(client, first.json["location"])
+    done = time.time()
     assert job["status"] == "succeeded", job
-    assert job["waited_seconds"] >= 1.5
-    assert job["attempt"] == 1 and job["elapsed_seconds"] > 0
+    # It started only once the slot was free: it waited at least as long as the slot was held after it was queued,
+    # and ran no longer than from then until now.
+    assert job["waited_seconds"] >= max(1.5, released - posted), (job, released - posted)
+    assert job["attempt"] == 1 and 0 < job["elapsed_seconds"] <= done - released, (job, done - released)
 
 
 def test_running_job_shows_its_phase_and_elapsed_time(client, store):
     body = {**slow_job(activate=False), "params": {"n_estimators": 60}}
+    submitted = time.time()
     location = client.post("/train", json=body).json["location"]
     deadline = time.monotonic() + 240
-    seen = set()
+    seen, last = set(), None
     while True:
         job = client.get(location).json
+        since = time.time() - submitted  # the job started after it was submitted: it cannot have run longer
         if job["status"] in ("succeeded", "failed"):
             break
         if job["status"] == "running":
             assert job["phase"] in PHASES
-            assert job["elapsed_seconds"] >= 0 and job["phase_elapsed_seconds"] >= 0
+            # The phase began within the attempt, which began after the request; both clocks move on.
+            assert 0 <= job["phase_elapsed_seconds"] <= job["elapsed_seconds"] + 0.001 <= since + 0.002, (job, since)
+            if last is not None:
+                assert job["elapsed_seconds"] > last["elapsed_seconds"], (last, job)
+                if job["phase"] == last["phase"]:
+                    assert job["phase_elapsed_seconds"] > last["phase_elapsed_seconds"], (last, job)
             seen.add(job["phase"])
+            last = job
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert job["status"] == "succeeded", job
     assert "fitting" in seen
-    assert job["elapsed_seconds"] > 0 and job["finished_at"]
+    # (A read while the outcome was being written may have seen the job running a few ms past its finished_at.)
+    assert last["elapsed_seconds"] - 0.5 <= job["elapsed_seconds"] <= since, (last, job, since)
+    assert job["finished_at"]
 
 
 def test_reading_a_job_writes_nothing(client, store):
@@ -353,11 +371,17 @@ def _is_job_of(pid: str, run_id: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("job_id", ["nope", "0" * 32, "Z" * 32, "..%2F..%2Fetc%2Fpasswd"])
-def test_unknown_job_is_404(client, job_id):
+@pytest.mark.parametrize(
+    ("job_id", "error"),
+    [("nope", "job_not_found"), ("0" * 32, "job_not_found"), ("Z" * 32, "job_not_found"),
+     ("..%2F..%2Fetc%2Fpasswd", "not_found")],  # a slash in the id: no such endpoint
+)  # fmt: skip
+def test_unknown_job_is_404(client, job_id, error):
     response = client.get(f"/train/jobs/{job_id}")
     assert response.status_code == 404
-    assert response.is_json
+    assert response.json["error"] == error, response.json
+    if error == "job_not_found":
+        assert response.json["message"] == f"No training job '{job_id}'."
 
 
 def test_train_needs_the_token_when_configured(store, app_config):
@@ -422,22 +446,39 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
     assert registry.client.search_model_versions(f"run_id = '{job_id}'") == []
 
 
-def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(store):
-    """Taken over after registering: the version goes, and the active model goes back to the previous one."""
+def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(store, monkeypatch):
+    """Taken over after registering (the job activates its version, then another attempt owns the job):
+    the version goes, and the active model goes back to the previous one."""
     from kernel.registry import ModelRef
     from training.job import TrainingSpec
-    from training.jobs import _withdraw, create_job, execute_job
+    from training.jobs import create_job, execute_job
 
     registry = store["registry"]
     registry.set_active_model(store["default"])
+    activate = registry.set_active_model
+    seen = {}
+
+    def activate_then_lose_the_job(ref):
+        activate(ref)
+        if not seen:  # the job's own activation; the second call is the hand-back
+            seen.update(activated=ref, versions=registry.client.search_model_versions(f"run_id = '{job_id}'"))
+            registry.client.set_tag(job_id, "job.attempt_id", "the-new-owner")
+
     try:
         job_id = create_job(registry, TrainingSpec("DecisionTreeClassifier", model_name="withdrawn"), "iris", 100)
-        assert execute_job(registry, job_id, 1, "here:1", 60) == "succeeded"
-        tags = registry.client.get_run(job_id).data.tags
-        ref = ModelRef(tags["model_name"], tags["model_version"])
-        assert registry.get_active_model() == ref
-        _withdraw(registry, job_id, ref)
-        assert registry.get_active_model() == store["default"]
+        monkeypatch.setattr(registry, "set_active_model", activate_then_lose_the_job)
+        assert execute_job(registry, job_id, 1, "here:1", 60) == "superseded"
+        monkeypatch.undo()
+        # It had registered and activated its version before it was taken over ...
+        assert seen["activated"].name == "withdrawn"
+        registered = [ModelRef(mv.name, str(mv.version)) for mv in seen["versions"]]
+        assert registered == [seen["activated"]]
+        # ... and the version is gone, the previous model active again, the record the new owner's.
         assert registry.client.search_model_versions(f"run_id = '{job_id}'") == []
+        assert registry.get_active_model() == store["default"]
+        tags = registry.client.get_run(job_id).data.tags
+        assert tags["job.status"] == "running" and tags["job.attempt_id"] == "the-new-owner"
+        assert ModelRef(tags["model_name"], tags["model_version"]) == seen["activated"]
     finally:
+        monkeypatch.undo()
         registry.set_active_model(store["default"])
