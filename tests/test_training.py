@@ -369,8 +369,8 @@ def test_train_needs_the_token_when_configured(store, app_config):
 
 # ---- concurrent attempts of one job (a broker's redelivery while the first taker still works) -----------
 def _new_job(registry, estimator="DecisionTreeClassifier", dataset="iris", **params) -> str:
-    from training.job import TrainingSpec
-    from training.jobs import create_job
+    from training.spec import TrainingSpec
+    from training.submitter import create_job
 
     return create_job(registry, TrainingSpec(estimator, params, activate=False), dataset, max_queued=100)
 
@@ -378,20 +378,20 @@ def _new_job(registry, estimator="DecisionTreeClassifier", dataset="iris", **par
 def test_a_redelivery_while_the_attempt_beats_leaves_the_job_to_it(store):
     """A second delivery finds attempt 1 heard from within the lease: it writes nothing and says busy;
     once the lease has passed without a beat, the next delivery takes over and records the lost one."""
-    from training.jobs import LEASE_SECONDS, execute_job, mark_job
+    from training.attempt import LEASE_SECONDS, Outcome, execute_job
 
     registry = store["registry"]
     job_id = _new_job(registry)
-    beat = time.time() - 2
-    mark_job(registry, job_id, "running", attempt=1, attempt_id="first", worker="elsewhere:1",
-             started_at=repr(beat), heartbeat_at=repr(beat))  # fmt: skip
+    beat = repr(time.time() - 2)
+    registry.set_run_tags(job_id, {"job.status": "running", "job.attempt": "1", "job.attempt_id": "first",
+                                   "job.worker": "elsewhere:1", "job.started_at": beat, "job.heartbeat_at": beat})  # fmt: skip
     before = registry.client.get_run(job_id).data.tags
-    assert execute_job(registry, job_id, 2, "here:2", 60) == "busy"
+    assert execute_job(registry, job_id, 2, "here:2", 60) is Outcome.BUSY
     assert registry.client.get_run(job_id).data.tags == before
 
     stale = repr(time.time() - LEASE_SECONDS - 1)
-    mark_job(registry, job_id, started_at=stale, heartbeat_at=stale)
-    assert execute_job(registry, job_id, 2, "here:2", 60) == "succeeded"
+    registry.set_run_tags(job_id, {"job.started_at": stale, "job.heartbeat_at": stale})
+    assert execute_job(registry, job_id, 2, "here:2", 60) is Outcome.SUCCEEDED
     tags = registry.client.get_run(job_id).data.tags
     assert tags["job.attempt"] == "2" and "Attempt 1 on elsewhere:1 was lost" in tags["job.lost"]
     assert len(registry.client.search_model_versions(f"run_id = '{job_id}'")) == 1
@@ -402,7 +402,7 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
     nothing and writes no outcome; the record stays the new owner's."""
     import threading
 
-    from training.jobs import execute_job
+    from training.attempt import Outcome, execute_job
 
     registry = store["registry"]
     job_id = _new_job(registry, "GradientBoostingClassifier", "digits", n_estimators=60)
@@ -415,7 +415,7 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
         time.sleep(0.05)
     registry.client.set_tag(job_id, "job.attempt_id", "the-new-owner")
     thread.join(timeout=120)
-    assert outcome["result"] == "superseded"
+    assert outcome["result"] is Outcome.SUPERSEDED
     tags = registry.client.get_run(job_id).data.tags
     assert tags["job.status"] == "running" and tags["job.attempt_id"] == "the-new-owner"
     assert "model_version" not in tags
@@ -425,8 +425,10 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
 def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(store):
     """Taken over after registering: the version goes, and the active model goes back to the previous one."""
     from kernel.registry import ModelRef
-    from training.job import TrainingSpec
-    from training.jobs import _withdraw, create_job, execute_job
+    from training.attempt import execute_job
+    from training.job_record import JobRecord
+    from training.spec import TrainingSpec
+    from training.submitter import create_job
 
     registry = store["registry"]
     registry.set_active_model(store["default"])
@@ -436,7 +438,7 @@ def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(
         tags = registry.client.get_run(job_id).data.tags
         ref = ModelRef(tags["model_name"], tags["model_version"])
         assert registry.get_active_model() == ref
-        _withdraw(registry, job_id, ref)
+        JobRecord(registry, job_id).withdraw(ref)
         assert registry.get_active_model() == store["default"]
         assert registry.client.search_model_versions(f"run_id = '{job_id}'") == []
     finally:
