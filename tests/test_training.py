@@ -293,6 +293,23 @@ def test_reading_a_job_writes_nothing(client, store):
     assert tracking.get_run(job["job_id"]).data.tags == before
 
 
+def test_a_jobs_log_lines_carry_its_id(client, app_config):
+    """The local executor's job logs to STATE_DIR/jobs/<id>.log in the service's format, its id on every line."""
+    body = {"estimator": "GaussianNB", "dataset": "iris", "activate": False, "wait": True}
+    response = client.post("/train", json=body)
+    assert response.status_code == 201, response.json
+    job_id = response.headers["Location"].rsplit("/", 1)[1]
+    folder = Path(app_config["STATE_DIR"]) / "jobs"
+    deadline = time.monotonic() + 30  # the job's process removes its lock file once it has nothing left to log
+    while (folder / f"{job_id}.lock").exists():
+        assert time.monotonic() < deadline, "the job's process did not finish"
+        time.sleep(0.1)
+    lines = [json.loads(line) for line in (folder / f"{job_id}.log").read_text().splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    assert any("attempt 1 starts" in m for m in messages) and any("attempt 1 succeeded" in m for m in messages)
+    assert all(line.get("job_id") == job_id for line in lines), lines
+
+
 def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     app = create_app({**app_config, "TRAIN_TIME_LIMIT_SECONDS": 1})
     client = client_of(app)
