@@ -395,7 +395,7 @@ def _new_job(registry, estimator="DecisionTreeClassifier", dataset="iris", **par
 def test_a_redelivery_while_the_attempt_beats_leaves_the_job_to_it(store):
     """A second delivery finds attempt 1 heard from within the lease: it writes nothing and says busy;
     once the lease has passed without a beat, the next delivery takes over and records the lost one."""
-    from training.attempt import LEASE_SECONDS, Outcome, execute_job
+    from training.attempt import LEASE_SECONDS, AttemptOutcome, execute_job
 
     registry = store["registry"]
     job_id = _new_job(registry)
@@ -403,12 +403,12 @@ def test_a_redelivery_while_the_attempt_beats_leaves_the_job_to_it(store):
     registry.set_run_tags(job_id, {"job.status": "running", "job.attempt": "1", "job.attempt_id": "first",
                                    "job.worker": "elsewhere:1", "job.started_at": beat, "job.heartbeat_at": beat})  # fmt: skip
     before = registry.client.get_run(job_id).data.tags
-    assert execute_job(registry, job_id, 2, "here:2", 60) is Outcome.BUSY
+    assert execute_job(registry, job_id, 2, "here:2", 60) is AttemptOutcome.BUSY
     assert registry.client.get_run(job_id).data.tags == before
 
     stale = repr(time.time() - LEASE_SECONDS - 1)
     registry.set_run_tags(job_id, {"job.started_at": stale, "job.heartbeat_at": stale})
-    assert execute_job(registry, job_id, 2, "here:2", 60) is Outcome.SUCCEEDED
+    assert execute_job(registry, job_id, 2, "here:2", 60) is AttemptOutcome.SUCCEEDED
     tags = registry.client.get_run(job_id).data.tags
     assert tags["job.attempt"] == "2" and "Attempt 1 on elsewhere:1 was lost" in tags["job.lost"]
     assert len(registry.client.search_model_versions(f"run_id = '{job_id}'")) == 1
@@ -419,7 +419,7 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
     nothing and writes no outcome; the record stays the new owner's."""
     import threading
 
-    from training.attempt import Outcome, execute_job
+    from training.attempt import AttemptOutcome, execute_job
 
     registry = store["registry"]
     job_id = _new_job(registry, "GradientBoostingClassifier", "digits", n_estimators=60)
@@ -432,7 +432,7 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
         time.sleep(0.05)
     registry.client.set_tag(job_id, "job.attempt_id", "the-new-owner")
     thread.join(timeout=120)
-    assert outcome["result"] is Outcome.SUPERSEDED
+    assert outcome["result"] is AttemptOutcome.SUPERSEDED
     tags = registry.client.get_run(job_id).data.tags
     assert tags["job.status"] == "running" and tags["job.attempt_id"] == "the-new-owner"
     assert "model_version" not in tags

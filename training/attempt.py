@@ -32,7 +32,7 @@ HEARTBEAT_SECONDS = 5.0
 LEASE_SECONDS = 30.0
 
 
-class Outcome(StrEnum):
+class AttemptOutcome(StrEnum):
     """How one attempt ended: not the job's status (a job is queued, running, succeeded or failed)."""
 
     SUCCEEDED = "succeeded"  # it registered the version and recorded the job succeeded
@@ -44,7 +44,7 @@ class Outcome(StrEnum):
     @property
     def job_finished(self) -> bool:
         """The job's record is final after this attempt: nothing is left to run."""
-        return self in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.SKIPPED)
+        return self in (AttemptOutcome.SUCCEEDED, AttemptOutcome.FAILED, AttemptOutcome.SKIPPED)
 
 
 class Superseded(Exception):
@@ -124,7 +124,7 @@ def execute_job(
     time_limit: int,
     previous_lost: bool = False,
     on_lost_contact=_abandon,
-) -> Outcome:
+) -> AttemptOutcome:
     """Run one attempt of a job, wherever it runs; returns how the attempt ended.
 
     A job already finished (a message delivered twice) is left alone (SKIPPED). A job whose attempt
@@ -140,20 +140,20 @@ def execute_job(
     state = record.read()
     if state.status.finished:
         log.warning("job %s already %s; not running it again", job_id, state.status)
-        return Outcome.SKIPPED
+        return AttemptOutcome.SKIPPED
     if state.status == JobStatus.RUNNING and not previous_lost:
         age = state.heartbeat_age()
         if age is not None and age < LEASE_SECONDS:
             log.warning("job %s: attempt %s on %s was heard from %.1f s ago; leaving the job to it", job_id,
                         state.attempt, state.worker, age)  # fmt: skip
-            return Outcome.BUSY
+            return AttemptOutcome.BUSY
     attempt, lost = state.attempt + 1, None
     if attempt > 1:
         lost = f"Attempt {attempt - 1} on {state.worker or 'a worker'} was lost: its process ended without reporting (killed or crashed)."
         record.remove_versions()
         if attempt > max_attempts:
             record.fail(f"{lost} No attempts left (TRAIN_MAX_ATTEMPTS={max_attempts}).")
-            return Outcome.FAILED
+            return AttemptOutcome.FAILED
     attempt_id = record.start(attempt, worker, os.getpid(), lost=lost)
     log.info("job %s: attempt %d starts on %s", job_id, attempt, worker)
     heartbeat = Heartbeat(record, attempt_id, on_lost_contact).start()
@@ -162,7 +162,7 @@ def execute_job(
 
 def _train_and_record(
     record: JobRecord, state: JobState, heartbeat: Heartbeat, attempt: int, time_limit: int
-) -> Outcome:
+) -> AttemptOutcome:
     """Train, then record the outcome, unless another attempt owns the job by then."""
     from billiard.exceptions import SoftTimeLimitExceeded
 
@@ -194,16 +194,16 @@ def _train_and_record(
             exc = Superseded(job_id)
         if isinstance(exc, Superseded):
             log.warning("job %s: another attempt owns it now; attempt %s stops and records nothing", job_id, attempt)
-            return Outcome.SUPERSEDED
+            return AttemptOutcome.SUPERSEDED
         if isinstance(exc, SoftTimeLimitExceeded):
             record.fail(time_limit_error(time_limit))
         else:
             log.exception("job %s failed", job_id)
             record.fail(f"{type(exc).__name__}: {exc}")
-        return Outcome.FAILED
+        return AttemptOutcome.FAILED
     record.succeed(activated=result["activated"])
     log.info("job %s: attempt %d succeeded", job_id, attempt)
-    return Outcome.SUCCEEDED
+    return AttemptOutcome.SUCCEEDED
 
 
 def load_job_dataset(registry: Registry, job_id: str, reference: dict) -> Dataset:

@@ -26,7 +26,7 @@ from mlflow.utils import request_utils
 from kernel.config import Settings
 from kernel.logs import set_job_id
 from kernel.registry import RegistryUnavailable, registry_from_settings, translate_errors
-from training.attempt import LEASE_SECONDS, Outcome, execute_job, hard_time_limit
+from training.attempt import LEASE_SECONDS, AttemptOutcome, execute_job, hard_time_limit
 from training.job_record import JobRecord
 from training.submitter import ExecutorUnavailable
 
@@ -107,7 +107,9 @@ def make_celery(settings: Settings) -> Celery:
             raise task.retry(countdown=REGISTRY_RETRY_SECONDS, exc=exc) from None
         finally:
             set_job_id(None)
-        if outcome == Outcome.BUSY:  # redelivered while its first taker still works: look again once its lease ends
+        if (
+            outcome == AttemptOutcome.BUSY
+        ):  # redelivered while its first taker still works: look again once its lease ends
             raise task.retry(countdown=LEASE_SECONDS)
         return outcome.value
 

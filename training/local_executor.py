@@ -31,7 +31,7 @@ from kernel.config import PROJECT_ROOT, Settings, settings_from_json, settings_t
 from kernel.logs import set_job_id
 from kernel.registry import ModelNotFound, RegistryUnavailable, registry_from_settings
 from training.attempt import (
-    Outcome,
+    AttemptOutcome,
     configure_job_logging,
     execute_job,
     hard_time_limit,
@@ -152,7 +152,7 @@ def wait_for_slot(state_dir: Path, slots: int):
         time.sleep(SLOT_POLL_SECONDS)
 
 
-def run_attempt(settings: Settings, job_id: str) -> Outcome:
+def run_attempt(settings: Settings, job_id: str) -> AttemptOutcome:
     """One attempt, in the pool's process: the same function a Celery worker runs."""
     set_job_id(job_id)  # inherited from the job's process already; said again where the attempt starts
     registry = registry_from_settings(settings)
@@ -161,7 +161,7 @@ def run_attempt(settings: Settings, job_id: str) -> Outcome:
     return execute_job(registry, job_id, settings.TRAIN_MAX_ATTEMPTS, worker_name(), limit, previous_lost=True)
 
 
-def run_job(settings: Settings, job_id: str) -> Outcome | None:
+def run_job(settings: Settings, job_id: str) -> AttemptOutcome | None:
     """Run the job's attempts in a billiard pool, one fresh process each, with Celery's time limits.
 
     Returns the last attempt's outcome (None if its process died). The pool supervises each attempt:
@@ -180,7 +180,7 @@ def run_job(settings: Settings, job_id: str) -> Outcome | None:
             error = getattr(wrapped, "exc", wrapped)
             if isinstance(error, TimeLimitExceeded):  # killed at the hard limit: it could not record that itself
                 JobRecord(registry_from_settings(settings), job_id).time_limit(limit)
-                return Outcome.FAILED
+                return AttemptOutcome.FAILED
             if not isinstance(error, WorkerLostError):
                 raise
             # the process died: the next attempt records the lost one, then retries or fails the job
