@@ -1,11 +1,12 @@
 """A training job's record: the `job.*` tags of its MLflow run, and the transitions that write them.
 
 This is the only module that knows those tags. The submitter creates the record (`JobRecord.create`),
-or discards it when no executor takes the job. The running attempt writes its own transitions: `start`, `phase`, `beat`, then `succeed` or `fail`.
-A supervisor writes one thing only, when it had to kill an attempt at the hard time limit, which the
-attempt cannot record itself: `time_limit` (the local executor's billiard pool, and Celery's
-`JobRequest.on_timeout`; Celery records its own hard kills the same way). Everyone else only reads
-(`JobRecord.read`), so `GET /train/jobs/<id>` reads the same from every worker and every instance.
+or discards it when no executor takes the job. The running attempt writes its own transitions:
+`start`, `phase`, `beat`, then `succeed` or `fail`. A supervisor writes one thing only, when it had
+to kill an attempt at the hard time limit, which the attempt cannot record itself: `time_limit` (the
+local executor's billiard pool, and Celery's `JobRequest.on_timeout`; Celery records its own hard
+kills the same way). Everyone else only reads (`JobRecord.lookup`, `JobRecord.read`), so
+`GET /train/jobs/<id>` reads the same from every worker and every instance.
 """
 
 from __future__ import annotations
