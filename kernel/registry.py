@@ -11,11 +11,13 @@ import functools
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from kernel.config import Settings, artifact_location, check_tracking_uri, sqlite_path
@@ -263,6 +265,64 @@ class Registry:
     def delete_model_version(self, ref: ModelRef) -> None:
         """Remove a version (a job that failed after registering must leave nothing behind)."""
         self.client.delete_model_version(ref.name, ref.version)
+
+    # ---- runs and their tags: what training jobs use (a job is a run of the service's experiment) ----------
+    # Here so that no raw MLflow client leaves the registry; each answers MLflow's errors as the registry's own.
+    @translate_errors
+    def create_run(self, tags: dict[str, str], run_name: str) -> Run:
+        """A new run in the service's experiment, with its tags (MLflow starts it RUNNING)."""
+        return self.client.create_run(self.get_experiment_id(), tags=tags, run_name=run_name)
+
+    @translate_errors
+    def get_run(self, run_id: str) -> Run:
+        """The run: its info, tags and metrics; ModelNotFound if there is no such run."""
+        return self.client.get_run(run_id)
+
+    @translate_errors
+    def search_runs(self, filter_string: str, max_results: int) -> list[Run]:
+        """Runs of the service's experiment that match `filter_string` (MLflow's search syntax), one page."""
+        return list(self.client.search_runs([self.get_experiment_id()], filter_string, max_results=max_results))
+
+    @translate_errors
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Write the tags in one batch."""
+        self.client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+    @translate_errors
+    def set_run_status(self, run_id: str, status: str) -> None:
+        """Set the run's MLflow status ("SCHEDULED", "RUNNING") as the UI shows it."""
+        self.client.update_run(run_id, status=status)
+
+    @translate_errors
+    def end_run(self, run_id: str, status: str) -> None:
+        """End the run with a final MLflow status ("FINISHED", "FAILED"), recording its end time."""
+        self.client.set_terminated(run_id, status)
+
+    @translate_errors
+    def delete_run(self, run_id: str) -> None:
+        """Delete the run (it moves to MLflow's deleted lifecycle stage)."""
+        self.client.delete_run(run_id)
+
+    @translate_errors
+    def log_run_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Store `text` as the run's artifact `artifact_file`."""
+        self.client.log_text(run_id, text, artifact_file)
+
+    @translate_errors
+    def load_run_text(self, run_id: str, artifact_file: str) -> str:
+        """The text of the run's artifact `artifact_file`."""
+        with tempfile.TemporaryDirectory() as folder:
+            return Path(self.client.download_artifacts(run_id, artifact_file, folder)).read_text()
+
+    @translate_errors
+    def log_run_inputs(self, run_id: str, datasets: list[DatasetInput]) -> None:
+        """Record datasets as the run's inputs (the MLflow UI shows their name, digest and schema)."""
+        self.client.log_inputs(run_id, datasets=datasets)
+
+    @translate_errors
+    def search_model_versions_of_run(self, run_id: str) -> set[ModelRef]:
+        """The versions registered from the run."""
+        return {ModelRef(mv.name, str(mv.version)) for mv in self.client.search_model_versions(f"run_id = '{run_id}'")}
 
 
 def registry_from_settings(settings: Settings) -> Registry:

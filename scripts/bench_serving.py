@@ -595,7 +595,8 @@ def register_models(tracking_uri: str) -> dict:
     """Train and register both models on iris with the project's training code; nothing activated yet."""
     from kernel.registry import ModelRef, Registry
     from training.datasets import load_builtin
-    from training.job import TrainingSpec, run_training
+    from training.run import run_training
+    from training.spec import TrainingSpec
 
     registry = Registry(tracking_uri, "model-serving")
     iris = load_builtin("iris")

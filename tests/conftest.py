@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel.registry import ModelRef, Registry
+from kernel.registry import ModelRef
 from service import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,8 @@ def client(app):
 def wine_tree(store) -> ModelRef:
     """A second registered version (another dataset and estimator), not activated."""
     from training.datasets import load_builtin
-    from training.job import TrainingSpec, run_training
+    from training.run import run_training
+    from training.spec import TrainingSpec
 
     spec = TrainingSpec("DecisionTreeClassifier", {"max_depth": 4}, activate=False)
     result = run_training(store["registry"], spec, load_builtin("wine"))
@@ -153,7 +154,3 @@ def mlflow_server(tmp_path_factory):
     finally:
         stop(process)
         log.close()
-
-
-def registry_for(uri: str) -> Registry:
-    return Registry(uri, "model-serving")

@@ -142,7 +142,8 @@ def test_text_with_empty_string_values_stays_with_sklearn(estimator):
 @pytest.fixture(scope="module")
 def mixed_versions(store):
     """Versions trained by the real job: a compiled one with text and gaps, and one that cannot compile."""
-    from training.job import TrainingSpec, run_training
+    from training.run import run_training
+    from training.spec import TrainingSpec
 
     registry = store["registry"]
     made = {}

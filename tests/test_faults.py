@@ -116,7 +116,8 @@ def iris_nb(store):
     """A second iris version (another estimator), registered and not active."""
     from kernel.registry import ModelRef
     from training.datasets import load_builtin
-    from training.job import TrainingSpec, run_training
+    from training.run import run_training
+    from training.spec import TrainingSpec
 
     result = run_training(store["registry"], TrainingSpec("GaussianNB", activate=False), load_builtin("iris"))
     return ModelRef(**result["model"])

@@ -7,7 +7,8 @@ from PIL import Image
 
 from tests.conftest import mlflow_client
 from training.datasets import load_builtin
-from training.job import TrainingSpec, run_training
+from training.run import run_training
+from training.spec import TrainingSpec
 
 ALL_PLOTS = {"confusion_matrix.png", "roc_curve.png", "feature_importances.png"}
 

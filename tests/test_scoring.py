@@ -81,7 +81,8 @@ def test_body_over_the_limit_on_invocations(app):
 @pytest.fixture(scope="module")
 def customers_model(store):
     from training.datasets import from_csv
-    from training.job import TrainingSpec, run_training
+    from training.run import run_training
+    from training.spec import TrainingSpec
 
     dataset = from_csv((ROOT / "examples" / "customers.csv").read_bytes(), "churned",
                        {"max_rows": 10_000, "max_columns": 10}, "customers.csv")  # fmt: skip

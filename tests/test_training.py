@@ -311,6 +311,23 @@ def test_reading_a_job_writes_nothing(client, store):
     assert tracking.get_run(job["job_id"]).data.tags == before
 
 
+def test_a_jobs_log_lines_carry_its_id(client, app_config):
+    """The local executor's job logs to STATE_DIR/jobs/<id>.log in the service's format, its id on every line."""
+    body = {"estimator": "GaussianNB", "dataset": "iris", "activate": False, "wait": True}
+    response = client.post("/train", json=body)
+    assert response.status_code == 201, response.json
+    job_id = response.headers["Location"].rsplit("/", 1)[1]
+    folder = Path(app_config["STATE_DIR"]) / "jobs"
+    deadline = time.monotonic() + 30  # the job's process removes its lock file once it has nothing left to log
+    while (folder / f"{job_id}.lock").exists():
+        assert time.monotonic() < deadline, "the job's process did not finish"
+        time.sleep(0.1)
+    lines = [json.loads(line) for line in (folder / f"{job_id}.log").read_text().splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    assert any("attempt 1 starts" in m for m in messages) and any("attempt 1 succeeded" in m for m in messages)
+    assert all(line.get("job_id") == job_id for line in lines), lines
+
+
 def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     app = create_app({**app_config, "TRAIN_TIME_LIMIT_SECONDS": 1})
     client = client_of(app)
@@ -393,8 +410,8 @@ def test_train_needs_the_token_when_configured(store, app_config):
 
 # ---- concurrent attempts of one job (a broker's redelivery while the first taker still works) -----------
 def _new_job(registry, estimator="DecisionTreeClassifier", dataset="iris", **params) -> str:
-    from training.job import TrainingSpec
-    from training.jobs import create_job
+    from training.spec import TrainingSpec
+    from training.submitter import create_job
 
     return create_job(registry, TrainingSpec(estimator, params, activate=False), dataset, max_queued=100)
 
@@ -402,20 +419,20 @@ def _new_job(registry, estimator="DecisionTreeClassifier", dataset="iris", **par
 def test_a_redelivery_while_the_attempt_beats_leaves_the_job_to_it(store):
     """A second delivery finds attempt 1 heard from within the lease: it writes nothing and says busy;
     once the lease has passed without a beat, the next delivery takes over and records the lost one."""
-    from training.jobs import LEASE_SECONDS, execute_job, mark_job
+    from training.attempt import LEASE_SECONDS, AttemptOutcome, execute_job
 
     registry = store["registry"]
     job_id = _new_job(registry)
-    beat = time.time() - 2
-    mark_job(registry, job_id, "running", attempt=1, attempt_id="first", worker="elsewhere:1",
-             started_at=repr(beat), heartbeat_at=repr(beat))  # fmt: skip
+    beat = repr(time.time() - 2)
+    registry.set_run_tags(job_id, {"job.status": "running", "job.attempt": "1", "job.attempt_id": "first",
+                                   "job.worker": "elsewhere:1", "job.started_at": beat, "job.heartbeat_at": beat})  # fmt: skip
     before = registry.client.get_run(job_id).data.tags
-    assert execute_job(registry, job_id, 2, "here:2", 60) == "busy"
+    assert execute_job(registry, job_id, 2, "here:2", 60) is AttemptOutcome.BUSY
     assert registry.client.get_run(job_id).data.tags == before
 
     stale = repr(time.time() - LEASE_SECONDS - 1)
-    mark_job(registry, job_id, started_at=stale, heartbeat_at=stale)
-    assert execute_job(registry, job_id, 2, "here:2", 60) == "succeeded"
+    registry.set_run_tags(job_id, {"job.started_at": stale, "job.heartbeat_at": stale})
+    assert execute_job(registry, job_id, 2, "here:2", 60) is AttemptOutcome.SUCCEEDED
     tags = registry.client.get_run(job_id).data.tags
     assert tags["job.attempt"] == "2" and "Attempt 1 on elsewhere:1 was lost" in tags["job.lost"]
     assert len(registry.client.search_model_versions(f"run_id = '{job_id}'")) == 1
@@ -426,7 +443,7 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
     nothing and writes no outcome; the record stays the new owner's."""
     import threading
 
-    from training.jobs import execute_job
+    from training.attempt import AttemptOutcome, execute_job
 
     registry = store["registry"]
     job_id = _new_job(registry, "GradientBoostingClassifier", "digits", n_estimators=60)
@@ -439,7 +456,7 @@ def test_a_superseded_attempt_stops_and_registers_nothing(store):
         time.sleep(0.05)
     registry.client.set_tag(job_id, "job.attempt_id", "the-new-owner")
     thread.join(timeout=120)
-    assert outcome["result"] == "superseded"
+    assert outcome["result"] is AttemptOutcome.SUPERSEDED
     tags = registry.client.get_run(job_id).data.tags
     assert tags["job.status"] == "running" and tags["job.attempt_id"] == "the-new-owner"
     assert "model_version" not in tags
@@ -450,8 +467,9 @@ def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(
     """Taken over after registering (the job activates its version, then another attempt owns the job):
     the version goes, and the active model goes back to the previous one."""
     from kernel.registry import ModelRef
-    from training.job import TrainingSpec
-    from training.jobs import create_job, execute_job
+    from training.attempt import AttemptOutcome, execute_job
+    from training.spec import TrainingSpec
+    from training.submitter import create_job
 
     registry = store["registry"]
     registry.set_active_model(store["default"])
@@ -467,7 +485,7 @@ def test_a_superseded_attempt_withdraws_the_version_it_registered_and_activated(
     try:
         job_id = create_job(registry, TrainingSpec("DecisionTreeClassifier", model_name="withdrawn"), "iris", 100)
         monkeypatch.setattr(registry, "set_active_model", activate_then_lose_the_job)
-        assert execute_job(registry, job_id, 1, "here:1", 60) == "superseded"
+        assert execute_job(registry, job_id, 1, "here:1", 60) == AttemptOutcome.SUPERSEDED
         monkeypatch.undo()
         # It had registered and activated its version before it was taken over ...
         assert seen["activated"].name == "withdrawn"

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kernel.config import settings_or_exit
     from kernel.registry import registry_from_settings
-    from training.job import run_training
+    from training.run import run_training
     from training.schemas import InvalidTrainingRequest, parse_train_request
 
     settings = settings_or_exit()  # an invalid setting: one line on stderr, exit 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from kernel.registry import ModelRef, Registry
 from training.datasets import load_builtin
-from training.job import TrainingSpec, run_training
+from training.run import run_training
+from training.spec import TrainingSpec
 
 
 def bootstrap_default_model(registry: Registry, model_name: str) -> ModelRef:

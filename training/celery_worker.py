@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from kernel.config import load_settings
 from kernel.registry import registry_from_settings
-from training.celery_app import make_celery
-from training.jobs import preload_training
+from training.attempt import configure_job_logging, preload_training
+from training.celery_executor import make_celery
 
 
 def main(argv: list[str]) -> None:
     """Start the worker: TRAIN_WORKER_CONCURRENCY processes, prefetch 1, acks late, the time limits."""
     settings = load_settings({"TRAIN_EXECUTOR": "celery"})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    configure_job_logging(settings)  # the service's format; a job's lines carry its `job_id` (the task sets it)
     registry_from_settings(settings)  # MLflow's client bounds, in the environment the job processes inherit
     preload_training()
     app = make_celery(settings)

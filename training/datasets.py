@@ -103,14 +103,14 @@ def from_frame(frame: pd.DataFrame, target: str, name: str, source: str, limits:
     rare = {str(label): int(n) for label, n in counts.items() if n < MIN_ROWS_PER_CLASS}
     if rare:
         raise DatasetError({"target": f"each class needs at least {MIN_ROWS_PER_CLASS} rows; too few: {rare}"})
-    features = _typed_features(features)
+    features = typed_features(features)
     if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
         labels = labels.astype("int64")  # CSV readers turn 0/1 into 0.0/1.0 when a value is missing
     digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()
     return Dataset(name, features, labels.reset_index(drop=True), source, digest[:16])
 
 
-def _typed_features(features: pd.DataFrame) -> pd.DataFrame:
+def typed_features(features: pd.DataFrame) -> pd.DataFrame:
     """Numbers become float64 (so a missing value is NaN, not a type change); the rest become text."""
     typed = {}
     for column in features.columns:

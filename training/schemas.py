@@ -9,7 +9,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_load, valid
 
 from training.datasets import BUILTIN_DATASETS, Dataset, DatasetError, from_csv, from_records
 from training.estimators import ESTIMATORS, validate_params
-from training.job import TrainingSpec
+from training.spec import TrainingSpec
 
 MODEL_NAME = validate.Regexp(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", error="Letters, digits, '-', '_' and '.', at most 100, starting alphanumeric."
@@ -93,10 +93,6 @@ class TrainingRequest:
     spec: TrainingSpec
     dataset: str | Dataset
     wait: bool = False
-
-    @property
-    def dataset_name(self) -> str:
-        return self.dataset if isinstance(self.dataset, str) else self.dataset.name
 
 
 def parse_train_request(body: dict, limits: dict, upload: tuple | None = None) -> TrainingRequest:

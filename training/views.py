@@ -11,7 +11,7 @@ from kernel.config import Settings, current_settings
 from kernel.errors import APIError
 from kernel.http import json_body
 from kernel.registry import ModelRef, Registry
-from training.jobs import ExecutorUnavailable, create_job, discard_job, get_job, wait_for_job
+from training.submitter import ExecutorUnavailable, create_job, discard_job, get_job, wait_for_job
 
 if TYPE_CHECKING:
     from training.schemas import TrainingRequest
@@ -103,10 +103,10 @@ def job_status(job_id: str):
 
 def _executor(settings: Settings, registry: Registry):
     if settings.TRAIN_EXECUTOR == "celery":
-        from training.celery_app import CeleryExecutor
+        from training.celery_executor import CeleryExecutor
 
         return CeleryExecutor(settings)
-    from training.worker import LocalExecutor
+    from training.local_executor import LocalExecutor
 
     return LocalExecutor(settings, registry)
 
@@ -128,65 +128,66 @@ def register_training(app: Flask, settings: Settings, registry: Registry) -> Non
 
 
 def _document(spec) -> None:
-    from training.estimators import describe_estimators
+    """The training paths and their request schema, in the app's OpenAPI document."""
     from training.schemas import TrainRequest
 
     spec.components.schema("TrainRequest", schema=TrainRequest)
+    spec.path("/train", operations={"post": _train_operation()})
+    spec.path("/train/jobs/{job_id}", operations={"get": _job_operation()})
 
-    def _content(schema: str) -> dict:  # Job and TrainResult are components of training/api_doc.py
-        return {"content": {"application/json": {"schema": schema}}}
+
+def _content(schema: str) -> dict:  # Job and TrainResult are components of training/api_doc.py
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _train_operation() -> dict:
+    from training.estimators import describe_estimators
 
     error = _content("Error")
-    spec.path(
-        "/train",
-        operations={
-            "post": {
-                "summary": "Train a classifier and register it as a new version",
-                "description": "Estimators and their settable hyperparameters: "
-                + "; ".join(f"{name}: {', '.join(params)}" for name, params in describe_estimators().items()),
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": "TrainRequest", "example": EXAMPLE},
-                        "multipart/form-data": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "file": {"type": "string", "format": "binary"},
-                                    "target": {"type": "string"},
-                                    "estimator": {"type": "string"},
-                                    "params": {"type": "string", "description": "JSON object"},
-                                    "model_name": {"type": "string"},
-                                    "activate": {"type": "boolean"},
-                                    "wait": {"type": "boolean"},
-                                },  # fmt: skip
-                                "required": ["file", "target", "estimator"],
-                            }
-                        },
-                    },
+    return {
+        "summary": "Train a classifier and register it as a new version",
+        "description": "Estimators and their settable hyperparameters: "
+        + "; ".join(f"{name}: {', '.join(params)}" for name, params in describe_estimators().items()),
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": "TrainRequest", "example": EXAMPLE},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "target": {"type": "string"},
+                            "estimator": {"type": "string"},
+                            "params": {"type": "string", "description": "JSON object"},
+                            "model_name": {"type": "string"},
+                            "activate": {"type": "boolean"},
+                            "wait": {"type": "boolean"},
+                        },  # fmt: skip
+                        "required": ["file", "target", "estimator"],
+                    }
                 },
-                "responses": {
-                    "201": {"description": "trained (with wait: true)", **_content("TrainResult")},
-                    "202": {"description": "job queued; poll its Location", **_content("Job")},
-                    "400": {"description": "bad request; nothing trained", **error},
-                    "422": {"description": "the job failed (with wait: true)", **error},
-                    "429": {"description": "TRAIN_MAX_QUEUED jobs already wait; see Retry-After", **error},
-                    "503": {"description": "MLflow or the training queue (broker) cannot be reached", **error},
-                },
-            }
+            },
         },
-    )
-    spec.path(
-        "/train/jobs/{job_id}",
-        operations={
-            "get": {
-                "summary": "A training job's status, phase, wait and run times, and result",
-                "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {
-                    "200": {"description": "the job", **_content("Job")},
-                    "404": {"description": "no such job", **error},
-                    "503": {"description": "MLflow unreachable", **error},
-                },
-            }
+        "responses": {
+            "201": {"description": "trained (with wait: true)", **_content("TrainResult")},
+            "202": {"description": "job queued; poll its Location", **_content("Job")},
+            "400": {"description": "bad request; nothing trained", **error},
+            "422": {"description": "the job failed (with wait: true)", **error},
+            "429": {"description": "TRAIN_MAX_QUEUED jobs already wait; see Retry-After", **error},
+            "503": {"description": "MLflow or the training queue (broker) cannot be reached", **error},
         },
-    )
+    }
+
+
+def _job_operation() -> dict:
+    error = _content("Error")
+    return {
+        "summary": "A training job's status, phase, wait and run times, and result",
+        "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {
+            "200": {"description": "the job", **_content("Job")},
+            "404": {"description": "no such job", **error},
+            "503": {"description": "MLflow unreachable", **error},
+        },
+    }

@@ -4,10 +4,11 @@ A worker (`make worker`, i.e. `python -m training.celery_worker`) takes one job 
 time (prefetch 1), acknowledges it only once it has finished (acks late), and hands it back to
 the broker if its process dies (reject on worker lost); a worker machine that vanishes has its
 job redelivered after the broker's visibility timeout, which is longer than the hard time limit.
-The task is `training.jobs.execute_job`, the same function the local executor runs. A delivery that
+The task is `training.attempt.execute_job`, the same function the local executor runs. A delivery that
 finds another attempt still beating (a redelivery while its first taker works) looks again after a lease;
 one that cannot reach the tracking server, which holds the job's record, tries again every
-REGISTRY_RETRY_SECONDS: neither loses the job.
+REGISTRY_RETRY_SECONDS: neither loses the job. The attempt writes its own transitions in the job's
+record; the worker's main process, which supervises it, writes only a hard kill (`JobRequest.on_timeout`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSq
 from mlflow.utils import request_utils
 
 from kernel.config import Settings
+from kernel.logs import set_job_id
 from kernel.registry import RegistryUnavailable, registry_from_settings, translate_errors
-from training.jobs import LEASE_SECONDS, ExecutorUnavailable, execute_job, fail_job, hard_time_limit, time_limit_error
+from training.attempt import LEASE_SECONDS, AttemptOutcome, execute_job, hard_time_limit
+from training.job_record import JobRecord
+from training.submitter import ExecutorUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +44,13 @@ def visibility_timeout(seconds: int) -> int:
 
 
 class JobRequest(Request):
-    """A job's request in the worker's main process: records the job failed when its process is killed."""
+    """A job's request in the worker's main process, which supervises the attempt: records a hard kill."""
 
     def on_timeout(self, soft, timeout):
         super().on_timeout(soft, timeout)
         if not soft:  # the hard limit: the pool killed the process, which cannot record it itself
             settings = self.task.app.conf.training_settings
-            fail_job(registry_from_settings(settings), self.id, time_limit_error(settings.TRAIN_TIME_LIMIT_SECONDS))
+            JobRecord(registry_from_settings(settings), self.id).time_limit(settings.TRAIN_TIME_LIMIT_SECONDS)
 
 
 @signals.worker_process_init.connect(weak=False, dispatch_uid="training.fresh_connections")
@@ -95,14 +99,19 @@ def make_celery(settings: Settings) -> Celery:
         worker = f"{task.request.hostname}:{os.getpid()}"
         registry = registry_from_settings(settings)
         limit = settings.TRAIN_TIME_LIMIT_SECONDS
+        set_job_id(job_id)  # every line while the attempt runs, its heartbeat thread's too
         try:
             outcome = translate_errors(execute_job)(registry, job_id, settings.TRAIN_MAX_ATTEMPTS, worker, limit)
         except RegistryUnavailable as exc:  # the job's record is out of reach: keep the job, try again later
             log.warning("job %s: %s; trying again in %d s", job_id, exc, REGISTRY_RETRY_SECONDS)
             raise task.retry(countdown=REGISTRY_RETRY_SECONDS, exc=exc) from None
-        if outcome == "busy":  # redelivered while its first taker still works: look again once its lease ends
+        finally:
+            set_job_id(None)
+        if (
+            outcome == AttemptOutcome.BUSY
+        ):  # redelivered while its first taker still works: look again once its lease ends
             raise task.retry(countdown=LEASE_SECONDS)
-        return outcome
+        return outcome.value
 
     return app
 

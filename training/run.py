@@ -1,36 +1,21 @@
-"""One training job: fit, evaluate, record everything in an MLflow run, register, activate."""
+"""One training run: fit, evaluate, record everything in an MLflow run, register, activate (jobs, CLI, bootstrap)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import mlflow
 
-from kernel.registry import Registry
+from kernel.registry import ModelRef, Registry
 from training.datasets import Dataset
 from training.estimators import build_estimator
 from training.pipeline import build_pipeline, evaluate, split
 from training.registration import log_model_version
+from training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingSpec:
-    """What a client asked for, already validated: estimator, its parameters, where the model goes."""
-
-    estimator: str
-    params: dict = field(default_factory=dict)
-    model_name: str | None = None
-    activate: bool = True
-
-    def resolved_model_name(self, dataset: Dataset) -> str:
-        """The client's name, or one derived from dataset and estimator ("wine-SVC")."""
-        return self.model_name or f"{dataset.name}-{self.estimator}"
 
 
 def library_versions() -> dict:
@@ -54,6 +39,10 @@ def _no_phase(phase: str) -> None:
     pass
 
 
+def _no_previous(previous: ModelRef) -> None:
+    pass
+
+
 def run_training(
     registry: Registry,
     spec: TrainingSpec,
@@ -61,6 +50,7 @@ def run_training(
     run_id: str | None = None,
     on_phase: Callable[[str], None] = _no_phase,
     log_dataset: bool = True,
+    before_activate: Callable[[ModelRef], None] = _no_previous,
 ) -> dict:
     """Train `spec` on `dataset` inside an MLflow run (a new one, or the job's run) and register it.
 
@@ -68,23 +58,14 @@ def run_training(
     version is registered leaves nothing registered; a failure to activate removes the version again.
     `on_phase` hears "fitting", "evaluating", "converting" and "registering" as each begins;
     `log_dataset` False when the job's submitter already logged the dataset as the run's input.
+    `before_activate` hears the model active until now (if any) before the new version replaces it.
     """
     mlflow.set_tracking_uri(registry.tracking_uri)
     mlflow.set_registry_uri(registry.tracking_uri)
     experiment_id = registry.get_experiment_id()
     model_name = spec.resolved_model_name(dataset)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run:
-        description = dataset.describe()
-        effective = build_estimator(spec.estimator, spec.params).get_params(deep=False)
-        mlflow.log_params({"estimator": spec.estimator, **{f"param.{k}": v for k, v in effective.items()}})
-        mlflow.log_params({k: v for k, v in description.items() if k not in ("feature_names", "classes")})
-        mlflow.set_tags({"estimator": spec.estimator, "dataset": dataset.name, **library_versions()})
-        mlflow.log_dict(description, "dataset.json")
-        if log_dataset:
-            mlflow.log_input(
-                mlflow.data.from_pandas(dataset.features, name=dataset.name, digest=dataset.digest), context="training"
-            )
-
+        _log_request(spec, dataset, log_dataset)
         train_x, test_x, train_y, test_y = split(dataset.features, dataset.labels)
         model = build_pipeline(dataset.features, spec.estimator, spec.params)
         on_phase("fitting")
@@ -108,13 +89,32 @@ def run_training(
             raise
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         if spec.activate:
-            # Recorded first, so a job that dies after this point can hand the previous model back.
-            previous = registry.get_active_model()
-            if previous:
-                mlflow.set_tag("job.previous_active", json.dumps(previous.as_dict()))
-            try:
-                registry.set_active_model(ref)
-            except Exception:
-                registry.delete_model_version(ref)
-                raise
+            _activate(registry, ref, before_activate)
         return {"model": ref.as_dict(), "run_id": run.info.run_id, "metrics": metrics, "activated": spec.activate}
+
+
+def _log_request(spec: TrainingSpec, dataset: Dataset, log_dataset: bool) -> None:
+    """What was asked, on which data, with which libraries: the active run's params, tags and input."""
+    description = dataset.describe()
+    effective = build_estimator(spec.estimator, spec.params).get_params(deep=False)
+    mlflow.log_params({"estimator": spec.estimator, **{f"param.{k}": v for k, v in effective.items()}})
+    mlflow.log_params({k: v for k, v in description.items() if k not in ("feature_names", "classes")})
+    mlflow.set_tags({"estimator": spec.estimator, "dataset": dataset.name, **library_versions()})
+    mlflow.log_dict(description, "dataset.json")
+    if log_dataset:
+        mlflow.log_input(
+            mlflow.data.from_pandas(dataset.features, name=dataset.name, digest=dataset.digest), context="training"
+        )
+
+
+def _activate(registry: Registry, ref: ModelRef, before_activate: Callable[[ModelRef], None]) -> None:
+    """Make the new version active; if that fails, the version goes again."""
+    # Heard first, so a job that dies after this point can hand the previous model back.
+    previous = registry.get_active_model()
+    if previous:
+        before_activate(previous)
+    try:
+        registry.set_active_model(ref)
+    except Exception:
+        registry.delete_model_version(ref)
+        raise

@@ -1,17 +1,19 @@
 """The local executor (TRAIN_EXECUTOR=local, `make run`): jobs run on this machine, no broker needed.
 
-`LocalExecutor.send` starts `python -m training.worker <job id>`, which detaches at once: the job
+`LocalExecutor.send` starts `python -m training.local_executor <job id>`, which detaches at once: the job
 belongs to no serving worker, and outlives a restart or a recycled worker of the API. It waits for
 one of this machine's TRAIN_WORKER_CONCURRENCY slots (the job reads `queued` meanwhile), then runs
 the same `execute_job` a Celery worker runs, in Celery's own process pool (billiard) with the same
 soft and hard time limits: a lost process is retried like a redelivered message (TRAIN_MAX_ATTEMPTS),
-a process past the hard limit is killed and its job recorded failed.
+a process past the hard limit is killed and its job recorded failed. Every line the job's processes
+log carries its `job_id`; they write to `STATE_DIR/jobs/<id>.log`.
 
 What a broker's redelivery does for Celery, the sweeper does here: each job's process holds its
 lock file (`STATE_DIR/jobs/<id>.lock`) for as long as it lives, so a free lock of an unfinished job
 means its processes are gone (killed, a restart, a power cut). Every serving worker sweeps every
 SWEEP_SECONDS and starts such a job again; its next attempt records the lost one, then retries it or
-fails it (TRAIN_MAX_ATTEMPTS). Only the job's own process writes its record.
+fails it (TRAIN_MAX_ATTEMPTS). Each attempt writes its own transitions in the job's record; this
+executor's pool, which supervises it, writes only a hard kill (`JobRecord.time_limit`), as Celery does.
 """
 
 from __future__ import annotations
@@ -26,8 +28,18 @@ import time
 from pathlib import Path
 
 from kernel.config import PROJECT_ROOT, Settings, settings_from_json, settings_to_json
-from kernel.registry import ModelNotFound, RegistryUnavailable, registry_from_settings, translate_errors
-from training.jobs import FINAL, ExecutorUnavailable, preload_training
+from kernel.logs import set_job_id
+from kernel.registry import ModelNotFound, RegistryUnavailable, registry_from_settings
+from training.attempt import (
+    AttemptOutcome,
+    configure_job_logging,
+    execute_job,
+    hard_time_limit,
+    preload_training,
+    worker_name,
+)
+from training.job_record import JobRecord
+from training.submitter import ExecutorUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +82,7 @@ class LocalExecutor:
             with open(folder / f"{job_id}.log", "w") as output:
                 # The launcher forks the job's process and exits at once: no zombie for the serving worker.
                 # The job's process receives this app's settings (a test's overrides included) on its stdin.
-                subprocess.run([sys.executable, "-m", "training.worker", job_id], cwd=PROJECT_ROOT, env=env,
+                subprocess.run([sys.executable, "-m", "training.local_executor", job_id], cwd=PROJECT_ROOT, env=env,
                                input=settings_to_json(self.settings).encode(), stdout=output,
                                stderr=subprocess.STDOUT, check=True, timeout=30, start_new_session=True)  # fmt: skip
         except (subprocess.SubprocessError, OSError) as exc:
@@ -91,14 +103,14 @@ class LocalExecutor:
             if handle is None:  # its process is alive
                 continue
             try:
-                status = translate_errors(self.registry.client.get_run)(job_id).data.tags.get("job.status")
+                finished = JobRecord(self.registry, job_id).read().status.finished
             except ModelNotFound:  # the job's run is gone: nothing to run
-                status = "failed"
+                finished = True
             except RegistryUnavailable:  # the job cannot run without its record either: later
                 return started
             finally:
                 handle.close()  # before a new process is started, which must take the lock itself
-            if status in FINAL:
+            if finished:
                 path.unlink(missing_ok=True)
                 continue
             os.utime(path)  # at most one start per RELAUNCH_SECONDS, whichever serving worker sweeps
@@ -140,45 +152,47 @@ def wait_for_slot(state_dir: Path, slots: int):
         time.sleep(SLOT_POLL_SECONDS)
 
 
-def _attempt(settings: Settings, job_id: str) -> str:
+def run_attempt(settings: Settings, job_id: str) -> AttemptOutcome:
     """One attempt, in the pool's process: the same function a Celery worker runs."""
-    from training.jobs import execute_job, worker_name
-
+    set_job_id(job_id)  # inherited from the job's process already; said again where the attempt starts
     registry = registry_from_settings(settings)
     limit = settings.TRAIN_TIME_LIMIT_SECONDS
     # previous_lost: this process holds the job's lock, so no other process of this machine runs it
     return execute_job(registry, job_id, settings.TRAIN_MAX_ATTEMPTS, worker_name(), limit, previous_lost=True)
 
 
-def run_job(settings: Settings, job_id: str) -> str:
+def run_job(settings: Settings, job_id: str) -> AttemptOutcome | None:
     """Run the job's attempts in a billiard pool, one fresh process each, with Celery's time limits.
 
-    Returns the job's final status, or "skipped" if it had already finished.
+    Returns the last attempt's outcome (None if its process died). The pool supervises each attempt:
+    one killed at the hard time limit cannot record that itself, so this process records it
+    (`JobRecord.time_limit`), as Celery's `JobRequest.on_timeout` does.
     """
     from billiard.exceptions import TimeLimitExceeded, WorkerLostError
     from billiard.pool import Pool
-
-    from training.jobs import fail_job, hard_time_limit, time_limit_error
 
     limit = settings.TRAIN_TIME_LIMIT_SECONDS
     for _ in range(settings.TRAIN_MAX_ATTEMPTS + 1):  # the last one records the lost attempts and fails
         pool = Pool(1, maxtasksperchild=1, soft_timeout=limit, timeout=hard_time_limit(limit), lost_worker_timeout=1)
         try:
-            return pool.apply_async(_attempt, (settings, job_id)).get()
+            return pool.apply_async(run_attempt, (settings, job_id)).get()
         except Exception as wrapped:  # billiard hands the pool's own errors over wrapped, with their traceback
             error = getattr(wrapped, "exc", wrapped)
             if isinstance(error, TimeLimitExceeded):  # killed at the hard limit: it could not record that itself
-                fail_job(registry_from_settings(settings), job_id, time_limit_error(limit))
-                return "failed"
+                JobRecord(registry_from_settings(settings), job_id).time_limit(limit)
+                return AttemptOutcome.FAILED
             if not isinstance(error, WorkerLostError):
                 raise
             # the process died: the next attempt records the lost one, then retries or fails the job
         finally:
             pool.terminate()
+    return None  # the last attempt's process died too: the job keeps its lock file, and the sweeper starts it again
 
 
 def main(job_id: str, settings: Settings) -> None:
     """Run the job on this machine: hold its lock, wait for a slot, then its attempts."""
+    configure_job_logging(settings)
+    set_job_id(job_id)  # every line of this process and of its attempts' processes, from any thread
     os.nice(10)  # training yields the CPU to the serving workers of the same machine
     path = job_lock_path(settings.STATE_DIR, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +205,7 @@ def main(job_id: str, settings: Settings) -> None:
         outcome = run_job(settings, job_id)
     finally:
         slot.close()
-    if outcome in (*FINAL, "skipped"):
+    if outcome is not None and outcome.job_finished:
         path.unlink(missing_ok=True)  # finished: nothing left for the sweeper
     job_lock.close()
 

@@ -1,0 +1,270 @@
+"""A training job's record: the `job.*` tags of its MLflow run, and the transitions that write them.
+
+This is the only module that knows those tags. The submitter creates the record (`JobRecord.create`),
+or discards it when no executor takes the job. The running attempt writes its own transitions:
+`start`, `phase`, `beat`, then `succeed` or `fail`. A supervisor writes one thing only, when it had
+to kill an attempt at the hard time limit, which the attempt cannot record itself: `time_limit` (the
+local executor's billiard pool, and Celery's `JobRequest.on_timeout`; Celery records its own hard
+kills the same way). Everyone else only reads (`JobRecord.lookup`, `JobRecord.read`), so
+`GET /train/jobs/<id>` reads the same from every worker and every instance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mlflow.entities import Run
+
+from kernel.errors import DomainError
+from kernel.registry import ModelNotFound, ModelRef, Registry
+
+log = logging.getLogger(__name__)
+
+KIND_TAG = "job.kind"
+_MAX_TAG_LENGTH = 5000
+
+
+class JobStatus(StrEnum):
+    """Where the job is, as its record says (what `GET /train/jobs/<id>` answers)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class JobNotFound(DomainError):
+    """No training job with that id (404)."""
+
+    status = 404
+    code = "job_not_found"
+
+    def client_message(self) -> str:
+        return f"No training job {str(self)!r}."
+
+
+def time_limit_error(seconds: int) -> str:
+    return f"The job exceeded its time limit of {seconds} seconds and was stopped; nothing was registered."
+
+
+def _float(tags: dict, key: str) -> float | None:
+    return float(tags[key]) if key in tags else None
+
+
+@dataclass(frozen=True)
+class JobState:
+    """The job's record at one read (times are Unix seconds; `attempt` 0 before the first one starts)."""
+
+    job_id: str
+    status: JobStatus
+    request: dict
+    dataset: dict
+    created_at_ms: int
+    created_at: float | None = None
+    attempt: int = 0
+    attempt_id: str | None = None
+    worker: str | None = None
+    phase: str | None = None
+    phase_started_at: float | None = None
+    started_at: float | None = None
+    heartbeat_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    lost: str | None = None
+    activated: bool = False
+    model: ModelRef | None = None
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_run(cls, run: Run) -> JobState:
+        tags = run.data.tags
+        model = ModelRef(tags["model_name"], tags["model_version"]) if "model_version" in tags else None
+        return cls(
+            job_id=run.info.run_id,
+            status=JobStatus(tags.get("job.status", JobStatus.QUEUED)),
+            request=json.loads(tags.get("job.request", "{}")),
+            dataset=json.loads(tags.get("job.dataset", "{}")),
+            created_at_ms=run.info.start_time,
+            created_at=_float(tags, "job.created_at"),
+            attempt=int(tags.get("job.attempt", "0")),
+            attempt_id=tags.get("job.attempt_id"),
+            worker=tags.get("job.worker"),
+            phase=tags.get("job.phase"),
+            phase_started_at=_float(tags, "job.phase_started_at"),
+            started_at=_float(tags, "job.started_at"),
+            heartbeat_at=_float(tags, "job.heartbeat_at"),
+            finished_at=_float(tags, "job.finished_at"),
+            error=tags.get("job.error"),
+            lost=tags.get("job.lost"),
+            activated=tags.get("job.activated") == "True",
+            model=model,
+            metrics=dict(run.data.metrics),
+        )
+
+    def heartbeat_age(self, now: float | None = None) -> float | None:
+        """Seconds since the running attempt was last heard from (its start counts), or None if never."""
+        last = max((t for t in (self.heartbeat_at, self.started_at) if t is not None), default=None)
+        return None if last is None else (now or time.time()) - last
+
+
+class JobRecord:
+    """One job's record in the registry: read it, or write one transition."""
+
+    def __init__(self, registry: Registry, job_id: str):
+        self.registry, self.job_id = registry, job_id
+
+    # ---- the submitter's ----------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        registry: Registry,
+        request: dict,
+        dataset: dict,
+        run_name: str,
+        tags: dict[str, str],
+        attach: Callable[[Run], None] | None = None,
+    ) -> JobRecord:
+        """A new job, SCHEDULED: its request and dataset reference, `tags` on its run, `attach` (the data) done.
+
+        If anything fails before the job is scheduled, its run is deleted again.
+        """
+        record_tags = {KIND_TAG: "training", "job.request": json.dumps(request), "job.dataset": json.dumps(dataset),
+                       "job.created_at": repr(time.time()), **tags}  # fmt: skip
+        run = registry.create_run(record_tags, run_name)
+        record = cls(registry, run.info.run_id)
+        try:
+            if attach is not None:
+                attach(run)
+            registry.set_run_status(record.job_id, "SCHEDULED")
+        except Exception:
+            record.discard()
+            raise
+        return record
+
+    def discard(self) -> None:
+        """Undo `create` for a job that could not be handed to any executor (nobody will ever run it)."""
+        try:
+            self.registry.delete_run(self.job_id)
+        except Exception:
+            log.warning("could not delete the run of unsent job %s", self.job_id)
+
+    @staticmethod
+    def count_waiting(registry: Registry, limit: int) -> int:
+        """How many jobs wait for a worker (up to `limit`): runs still SCHEDULED."""
+        filter_string = f"tags.`{KIND_TAG}` = 'training' and attributes.status = 'SCHEDULED'"
+        return len(registry.search_runs(filter_string, max_results=limit))
+
+    # ---- reading: no side effects -------------------------------------------------------------------------
+    def read(self) -> JobState:
+        """The record as it stands (for the attempt and the sweeper); ModelNotFound if the run is gone."""
+        return JobState.from_run(self.registry.get_run(self.job_id))
+
+    @classmethod
+    def lookup(cls, registry: Registry, job_id: str) -> JobState:
+        """The job a client names (`GET /train/jobs/<id>`); JobNotFound unless it is a job of the service's experiment."""
+        if not (len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)):
+            raise JobNotFound(job_id)
+        try:
+            run = registry.get_run(job_id)
+        except ModelNotFound as exc:  # the registry's "no such resource", here a run
+            raise JobNotFound(job_id) from exc
+        if run.data.tags.get(KIND_TAG) != "training" or run.info.experiment_id != registry.get_experiment_id():
+            raise JobNotFound(job_id)
+        if run.info.lifecycle_stage == "deleted":
+            raise JobNotFound(job_id)
+        return JobState.from_run(run)
+
+    # ---- the running attempt's transitions ----------------------------------------------------------------
+    def start(self, attempt: int, worker: str, pid: int, lost: str | None = None) -> str:
+        """Attempt `attempt` takes the job (RUNNING, phase "validating"); returns its new attempt id.
+
+        `lost` describes the earlier attempt that never finished, which this one replaces.
+        """
+        attempt_id = uuid.uuid4().hex
+        now = repr(time.time())
+        if lost is not None:
+            self._write(lost=lost)
+        self._write(JobStatus.RUNNING, attempt=attempt, attempt_id=attempt_id, worker=worker, pid=pid,
+                    started_at=now, heartbeat_at=now, phase="validating", phase_started_at=now)  # fmt: skip
+        return attempt_id
+
+    def phase(self, phase: str) -> None:
+        """The attempt begins `phase` ("fitting", "evaluating", "converting", "registering")."""
+        self._write(phase=phase, phase_started_at=repr(time.time()))
+
+    def beat(self) -> None:
+        """The attempt is alive (its heartbeat thread, every few seconds)."""
+        self._write(heartbeat_at=repr(time.time()))
+
+    def remember_previous_active(self, previous: ModelRef) -> None:
+        """Before the job activates its version: the model to hand back if the job fails after that."""
+        self._write(previous_active=json.dumps(previous.as_dict()))
+
+    def succeed(self, activated: bool) -> None:
+        """The job registered its version (and activated it when asked)."""
+        self._write(JobStatus.SUCCEEDED, activated=activated, finished_at=repr(time.time()))
+
+    def fail(self, error: str) -> None:
+        """The job failed: whatever it registered is removed first, then the failure recorded."""
+        self.remove_versions()
+        self._write(JobStatus.FAILED, error=error, finished_at=repr(time.time()))
+
+    # ---- a supervisor's one write -------------------------------------------------------------------------
+    def time_limit(self, seconds: int) -> None:
+        """A supervisor killed the attempt's process at the hard time limit: the attempt cannot record that.
+
+        Written by the process that supervised the attempt (the local executor's pool, Celery's
+        `JobRequest.on_timeout`), never by the attempt; it fails the job like `fail`.
+        """
+        self.fail(time_limit_error(seconds))
+
+    # ---- what a failed, lost or superseded attempt registered goes --------------------------------------------
+    def remove_versions(self) -> None:
+        """A failed (or lost) attempt registers nothing: delete what it registered, hand the active model back."""
+        self._remove(self.registry.search_model_versions_of_run(self.job_id))
+
+    def withdraw(self, ref: ModelRef) -> None:
+        """Remove the one version a superseded attempt registered, handing the active model back if it had it."""
+        self._remove({ref})
+
+    def _remove(self, refs: set[ModelRef]) -> None:
+        if not refs:
+            return
+        previous = self.registry.get_run(self.job_id).data.tags.get("job.previous_active")
+        if self.registry.get_active_model() in refs and previous:
+            self.registry.set_active_model(ModelRef(**json.loads(previous)))
+        for ref in refs:
+            log.warning("removing %s version %s of job %s", ref.name, ref.version, self.job_id)
+            self.registry.delete_model_version(ref)
+
+    def _write(self, status: JobStatus | None = None, **details) -> None:
+        """The tags, then the run's MLflow status as the UI shows it."""
+        tags = {f"job.{key}": str(value)[:_MAX_TAG_LENGTH] for key, value in details.items()}
+        if status:
+            tags["job.status"] = status.value
+        self.registry.set_run_tags(self.job_id, tags)
+        if status == JobStatus.RUNNING:
+            self.registry.set_run_status(self.job_id, "RUNNING")
+        elif status is not None and status.finished:
+            self.registry.end_run(self.job_id, "FINISHED" if status == JobStatus.SUCCEEDED else "FAILED")
+            _count(status)
+
+
+def _count(status: JobStatus) -> None:
+    """training_jobs_total{outcome}: shared with the API's /metrics where the job runs beside it."""
+    try:
+        from kernel.metrics import count_training_job
+
+        count_training_job(status.value)
+    except Exception:  # a metric must never fail a job
+        log.exception("could not count the training job")
