@@ -164,8 +164,6 @@ def _train_and_record(
     record: JobRecord, state: JobState, heartbeat: Heartbeat, attempt: int, time_limit: int
 ) -> AttemptOutcome:
     """Train, then record the outcome, unless another attempt owns the job by then."""
-    from billiard.exceptions import SoftTimeLimitExceeded
-
     from training.run import run_training
     from training.spec import TrainingSpec
 
@@ -195,7 +193,7 @@ def _train_and_record(
         if isinstance(exc, Superseded):
             log.warning("job %s: another attempt owns it now; attempt %s stops and records nothing", job_id, attempt)
             return AttemptOutcome.SUPERSEDED
-        if isinstance(exc, SoftTimeLimitExceeded):
+        if is_time_limit(exc):
             record.fail(time_limit_error(time_limit))
         else:
             log.exception("job %s failed", job_id)
@@ -223,6 +221,19 @@ def load_job_dataset(registry: Registry, job_id: str, reference: dict) -> Datase
     return Dataset(reference["name"], features, labels, reference["source"], reference["digest"])
 
 
+def is_time_limit(exc: BaseException) -> bool:
+    """The soft time limit, raised here or inside a library that wrapped it (MLflow re-raises it as its own)."""
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SoftTimeLimitExceeded):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def preload_training() -> None:
     """Import what every job uses, once, in a process that runs jobs (a Celery worker, a local job's process).
 
@@ -234,6 +245,8 @@ def preload_training() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
     import mlflow.sklearn  # noqa: F401
+    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401 - the registry an attempt opens first
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import skops.io  # noqa: F401
 
     import training.datasets  # noqa: F401

@@ -26,7 +26,7 @@ from mlflow.utils import request_utils
 from kernel.config import Settings
 from kernel.logs import set_job_id
 from kernel.registry import RegistryUnavailable, registry_from_settings, translate_errors
-from training.attempt import LEASE_SECONDS, AttemptOutcome, execute_job, hard_time_limit
+from training.attempt import LEASE_SECONDS, AttemptOutcome, execute_job, hard_time_limit, is_time_limit
 from training.job_record import JobRecord
 from training.submitter import ExecutorUnavailable
 
@@ -105,11 +105,14 @@ def make_celery(settings: Settings) -> Celery:
         except RegistryUnavailable as exc:  # the job's record is out of reach: keep the job, try again later
             log.warning("job %s: %s; trying again in %d s", job_id, exc, REGISTRY_RETRY_SECONDS)
             raise task.retry(countdown=REGISTRY_RETRY_SECONDS, exc=exc) from None
+        except Exception as exc:  # the soft limit before the attempt could catch it: record it, as the hard one is
+            if not is_time_limit(exc):
+                raise
+            JobRecord(registry, job_id).time_limit(limit)
+            return AttemptOutcome.FAILED.value
         finally:
             set_job_id(None)
-        if (
-            outcome == AttemptOutcome.BUSY
-        ):  # redelivered while its first taker still works: look again once its lease ends
+        if outcome == AttemptOutcome.BUSY:  # redelivered while its first taker still works: look again after its lease
             raise task.retry(countdown=LEASE_SECONDS)
         return outcome.value
 

@@ -35,6 +35,7 @@ from training.attempt import (
     configure_job_logging,
     execute_job,
     hard_time_limit,
+    is_time_limit,
     preload_training,
     worker_name,
 )
@@ -178,7 +179,9 @@ def run_job(settings: Settings, job_id: str) -> AttemptOutcome | None:
             return pool.apply_async(run_attempt, (settings, job_id)).get()
         except Exception as wrapped:  # billiard hands the pool's own errors over wrapped, with their traceback
             error = getattr(wrapped, "exc", wrapped)
-            if isinstance(error, TimeLimitExceeded):  # killed at the hard limit: it could not record that itself
+            # Killed at the hard limit (it could not record that itself), or stopped by the soft limit before
+            # its attempt could catch it (while it opened the registry): either way the limit is recorded here.
+            if isinstance(error, TimeLimitExceeded) or is_time_limit(error):
                 JobRecord(registry_from_settings(settings), job_id).time_limit(limit)
                 return AttemptOutcome.FAILED
             if not isinstance(error, WorkerLostError):
