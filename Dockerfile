@@ -37,6 +37,8 @@ ARG BASE_IMAGE=python:3.11-slim
 
 # ---- uv, from the downloaded wheels --------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS installer
+# What a step reads is copied (not only mounted) so that a builder's layer cache sees when it changes.
+COPY requirements-uv.txt /tmp/requirements/
 RUN --mount=type=bind,source=build/wheels,target=/wheels \
     python3 -m venv /opt/uv \
     && /opt/uv/bin/python -m pip install --quiet --no-index --find-links /wheels --no-compile --disable-pip-version-check uv
@@ -46,18 +48,20 @@ FROM installer AS venv-inference
 # The AWS services the inference image calls: S3 (artifacts), SSM and Secrets Manager (secrets at start),
 # STS and SSO (credentials). botocore's descriptions of the other ~400 are left out (28 MB).
 ARG BOTOCORE_SERVICES=s3,ssm,secretsmanager,sts,sso,sso-oidc
-RUN --mount=type=bind,target=/src \
+COPY requirements-inference.txt requirements-lambda-compiled.txt docker/slim_venv.py /tmp/requirements/
+RUN --mount=type=bind,source=build/wheels,target=/wheels \
     /opt/uv/bin/uv venv --quiet --python python3 /opt/venv \
-    && /opt/uv/bin/uv pip install --quiet --python /opt/venv/bin/python --no-cache --no-index --find-links /src/build/wheels \
-        -r /src/requirements-inference.txt \
-    && python3 /src/docker/slim_venv.py /opt/venv --botocore-services "$BOTOCORE_SERVICES"
+    && /opt/uv/bin/uv pip install --quiet --python /opt/venv/bin/python --no-cache --no-index --find-links /wheels \
+        -r /tmp/requirements/requirements-inference.txt \
+    && python3 /tmp/requirements/slim_venv.py /opt/venv --botocore-services "$BOTOCORE_SERVICES"
 
 FROM installer AS venv-full
-RUN --mount=type=bind,target=/src \
+COPY requirements.txt docker/slim_venv.py /tmp/requirements/
+RUN --mount=type=bind,source=build/wheels,target=/wheels \
     /opt/uv/bin/uv venv --quiet --python python3 /opt/venv \
-    && /opt/uv/bin/uv pip install --quiet --python /opt/venv/bin/python --no-cache --no-index --find-links /src/build/wheels \
-        -r /src/requirements.txt \
-    && python3 /src/docker/slim_venv.py /opt/venv
+    && /opt/uv/bin/uv pip install --quiet --python /opt/venv/bin/python --no-cache --no-index --find-links /wheels \
+        -r /tmp/requirements/requirements.txt \
+    && python3 /tmp/requirements/slim_venv.py /opt/venv
 
 # ---- what both images share: the user, the state folder, the settings -----------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -98,10 +102,11 @@ COPY kernel/ kernel/
 COPY serving/ serving/
 COPY training/ training/
 COPY wsgi.py gunicorn.conf.py ./
-COPY docker/entrypoint.sh docker/entrypoint.sh
+COPY docker/entrypoint.sh docker/precompile.py docker/
 # Bytecode of what a start imports, compiled now (docker/precompile.py): a read-only root cannot take it later.
-RUN --mount=type=bind,target=/src chmod 0755 docker/entrypoint.sh \
-    && PYTHONDONTWRITEBYTECODE= python3 /src/docker/precompile.py
+RUN chmod 0755 docker/entrypoint.sh \
+    && mkdir /tmp/precompile && PYTHONDONTWRITEBYTECODE= HOME=/tmp/precompile TMPDIR=/tmp/precompile python3 docker/precompile.py \
+    && rm -rf /tmp/precompile
 ENV APP_ROLE=all
 VOLUME /data
 USER ${RUN_AS}
@@ -114,9 +119,10 @@ COPY service/ service/
 COPY kernel/ kernel/
 COPY serving/ serving/
 COPY wsgi.py gunicorn.conf.py ./
-COPY docker/entrypoint.sh docker/entrypoint.sh
-RUN --mount=type=bind,target=/src chmod 0755 docker/entrypoint.sh \
-    && PYTHONDONTWRITEBYTECODE= python3 /src/docker/precompile.py
+COPY docker/entrypoint.sh docker/precompile.py docker/
+RUN chmod 0755 docker/entrypoint.sh \
+    && mkdir /tmp/precompile && PYTHONDONTWRITEBYTECODE= HOME=/tmp/precompile TMPDIR=/tmp/precompile python3 docker/precompile.py \
+    && rm -rf /tmp/precompile
 ENV APP_ROLE=inference
 VOLUME /data
 USER ${RUN_AS}

@@ -165,7 +165,8 @@ lambda-update: package upload-project ## Ship the current code to STAGE (zappa u
 # ---- Container images (Dockerfile; docs/deploy-aws.md) -------------------------------------------------
 # Two targets of one Dockerfile, tagged $(IMAGE):inference (compiled-only) and $(IMAGE):full. The wheels of
 # the pinned requirements are downloaded here, for Linux on IMAGE_ARCH and Python 3.11, into build/wheels
-# (the build context): the build installs them offline, and a rebuild downloads nothing.
+# (the build context): the build installs them offline, and a rebuild downloads nothing. pip evaluates
+# markers for the host's Python: a pin marked `python_full_version < ...` is downloaded whatever they say.
 IMAGE ?= model-serving
 BASE_IMAGE ?= python:3.11-slim
 IMAGE_TARGETS ?= inference full
@@ -179,6 +180,9 @@ $(IMAGE_WHEELS)/.downloaded: $(IMAGE_REQUIREMENTS)
 	rm -rf $(IMAGE_WHEELS) && mkdir -p $(IMAGE_WHEELS)
 	$(PYTHON) -m pip download --quiet --disable-pip-version-check --dest $(IMAGE_WHEELS) --only-binary=:all: \
 		--python-version 3.11 --implementation cp --abi cp311 $(IMAGE_PLATFORMS) $(foreach f,$(filter-out requirements-lambda-compiled.txt,$(IMAGE_REQUIREMENTS)),-r $(f))
+	sed -n 's/ *; *python_full_version.*//p' $(IMAGE_REQUIREMENTS) > $(IMAGE_WHEELS)/marked.txt
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --dest $(IMAGE_WHEELS) --only-binary=:all: --no-deps \
+		--python-version 3.11 --implementation cp --abi cp311 $(IMAGE_PLATFORMS) -r $(IMAGE_WHEELS)/marked.txt
 	touch $@
 
 image-wheels: $(IMAGE_WHEELS)/.downloaded ## Download the wheels the images install (build/wheels)

@@ -2,7 +2,8 @@
 
     python3 slim_venv.py VENV [--botocore-services s3,ssm,...]
 
-Removed: the libraries' own test suites (`tests` folders), JavaScript source maps (Swagger UI's), ONNX
+Removed: the libraries' own test suites (`tests` folders, conftest.py), JavaScript source maps (Swagger
+UI's), uv's notes (uv_cache.json), ONNX
 Runtime's model-authoring tools (transformers, quantization, tools: never imported by `import onnxruntime`)
 and, with --botocore-services, every AWS service description but those listed (the inference image talks to
 S3 for artifacts, SSM and Secrets Manager for secrets, STS and SSO for credentials; boto3.client() for any
@@ -32,9 +33,11 @@ def main() -> None:
         if folder.is_dir():
             removed.append(folder)
             shutil.rmtree(folder)
-    for source_map in site.rglob("*.js.map"):
-        removed.append(source_map)
-        source_map.unlink()
+    # Source maps, pytest's conftest files, the installer's cache notes.
+    for pattern in ("*.js.map", "conftest.py", "conftest.pyi", "*.dist-info/uv_cache.json"):
+        for path in site.rglob(pattern):
+            removed.append(path)
+            path.unlink()
     keep = {name for name in args.botocore_services.split(",") if name}
     data = site / "botocore" / "data"
     if keep and data.is_dir():

@@ -30,7 +30,8 @@ for target in "${targets[@]}"; do
     else
         # --isolation chroot: no user namespaces or cgroups needed (this works as root in a container too).
         # --pull=false: a localhost/ base is used as it is; a registry base is pulled when it is missing.
-        buildah bud --quiet --format docker --isolation chroot --pull=false --layers=false "${args[@]}" . >/dev/null
+        # --layers: each step is cached, as Docker does; a rebuild redoes only what follows a changed input.
+        buildah bud --quiet --format docker --isolation chroot --pull=false --layers "${args[@]}" . >/dev/null
         size=$(buildah inspect --type image --format '{{.ImageAnnotations}}' "$image:$target" >/dev/null \
             && podman image inspect --format '{{.Size}}' "localhost/$image:$target")
     fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A base image from Debian's own packages, for machines that reach no container registry (`make image-base`):
-# Debian bookworm's Essential packages with Python 3.11 (python3, python3-venv) and CA certificates, as
-# localhost/debian-python:bookworm. Then `make image BASE_IMAGE=localhost/debian-python:bookworm`.
+# Debian bookworm's Essential packages with Python 3.11 (python3, python3-venv), CA certificates, tzdata and libstdc++
+# (numpy and ONNX Runtime need it), as localhost/debian-python:bookworm. Then
+# `make image BASE_IMAGE=localhost/debian-python:bookworm`.
 # The variant is `essential`: no apt inside (the Dockerfile installs nothing from Debian), 17 MB less
 # than `minbase`; the packages are installed with this machine's apt.
 #
@@ -18,7 +19,7 @@ tarball=build/image-base/debian-python-$suite.tar
 if [ ! -s "$tarball" ]; then
     command -v mmdebstrap >/dev/null || { echo "image-base needs mmdebstrap (apt-get install mmdebstrap)" >&2; exit 1; }
     mkdir -p build/image-base
-    mmdebstrap --quiet --variant=essential --include=python3,python3-venv,ca-certificates \
+    mmdebstrap --quiet --variant=essential --include=python3,python3-venv,ca-certificates,libstdc++6,tzdata \
         --aptopt='APT::Install-Recommends "false"' \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \

@@ -108,6 +108,9 @@ class Container:
         if tool == "buildah":
             self.name = subprocess.check_output(["buildah", "from", "--pull=false", reference(tool, target)],
                                                 text=True).strip()  # fmt: skip
+            # buildah run gives an image's VOLUME a throwaway copy that hides a bind mount of the same folder:
+            # the working container forgets the declaration, and /data is the host folder `data`.
+            subprocess.run(["buildah", "config", "--volume", "/data-", self.name], check=True, capture_output=True)
             self.root = Path(subprocess.check_output(["buildah", "mount", self.name], text=True).strip())
 
     def command(self, args: list[str], env: dict, user: str | None = None, entrypoint: bool = True) -> list[str]:
