@@ -201,8 +201,8 @@ def test_full_image_trains_a_version_in_job_mode(container, tracking, tmp_path):
     assert result["model"]["name"] == "wine-from-image"
     from service import create_app
 
-    app = create_app({"MLFLOW_TRACKING_URI": tracking, "STATE_DIR": str(tmp_path / "state"), "APP_ROLE": "training",
-                      "WATCH_REGISTRY": False, "API_TOKEN": TOKEN})  # fmt: skip
+    app = create_app({"MLFLOW_TRACKING_URI": tracking, "STATE_DIR": str(tmp_path / "state"), "APP_ROLE": "inference",
+                      "WATCH_REGISTRY": False, "START_MODEL_STORE": False, "API_TOKEN": TOKEN})  # fmt: skip
     models = app.test_client().get("/models").json["models"]
     assert {"name": "wine-from-image", "version": result["model"]["version"]} in [
         {"name": m["name"], "version": m["version"]} for m in models
