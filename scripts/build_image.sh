@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the images (`make image`): `docker build` where a Docker engine answers, buildah otherwise.
 # Usage: scripts/build_image.sh [TARGET...]   (default: inference full; each is tagged $IMAGE:TARGET)
-# BASE_IMAGE (default python:3.11-slim) and RUN_AS (default app) go to the Dockerfile as build arguments.
+# BASE_IMAGE (default python:3.11-slim) and RUN_AS (default app) go to the Dockerfile as build arguments;
+# IMAGE_BUILD_FLAGS go to the builder as they are (e.g. --no-cache).
 # The wheels must be in build/wheels first (`make image-wheels`, which `make image` runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,8 @@ if [ -z "${IMAGE_BUILDER:-}" ]; then
 fi
 for target in "${targets[@]}"; do
     started=$(date +%s.%N)
-    args=(--target "$target" --build-arg "BASE_IMAGE=$base" --build-arg "RUN_AS=${RUN_AS:-app}" -t "$image:$target")
+    # shellcheck disable=SC2206  # IMAGE_BUILD_FLAGS is a list of flags
+    args=(${IMAGE_BUILD_FLAGS:-} --target "$target" --build-arg "BASE_IMAGE=$base" --build-arg "RUN_AS=${RUN_AS:-app}" -t "$image:$target")
     if [ "$IMAGE_BUILDER" = docker ]; then
         DOCKER_BUILDKIT=1 docker build --quiet "${args[@]}" . >/dev/null
         size=$(docker image inspect --format '{{.Size}}' "$image:$target")
