@@ -23,22 +23,29 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench soak clean package upload-project lambda-deploy lambda-update
+.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench soak clean package upload-project lambda-deploy lambda-update image image-base image-wheels
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # Two installs: what the service needs (requirements.txt: make install, run, serve) and, for developers,
 # the tests, lint and packaging tools on top (requirements-dev.txt: make setup, test, lint, package).
-$(BIN)/.installed-runtime: requirements.txt
+# uv (pinned in requirements-uv.txt) installs them: it is put into .venv by pip when missing, and pip does
+# the install itself where uv cannot be had. The pinned requirements files stay the lock.
+$(BIN)/.uv: requirements-uv.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-uv.txt \
+		|| echo "uv could not be installed: pip installs the requirements instead"
+	touch $@
+PIP_INSTALL = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --quiet --python $(BIN)/python $(1); \
+	else $(BIN)/python -m pip install --quiet --disable-pip-version-check $(1); fi
+
+$(BIN)/.installed-runtime: requirements.txt $(BIN)/.uv
+	$(call PIP_INSTALL,-r requirements.txt)
 	touch $@
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+$(BIN)/.installed: requirements.txt requirements-dev.txt $(BIN)/.uv
+	$(call PIP_INSTALL,-r requirements-dev.txt)
 	touch $@ $(BIN)/.installed-runtime
 
 install: $(BIN)/.installed-runtime ## Create .venv with only what the service needs (requirements.txt)
@@ -154,3 +161,34 @@ lambda-deploy: package upload-project ## First deployment of STAGE (default prod
 
 lambda-update: package upload-project ## Ship the current code to STAGE (zappa update)
 	$(ZAPPA) update $(STAGE) -z dist/lambda-$(STAGE)-handler.zip
+
+# ---- Container images (Dockerfile; docs/deploy-aws.md) -------------------------------------------------
+# Two targets of one Dockerfile, tagged $(IMAGE):inference (compiled-only) and $(IMAGE):full. The wheels of
+# the pinned requirements are downloaded here, for Linux on IMAGE_ARCH and Python 3.11, into build/wheels
+# (the build context): the build installs them offline, and a rebuild downloads nothing. pip evaluates
+# markers for the host's Python: a pin marked `python_full_version < ...` is downloaded whatever they say.
+IMAGE ?= model-serving
+BASE_IMAGE ?= python:3.11-slim
+IMAGE_TARGETS ?= inference full
+IMAGE_ARCH ?= $(subst arm64,aarch64,$(shell uname -m))
+IMAGE_WHEELS := build/wheels
+IMAGE_REQUIREMENTS := requirements.txt requirements-inference.txt requirements-lambda-compiled.txt requirements-uv.txt
+IMAGE_PLATFORMS := $(foreach tag,manylinux_2_36 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
+	manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_12 manylinux2010 manylinux_2_5 manylinux1,--platform $(tag)_$(IMAGE_ARCH))
+
+$(IMAGE_WHEELS)/.downloaded: $(IMAGE_REQUIREMENTS)
+	rm -rf $(IMAGE_WHEELS) && mkdir -p $(IMAGE_WHEELS)
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --dest $(IMAGE_WHEELS) --only-binary=:all: \
+		--python-version 3.11 --implementation cp --abi cp311 $(IMAGE_PLATFORMS) $(foreach f,$(filter-out requirements-lambda-compiled.txt,$(IMAGE_REQUIREMENTS)),-r $(f))
+	sed -n 's/ *; *python_full_version.*//p' $(IMAGE_REQUIREMENTS) > $(IMAGE_WHEELS)/marked.txt
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --dest $(IMAGE_WHEELS) --only-binary=:all: --no-deps \
+		--python-version 3.11 --implementation cp --abi cp311 $(IMAGE_PLATFORMS) -r $(IMAGE_WHEELS)/marked.txt
+	touch $@
+
+image-wheels: $(IMAGE_WHEELS)/.downloaded ## Download the wheels the images install (build/wheels)
+
+image: $(IMAGE_WHEELS)/.downloaded ## Build $(IMAGE):inference and :full (docker, else buildah; BASE_IMAGE=..., IMAGE_TARGETS=...)
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) scripts/build_image.sh $(IMAGE_TARGETS)
+
+image-base: ## A Python 3.11 base image from Debian's packages (for no registry): localhost/debian-python:bookworm
+	scripts/image_base.sh

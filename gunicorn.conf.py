@@ -61,6 +61,29 @@ def on_starting(server):
         os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))
 
 
+def when_ready(server):
+    """On a terminal (`make run` in a shell), one short block: where the service is, what it serves, the token."""
+    import sys
+
+    if settings.LOG_FORMAT != "text" or not sys.stderr.isatty() or not server.cfg.preload_app:
+        return
+    import json
+
+    app = server.app.wsgi()
+    url = f"http://{'127.0.0.1' if settings.HOST in (None, '0.0.0.0') else settings.HOST}:{settings.PORT}"
+    store = app.extensions.get("model_store")
+    model = store.get() if store is not None else None
+    lines = [f"Model serving is up at {url}  (interactive docs: {url}/docs)"]
+    if model is not None:
+        lines.append(f"Serving {model.ref.name} version {model.ref.version} ({model.runtime}). Try:")
+        lines.append(
+            f"  curl -X POST {url}/predict -H 'Content-Type: application/json' -d '{json.dumps(model.example)}'"
+        )
+    if settings.API_AUTH:
+        lines.append("/train and /use-model need the API token: `make token` prints it.")
+    print("\n" + "\n".join(lines) + "\n", file=sys.stderr, flush=True)
+
+
 def pre_fork(server, worker):
     # Everything the master built (modules, the app, the model) moves to the GC's permanent generation:
     # a worker's collections then never walk those objects, which would stall its first requests and

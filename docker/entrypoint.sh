@@ -8,6 +8,7 @@
 #   train [args]       one training job: `python -m training ARGS` (ECS task, AWS Batch). With no ARGS inside
 #                      a SageMaker training job, the job's hyperparameters become the arguments
 #                      ({"estimator": "SVC", "dataset": "wine", "params": "{\"C\": 2}"} -> --estimator SVC ...)
+#   worker [args]      a Celery training worker for TRAIN_EXECUTOR=celery (the full image; `make worker`)
 #   healthcheck        exit 0 when GET /health answers on $PORT or on 8080 (the Dockerfile HEALTHCHECK)
 #   anything else      run as a command, e.g. `docker run IMAGE python -m training --help`
 #
@@ -20,6 +21,15 @@
 set -eu
 
 cd "$(dirname "$0")/.."
+
+# The image keeps all state under /data, a volume that may start empty (or be a fresh ECS/Fargate volume):
+# its folders are made here, and a folder this user cannot write stops the start with one line.
+for folder in ${HOME:+"$HOME"} ${TMPDIR:+"$TMPDIR"}; do
+    mkdir -p "$folder" 2>/dev/null && [ -w "$folder" ] || {
+        echo "entrypoint: $folder is not writable by $(id -un 2>/dev/null || id -u); mount a volume there that is" >&2
+        exit 1
+    }
+done
 
 resolve_secrets() {
     for name in API_TOKEN MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD; do
@@ -83,6 +93,11 @@ sys.exit(main(argv))
 ' "$hyperparameters"
         fi
         exec python -m training "$@"
+        ;;
+    worker)
+        shift
+        resolve_secrets
+        exec python -m training.celery_worker "$@"
         ;;
     healthcheck)
         exec python -c '

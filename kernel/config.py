@@ -32,6 +32,13 @@ class ConfigError(ValueError):
     """A setting has a value the service cannot run with; the message is one line naming it."""
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
 def _flag(value: object) -> object:
     """true/false, 1/0, yes/no, on/off (any case) and nothing else: `ture` is an error, not false."""
     if isinstance(value, str):
@@ -114,7 +121,7 @@ class Settings(BaseSettings):
     GUNICORN_MAX_REQUESTS_JITTER: Count = Field(20_000, description="random spread of `GUNICORN_MAX_REQUESTS`")
     GUNICORN_PRELOAD: Flag = Field(True, description="load the app and model once in the master, shared by the workers")
     LOG_LEVEL: LogLevel = Field("info", description="the log level of the service and of gunicorn")
-    LOG_FORMAT: Literal["json", "text"] = Field("json", description="`json`: one JSON object a line, with the request id (for a log stack); `text`: plain lines for a terminal")
+    LOG_FORMAT: Literal["json", "text"] = Field(default_factory=lambda: "text" if _stderr_is_terminal() else "json", description="`json`: one JSON object a line, with the request id (for a log stack); `text`: plain lines for a terminal. Default: `text` when stderr is a terminal (`make run` in a shell), `json` elsewhere (a container, CI, Lambda)")
     # fmt: on
 
     @field_validator("MLFLOW_TRACKING_URI")
@@ -233,6 +240,8 @@ def settings_table() -> str:
     rows = ["| variable | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         default = field.default
+        if name == "LOG_FORMAT":
+            default = "json"  # `text` on a terminal (the description says so)
         if name == "MLFLOW_TRACKING_URI":
             default = "sqlite:///<project>/.mlflow/mlflow.db"
         shown = (

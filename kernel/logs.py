@@ -23,7 +23,9 @@ MAX_REQUEST_ID_LENGTH = 128
 _REQUEST_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._:@/+=-]")
 # A password in a URI (scheme://user:password@host) and bearer tokens, wherever a message carries them.
 _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?=@)")
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"]+")
+# A token (RFC 6750's characters) with a digit or symbol in it, or 12 characters or more: "the Bearer scheme"
+# stays a sentence. The configured tokens are redacted wherever they appear, whatever they look like.
+_BEARER = re.compile(r"(?i)(bearer\s+)(?=[A-Za-z]*[0-9._~+/=-]|[A-Za-z]{12})[^\s'\"]+")
 _TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s%(context)s: %(message)s"
 _JSON_FIELDS = "%(levelname)s %(name)s %(process)d %(message)s"
 

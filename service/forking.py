@@ -11,14 +11,11 @@ def after_fork(app: Flask) -> None:
     A socket or database connection shared by several processes mixes their traffic; each worker
     opens its own. Threads do not survive fork, so the watcher is started here, once per worker.
     """
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
     from mlflow.utils import request_utils
 
     request_utils._cached_get_request_session.cache_clear()
-    for store_class in (TrackingSqlStore, RegistrySqlStore):
-        for engine in store_class._engine_map.values():
-            engine.dispose(close=False)  # new pool in this process; the master's connections stay its own
+    for engine in _sql_engines():
+        engine.dispose(close=False)  # new pool in this process; the master's connections stay its own
     store = app.extensions.get("model_store")
     if store is not None:
         warm_up(app, store)
@@ -26,6 +23,17 @@ def after_fork(app: Flask) -> None:
     executor = app.extensions.get("train_executor")
     if hasattr(executor, "start_sweeper"):  # the local executor: start again jobs whose process died
         executor.start_sweeper()
+
+
+def _sql_engines() -> list:
+    """MLflow's database engines in this process; none where SQLAlchemy is not installed (the compiled-only
+    stack: mlflow-skinny talks to a tracking server over HTTP only)."""
+    try:
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
+    except ImportError:
+        return []
+    return [engine for store in (TrackingSqlStore, RegistrySqlStore) for engine in store._engine_map.values()]
 
 
 def warm_up(app: Flask, store) -> None:
