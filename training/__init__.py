@@ -9,7 +9,9 @@ from kernel.registry import Registry
 
 
 def init_app(app: Flask, settings: Settings, registry: Registry) -> None:
-    """Register the training blueprint and this machine's job executor."""
+    """Register the training blueprint, this machine's job executor and this half's OpenAPI paths."""
+    from training import api_doc
     from training.views import register_training
 
     register_training(app, settings, registry)
+    app.extensions.setdefault("openapi_extenders", []).append(api_doc.document)

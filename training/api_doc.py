@@ -1,6 +1,11 @@
-"""The training half's schemas in the OpenAPI document: a job and a training's result."""
+"""The training half's part of the OpenAPI document: /train, /train/jobs/<id>, a job and a training's result.
+
+The composition root assembles the document (service/openapi.py); each half adds its own paths.
+"""
 
 from __future__ import annotations
+
+from training.spec import EXAMPLE_REQUEST
 
 _MODEL_REF = {
     "type": "object",
@@ -57,7 +62,69 @@ RESPONSE_SCHEMAS = {
 }
 
 
-def register_schemas(spec) -> None:
-    """Add the Job and TrainResult schemas to the app's OpenAPI document (an APISpec)."""
+def document(spec) -> None:
+    """Add the training paths and their schemas (TrainRequest, TrainResult, Job) to the app's OpenAPI document."""
+    from training.schemas import TrainRequest
+
     for name, schema in RESPONSE_SCHEMAS.items():
         spec.components.schema(name, schema)
+    spec.components.schema("TrainRequest", schema=TrainRequest)
+    spec.path("/train", operations={"post": _train_operation()})
+    spec.path("/train/jobs/{job_id}", operations={"get": _job_operation()})
+
+
+def _content(schema: str) -> dict:  # components registered by document()
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _train_operation() -> dict:
+    from training.estimators import describe_estimators
+
+    error = _content("Error")
+    return {
+        "summary": "Train a classifier and register it as a new version",
+        "description": "Estimators and their settable hyperparameters: "
+        + "; ".join(f"{name}: {', '.join(params)}" for name, params in describe_estimators().items()),
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": "TrainRequest", "example": EXAMPLE_REQUEST},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "target": {"type": "string"},
+                            "estimator": {"type": "string"},
+                            "params": {"type": "string", "description": "JSON object"},
+                            "model_name": {"type": "string"},
+                            "activate": {"type": "boolean"},
+                            "wait": {"type": "boolean"},
+                        },  # fmt: skip
+                        "required": ["file", "target", "estimator"],
+                    }
+                },
+            },
+        },
+        "responses": {
+            "201": {"description": "trained (with wait: true)", **_content("TrainResult")},
+            "202": {"description": "job queued; poll its Location", **_content("Job")},
+            "400": {"description": "bad request; nothing trained", **error},
+            "422": {"description": "the job failed (with wait: true)", **error},
+            "429": {"description": "TRAIN_MAX_QUEUED jobs already wait; see Retry-After", **error},
+            "503": {"description": "MLflow or the training queue (broker) cannot be reached", **error},
+        },
+    }
+
+
+def _job_operation() -> dict:
+    error = _content("Error")
+    return {
+        "summary": "A training job's status, phase, wait and run times, and result",
+        "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {
+            "200": {"description": "the job", **_content("Job")},
+            "404": {"description": "no such job", **error},
+            "503": {"description": "MLflow unreachable", **error},
+        },
+    }

@@ -21,3 +21,7 @@ class TrainingSpec:
     def resolved_model_name(self, dataset: Dataset) -> str:
         """The client's name, or one derived from dataset and estimator ("wine-SVC")."""
         return self.model_name or f"{dataset.name}-{self.estimator}"
+
+
+# A POST /train body that works as-is: the example of every training error and of the OpenAPI document.
+EXAMPLE_REQUEST = {"estimator": "RandomForestClassifier", "params": {"n_estimators": 200}, "dataset": "wine"}

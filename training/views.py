@@ -11,14 +11,13 @@ from kernel.config import Settings, current_settings
 from kernel.errors import APIError
 from kernel.http import json_body
 from kernel.registry import ModelRef, Registry
+from training.spec import EXAMPLE_REQUEST
 from training.submitter import ExecutorUnavailable, create_job, discard_job, get_job, wait_for_job
 
 if TYPE_CHECKING:
     from training.schemas import TrainingRequest
 
 bp = Blueprint("training", __name__)
-
-EXAMPLE = {"estimator": "RandomForestClassifier", "params": {"n_estimators": 200}, "dataset": "wine"}
 
 
 def _registry():
@@ -39,16 +38,18 @@ def read_train_request() -> TrainingRequest:
         file = request.files.get("file")
         upload = (file.stream, file.filename) if file is not None else None  # streamed: limits apply before a parse
     else:
-        body = json_body(example=EXAMPLE)
+        body = json_body(example=EXAMPLE_REQUEST)
         if not isinstance(body, dict):
             raise APIError(400, "invalid_training_request", "The training request is not valid; nothing was trained.",
-                           errors={"body": ["A JSON object."]}, example=EXAMPLE)  # fmt: skip
+                           errors={"body": ["A JSON object."]}, example=EXAMPLE_REQUEST)  # fmt: skip
     settings = current_settings()
     limits = {"max_rows": settings.TRAIN_MAX_ROWS, "max_columns": settings.TRAIN_MAX_COLUMNS}
     try:
         return parse_train_request(body, limits, upload)
     except InvalidTrainingRequest as exc:
-        raise APIError(400, "invalid_training_request", exc.message, errors=exc.errors, example=EXAMPLE) from exc
+        raise APIError(
+            400, "invalid_training_request", exc.message, errors=exc.errors, example=EXAMPLE_REQUEST
+        ) from exc
 
 
 def _catch_up(job: dict) -> None:
@@ -112,7 +113,7 @@ def _executor(settings: Settings, registry: Registry):
 
 
 def register_training(app: Flask, settings: Settings, registry: Registry) -> None:
-    """Add the training endpoints to the app and to its OpenAPI document.
+    """Add the training endpoints and this machine's job executor to the app.
 
     The local executor's sweeper (jobs whose process died start again) runs where the registry
     watcher does: here unless WATCH_REGISTRY is off, and in each gunicorn worker after the fork.
@@ -122,72 +123,3 @@ def register_training(app: Flask, settings: Settings, registry: Registry) -> Non
     if settings.WATCH_REGISTRY and hasattr(executor, "start_sweeper"):
         executor.start_sweeper()
     app.register_blueprint(bp)
-    from training import api_doc
-
-    app.extensions.setdefault("openapi_extenders", []).extend([api_doc.register_schemas, _document])
-
-
-def _document(spec) -> None:
-    """The training paths and their request schema, in the app's OpenAPI document."""
-    from training.schemas import TrainRequest
-
-    spec.components.schema("TrainRequest", schema=TrainRequest)
-    spec.path("/train", operations={"post": _train_operation()})
-    spec.path("/train/jobs/{job_id}", operations={"get": _job_operation()})
-
-
-def _content(schema: str) -> dict:  # Job and TrainResult are components of training/api_doc.py
-    return {"content": {"application/json": {"schema": schema}}}
-
-
-def _train_operation() -> dict:
-    from training.estimators import describe_estimators
-
-    error = _content("Error")
-    return {
-        "summary": "Train a classifier and register it as a new version",
-        "description": "Estimators and their settable hyperparameters: "
-        + "; ".join(f"{name}: {', '.join(params)}" for name, params in describe_estimators().items()),
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": "TrainRequest", "example": EXAMPLE},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "target": {"type": "string"},
-                            "estimator": {"type": "string"},
-                            "params": {"type": "string", "description": "JSON object"},
-                            "model_name": {"type": "string"},
-                            "activate": {"type": "boolean"},
-                            "wait": {"type": "boolean"},
-                        },  # fmt: skip
-                        "required": ["file", "target", "estimator"],
-                    }
-                },
-            },
-        },
-        "responses": {
-            "201": {"description": "trained (with wait: true)", **_content("TrainResult")},
-            "202": {"description": "job queued; poll its Location", **_content("Job")},
-            "400": {"description": "bad request; nothing trained", **error},
-            "422": {"description": "the job failed (with wait: true)", **error},
-            "429": {"description": "TRAIN_MAX_QUEUED jobs already wait; see Retry-After", **error},
-            "503": {"description": "MLflow or the training queue (broker) cannot be reached", **error},
-        },
-    }
-
-
-def _job_operation() -> dict:
-    error = _content("Error")
-    return {
-        "summary": "A training job's status, phase, wait and run times, and result",
-        "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-        "responses": {
-            "200": {"description": "the job", **_content("Job")},
-            "404": {"description": "no such job", **error},
-            "503": {"description": "MLflow unreachable", **error},
-        },
-    }
