@@ -19,7 +19,8 @@ settings = settings_or_exit()  # an invalid setting stops gunicorn here, in one 
 # Every value below comes from the checked settings (kernel/config.py), not from the raw environment.
 bind = f"{settings.HOST or '127.0.0.1'}:{settings.PORT}"
 workers = settings.WEB_CONCURRENCY
-worker_class = "service.gunicorn_worker.ServingWorker"  # gthread; a stop closes idle keep-alive connections
+# gthread, with a fair share of connections between the workers and a stop that closes idle keep-alive ones
+worker_class = "service.gunicorn_worker.ServingWorker"
 threads = settings.GUNICORN_THREADS
 preload_app = settings.GUNICORN_PRELOAD
 if preload_app:
@@ -81,7 +82,10 @@ def post_fork(server, worker):
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 
+    from service.gunicorn_worker import release_worker
+
     multiprocess.mark_process_dead(worker.pid)
+    release_worker(worker.pid)  # its slot in the workers' connection table, however it died
 
 
 def worker_exit(server, worker):
