@@ -73,6 +73,9 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
+    from service.gunicorn_worker import stop_promptly_while_booting
+
+    stop_promptly_while_booting(server)  # a SIGTERM during the warm-up below must not be lost
     if server.cfg.preload_app:
         from service.forking import after_fork
 

@@ -1,5 +1,5 @@
-"""gunicorn's gthread worker, with two changes: the workers share a burst of connections fairly, and a graceful
-stop closes idle keep-alive connections at once.
+"""gunicorn's gthread worker, with three changes: the workers share a burst of connections fairly, a graceful
+stop closes idle keep-alive connections at once, and a worker stopped while it boots leaves at once.
 
 A fair share. Every gthread worker waits on the same listening socket and accepts whatever arrives while
 its main thread is free. In a burst, the first worker to wake accepts most of it, and a keep-alive client
@@ -20,6 +20,13 @@ checked, and that check runs after the wait: so one idle connection held every s
 whole `graceful_timeout` (30 s), and a restart on the same port then found the port still taken. Requests
 in flight still finish as before; only connections with no request in progress are closed, as nginx does
 when it stops.
+
+A stop while booting. From the fork until gunicorn installs the worker's own signal handlers (in
+`init_process`, after the `post_fork` hook, where a preloaded worker warms up), the worker runs with the
+master's handler, which only queues a signal for the master's loop, a loop the worker never runs: a
+SIGTERM in that window was lost, the worker booted and served, and the master waited the whole
+`graceful_timeout` before it killed it. `stop_promptly_while_booting`, the first thing `post_fork` does,
+makes a stop signal in that window end the worker at once; nothing is in flight yet.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ import logging
 import mmap
 import multiprocessing
 import os
+import queue
 import select
 import selectors
+import signal
 import time
 
 from gunicorn.workers.gthread import ThreadWorker
@@ -227,3 +236,24 @@ def release_worker(pid: int) -> None:
     """For gunicorn's `child_exit` hook (in the master): free the slot of a worker that has exited, however it died."""
     if ServingWorker.table is not None:
         ServingWorker.table.release(pid)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def stop_promptly_while_booting(server) -> None:
+    """For gunicorn's `post_fork` hook, first thing in a new worker: until the worker installs its own handlers,
+    a stop signal ends it at once, including one that reached the master's inherited handler since the fork."""
+
+    def leave(signum, frame):
+        raise SystemExit(0)  # gunicorn's spawn_worker lets it through: the worker exits, the master reaps it
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, leave)
+    while True:  # the worker's copy of the master's signal queue: what arrived between the fork and now
+        try:
+            queued = server.SIG_QUEUE.get_nowait()
+        except (queue.Empty, AttributeError):
+            return
+        if queued in STOP_SIGNALS:
+            raise SystemExit(0)
