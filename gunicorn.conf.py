@@ -38,6 +38,7 @@ control_socket_disable = True
 max_requests = settings.GUNICORN_MAX_REQUESTS
 max_requests_jitter = settings.GUNICORN_MAX_REQUESTS_JITTER
 accesslog = None  # the app logs one line per request itself, with model version and request id (kernel/logs.py)
+logger_class = "service.gunicorn_logger.ServingLogger"  # and gunicorn does not build a line it would drop
 errorlog = "-"
 loglevel = settings.LOG_LEVEL
 
