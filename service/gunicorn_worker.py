@@ -61,8 +61,11 @@ class ConnectionTable:
 
     def __init__(self, slots: int = SLOTS):
         self.slots = slots
-        self._memory = mmap.mmap(-1, slots * _FIELDS * 8)  # MAP_SHARED | MAP_ANONYMOUS: the children see it
+        # MAP_SHARED | MAP_ANONYMOUS: the children see it. The last cell: how many slots were ever claimed, so
+        # that a worker deciding on every turn of its loop reads those, not all of them.
+        self._memory = mmap.mmap(-1, (slots * _FIELDS + 1) * 8)
         self._cells = memoryview(self._memory).cast("q")
+        self._claimed = slots * _FIELDS
         self._claim_lock = multiprocessing.get_context("fork").Lock()
 
     def claim(self, pid: int) -> int | None:
@@ -77,6 +80,7 @@ class ConnectionTable:
                     self._cells[base + 1] = 0
                     self._cells[base + 2] = 0
                     self._cells[base] = pid
+                    self._cells[self._claimed] = max(self._cells[self._claimed], slot + 1)
                     return slot
             return None
         finally:
@@ -91,7 +95,7 @@ class ConnectionTable:
         """The fewest connections any other accepting worker holds; None when no other worker accepts."""
         fewest = None
         cells = self._cells
-        for other in range(self.slots):
+        for other in range(cells[self._claimed]):
             base = other * _FIELDS
             if other != slot and cells[base] and cells[base + 2]:
                 held = cells[base + 1]
@@ -101,7 +105,7 @@ class ConnectionTable:
 
     def release(self, pid: int) -> None:
         """Free the slot of `pid`: the worker itself as it stops, or the master once it has reaped it."""
-        for slot in range(self.slots):
+        for slot in range(self._cells[self._claimed]):
             base = slot * _FIELDS
             if self._cells[base] == pid:
                 self._cells[base + 2] = 0

@@ -86,6 +86,7 @@ def test_a_burst_of_keep_alive_connections_is_shared_between_the_workers(store, 
             total = sum(counts.values())
             assert set(counts) <= {str(pid) for pid in workers}, f"answers from unknown workers: {counts}"
             shares.append([round(counts.get(str(pid), 0) / total, 3) for pid in sorted(workers)])
+        print(f"\n{runtime}: each run's shares per worker: {shares}")
         unfair = [share for share in shares if not all(0.35 <= part <= 0.65 for part in share)]
         assert not unfair, (
             f"{len(unfair)} of {RUNS} runs unfair; each run's shares per worker: {shares}; the log ends:\n"
