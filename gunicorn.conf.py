@@ -19,7 +19,8 @@ settings = settings_or_exit()  # an invalid setting stops gunicorn here, in one 
 # Every value below comes from the checked settings (kernel/config.py), not from the raw environment.
 bind = f"{settings.HOST or '127.0.0.1'}:{settings.PORT}"
 workers = settings.WEB_CONCURRENCY
-worker_class = "service.gunicorn_worker.ServingWorker"  # gthread; a stop closes idle keep-alive connections
+# gthread, with a fair share of connections between the workers and a stop that closes idle keep-alive ones
+worker_class = "service.gunicorn_worker.ServingWorker"
 threads = settings.GUNICORN_THREADS
 preload_app = settings.GUNICORN_PRELOAD
 if preload_app:
@@ -37,6 +38,7 @@ control_socket_disable = True
 max_requests = settings.GUNICORN_MAX_REQUESTS
 max_requests_jitter = settings.GUNICORN_MAX_REQUESTS_JITTER
 accesslog = None  # the app logs one line per request itself, with model version and request id (kernel/logs.py)
+logger_class = "service.gunicorn_logger.ServingLogger"  # and gunicorn does not build a line it would drop
 errorlog = "-"
 loglevel = settings.LOG_LEVEL
 
@@ -95,6 +97,9 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
+    from service.gunicorn_worker import stop_promptly_while_booting
+
+    stop_promptly_while_booting(server)  # a SIGTERM during the warm-up below must not be lost
     if server.cfg.preload_app:
         from service.forking import after_fork
 
@@ -104,7 +109,10 @@ def post_fork(server, worker):
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 
+    from service.gunicorn_worker import release_worker
+
     multiprocess.mark_process_dead(worker.pid)
+    release_worker(worker.pid)  # its slot in the workers' connection table, however it died
 
 
 def worker_exit(server, worker):

@@ -1,4 +1,4 @@
-"""This service against `mlflow models serve` on the same registered versions, in one run (`make bench`).
+"""This service against `mlflow models serve` and MLServer on the same registered versions, in one run (`make bench`).
 
 Run: make bench   (or .venv/bin/python scripts/bench_serving.py [--seconds 10]; BENCH_SECONDS=3 shortens it)
 
@@ -14,7 +14,16 @@ it starts this service (gunicorn with gunicorn.conf.py, 2 workers, serving that 
 - reads each worker's resident memory after the load;
 - for this service, times a 10,000-row POST /predict (median of --repeat) next to scikit-learn's own
   `json.loads` + `pandas.DataFrame` + `predict_proba` on the same body, in this process, on the same model.
-It prints one markdown table, writes it with every raw figure to build/bench/ (results.md, results.json),
+MLServer (SeldonIO's inference server, scikit-learn runtime, V2 protocol) is the second peer: installed on
+demand into its own venv (build/bench/mlserver-venv: MLServer 1.7.1, uvloop below 0.22, which 1.7.1 needs,
+and this venv's scikit-learn, numpy, pandas and scipy), serving the same registered version exported as
+its runtime expects (joblib), with `parallel_workers` 2. It is timed and loaded like the others, twice per
+model: asking for the same output as ours (labels and probabilities: outputs `predict` and `predict_proba`)
+and with its default (labels only). Requests carry one input per column and `content_type: "pd"` (the
+pipelines select columns by name). --no-mlserver leaves it out.
+The floor: a bare Flask handler (scripts/bench_bare_flask.py) under the same gunicorn settings; one-row
+/predict is reported as a share of its throughput.
+It prints markdown tables, writes them with every raw figure to build/bench/ (results.md, results.json),
 and stops every process it started, also on failure or Ctrl-C. A wrk run with socket errors or non-2xx
 answers is flagged in the table and makes the command exit with status 2.
 """
@@ -47,6 +56,8 @@ MODELS = (("LogisticRegression", {}), ("RandomForestClassifier", {"n_estimators"
 IRIS_ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4, "petal_width_cm": 0.2}
 TOKEN = "bench-token"
 WORKERS = 2
+MLSERVER_VERSION = "1.7.1"
+MLSERVER_VENV = ROOT / "build" / "bench" / "mlserver-venv"
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -149,6 +160,17 @@ def memory_mb(pid: int) -> dict:
             if parts[0] in ("Rss:", "Pss:"):
                 values[parts[0][:-1].lower()] = round(int(parts[1]) * 1024 / 1e6, 1)
     return values
+
+
+def total_pss_mb(leader: int) -> float:
+    """Proportional set size of a server's whole process tree, in MB: what it costs the machine."""
+    total = 0.0
+    for pid in [leader, *descendants(leader)]:
+        try:
+            total += memory_mb(pid).get("pss", 0.0)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return round(total, 1)
 
 
 # ---- HTTP --------------------------------------------------------------------------------------------------
@@ -269,6 +291,82 @@ def their_workers(leader: int) -> list[int]:
     return [pid for pid in descendants(leader) if "spawn_main" in command_line(pid)]
 
 
+def all_below(leader: int) -> list[int]:
+    """MLServer's processes: its parallel inference workers and whatever else it started."""
+    return descendants(leader)
+
+
+def start_bare_flask(processes: Processes, folder: Path, port: int, log):
+    """The bare Flask handler under the service's gunicorn.conf.py (same workers, threads, keep-alive, preload)."""
+    env = {
+        **os.environ,
+        "WEB_CONCURRENCY": str(WORKERS),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "API_TOKEN": TOKEN,
+        "PROMETHEUS_MULTIPROC_DIR": str(Path(tempfile.mkdtemp(prefix="prometheus-", dir=folder))),
+    }
+    command = [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "scripts.bench_bare_flask:app"]
+    return processes.start(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def ensure_mlserver() -> Path:
+    """MLServer's venv, made on first use: returns its bin folder. Its scikit-learn and array libraries are
+    this venv's versions, so that it unpickles the same fitted pipeline and computes the same numbers."""
+    pins = [f"{name}=={package_version(name)}" for name in ("scikit-learn", "numpy", "pandas", "scipy")]
+    requirements = [f"mlserver=={MLSERVER_VERSION}", f"mlserver-sklearn=={MLSERVER_VERSION}", "uvloop<0.22", *pins]
+    stamp = MLSERVER_VENV / (".installed-" + "-".join(sorted(requirements)).replace("<", "lt").replace("=", ""))
+    if not stamp.exists():
+        print(f"[bench] installing MLServer {MLSERVER_VERSION} into {MLSERVER_VENV} (once)", flush=True)
+        if not (MLSERVER_VENV / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        subprocess.run([str(MLSERVER_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", *requirements],
+                       check=True)  # fmt: skip
+        stamp.touch()
+    return MLSERVER_VENV / "bin"
+
+
+def export_for_mlserver(model_uri: str, folder: Path) -> Path:
+    """The registered version as MLServer's scikit-learn runtime loads it: a joblib file and its model settings."""
+    import joblib
+    import mlflow.sklearn
+
+    folder.mkdir(parents=True, exist_ok=True)
+    joblib.dump(mlflow.sklearn.load_model(model_uri), folder / "model.joblib")
+    settings = {
+        "name": "iris",
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib"},
+    }
+    (folder / "model-settings.json").write_text(json.dumps(settings))
+    return folder
+
+
+def start_mlserver(processes: Processes, mlserver_bin: Path, model_folder: Path, port: int, log):
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+                "parallel_workers": WORKERS}  # fmt: skip
+    (model_folder / "settings.json").write_text(json.dumps(settings))
+    path = os.pathsep.join([str(mlserver_bin), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
+    return processes.start([str(mlserver_bin / "mlserver"), "start", str(model_folder)], cwd=model_folder, env=env,
+                           stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def v2_body(row: dict, same_output: bool) -> bytes:
+    """MLServer's V2 inference request for one row: one input per column, decoded as a DataFrame."""
+    body = {
+        "inputs": [{"name": name, "shape": [1], "datatype": "FP64", "data": [value]} for name, value in row.items()],
+        "parameters": {"content_type": "pd"},
+    }
+    if same_output:
+        body["outputs"] = [{"name": "predict"}, {"name": "predict_proba"}]
+    return json.dumps(body).encode()
+
+
+def v2_labels(answer: dict) -> list:
+    return next(output["data"] for output in answer.get("outputs", []) if output["name"] == "predict")
+
+
 def measure_server(processes, args, folder, kind: str, start, path: str, body: bytes, workers, extra=None) -> dict:
     """Start one server, time its first answer, load it (cold, warm-up, warm), read its workers' memory."""
     log_path = folder / f"{kind}.log"
@@ -299,6 +397,7 @@ def measure_server(processes, args, folder, kind: str, start, path: str, body: b
                 "warm": warm,
                 "workers_replaced_during_warm_up_and_warm_run": len(set(pids_before) - set(pids_after)),
                 "worker_memory_mb": [memory_mb(pid) for pid in pids_after],
+                "total_pss_mb": total_pss_mb(process.pid),
                 "log": str(log_path),
             }
             if extra is not None:
@@ -590,6 +689,64 @@ def table(results: dict, info: dict, args) -> str:
     return "\n".join(lines)
 
 
+def peers_table(results: dict, args) -> str:
+    """This service against MLServer and against the floor (a bare Flask handler), with issue 20's targets."""
+    bare = results["bare_flask"]["warm"]
+    lines = [
+        f"### `make bench`: this service against MLServer {MLSERVER_VERSION} and the floor "
+        f"(wrk -t{args.threads} -c{args.connections}, one row, {WORKERS} workers each)",
+        "",
+        "| model | measure | this service | MLServer, same output (labels and probabilities) | ratio | "
+        "MLServer, its default (labels only) | ratio | target met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    targets = {"LogisticRegression": 5, "RandomForestClassifier": 10}
+    for name, result in results["models"].items():
+        ours = result["ours"]
+        theirs = result.get("mlserver")
+        if theirs is None:
+            continue
+        mine, same, default = ours["warm"], theirs["warm"], theirs["default_output"]
+        ratio, default_ratio = (mine["requests_per_s"] / run["requests_per_s"] for run in (same, default))
+        lines.append(
+            f"| {name} | warm req/s, p50, p99, server CPU/request | {cell(mine)} | {cell(same)} | {ratio:.2f}x | "
+            f"{cell(default)} | {default_ratio:.2f}x | ≥ {targets[name]}x: {check(min(ratio, default_ratio) >= targets[name])} |"
+        )
+        start_ratio = ours["start_to_first_answer_s"] / theirs["start_to_first_answer_s"]
+        lines.append(
+            f"| {name} | process start to first 200 prediction | {ours['start_to_first_answer_s']:.2f} s | "
+            f"{theirs['start_to_first_answer_s']:.2f} s | {start_ratio:.2f}x | | | ≤ 1.0x: {check(start_ratio <= 1.0)} |"
+        )
+        pss_ratio = ours["total_pss_mb"] / theirs["total_pss_mb"]
+        lines.append(
+            f"| {name} | total PSS after the load (every process) | {ours['total_pss_mb']:.0f} MB | "
+            f"{theirs['total_pss_mb']:.0f} MB | {pss_ratio:.2f}x | | | |"
+        )
+        same_label = check(ours["first_answer"].get("predictions") == v2_labels(theirs["first_answer"]))
+        lines.append(f"| {name} | same label for the benchmark row | | {same_label} | | | | |")
+    lines += [
+        "",
+        "| model | one-row POST /predict, warm | bare Flask handler, same gunicorn settings | share of its req/s "
+        "| share by server CPU/request | target met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, result in results["models"].items():
+        mine = result["ours"]["warm"]
+        share = mine["requests_per_s"] / bare["requests_per_s"]
+        cpu_share = bare["server_cpu_ms_per_request"] / mine["server_cpu_ms_per_request"]
+        lines.append(
+            f"| {name} | {cell(mine)} | {cell(bare)} | {share:.0%} | {cpu_share:.0%} | ≥ 70 %: {check(share >= 0.7)} |"
+        )
+    lines += [
+        "",
+        f"MLServer: `mlserver start` with `parallel_workers` {WORKERS}, the scikit-learn runtime on the same registered "
+        "version exported with joblib (read from local disk at start; this service fetches the version from the "
+        "registry into an empty state folder), POST /v2/models/iris/infer with one input per column and "
+        '`content_type: "pd"`. Same output: `outputs` `predict` and `predict_proba`; default: no `outputs` (labels only).',
+    ]
+    return "\n".join(lines)
+
+
 # ---- the run -----------------------------------------------------------------------------------------------
 def register_models(tracking_uri: str) -> dict:
     """Train and register both models on iris with the project's training code; nothing activated yet."""
@@ -631,12 +788,29 @@ def bench_model(processes, args, folder: Path, tracking_uri: str, registry, ref,
         lambda port, log: start_theirs(processes, folder, tracking_uri, model_uri, port, log),
         "/invocations", records, their_workers,
     )  # fmt: skip
+    result = {"version": ref.as_dict(), "ours": ours, "theirs": theirs}
+    if args.mlserver_bin is not None:
+        print(f"[bench] {label}: MLServer {MLSERVER_VERSION} ({WORKERS} parallel workers)", flush=True)
+        model_folder = export_for_mlserver(model_uri, folder / f"mlserver-{label}")
+        v2_path = "/v2/models/iris/infer"
+        default_body = v2_body(IRIS_ROW, same_output=False)
+
+        def mlserver_extra(process, port) -> dict:
+            default = run_wrk(processes, args, process.pid, port, v2_path, default_body, args.seconds)
+            print(f"[bench]   its default output (labels only): {summary(default)}", flush=True)
+            return {"default_output": default}
+
+        result["mlserver"] = measure_server(
+            processes, args, folder, f"mlserver-{label}",
+            lambda port, log: start_mlserver(processes, args.mlserver_bin, model_folder, port, log),
+            v2_path, v2_body(IRIS_ROW, same_output=True), all_below, extra=mlserver_extra,
+        )  # fmt: skip
     print(f"[bench] {label}: scikit-learn in this process, {args.rows:,} rows", flush=True)
-    batch_result = {
+    result["batch"] = {
         "predict_ms": ours.pop("batch_predict_ms"),
         "sklearn_ms": sklearn_in_process(model_uri, batch, args.repeat),
     }
-    return {"version": ref.as_dict(), "ours": ours, "theirs": theirs, "batch": batch_result}
+    return result
 
 
 def parse_args() -> argparse.Namespace:
@@ -653,6 +827,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (store and server logs)")
+    parser.add_argument("--no-mlserver", dest="mlserver", action="store_false",
+                        help=f"leave out MLServer {MLSERVER_VERSION} (otherwise installed on first use into {MLSERVER_VENV})")  # fmt: skip
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -683,10 +859,18 @@ def main() -> int:
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     processes = Processes()
     try:
+        args.mlserver_bin = ensure_mlserver() if args.mlserver else None
+        print(
+            f"[bench] the floor: a bare Flask handler under the same gunicorn settings ({WORKERS} workers)", flush=True
+        )
+        results = {"models": {}}
+        results["bare_flask"] = measure_server(
+            processes, args, folder, "bare-flask", lambda port, log: start_bare_flask(processes, folder, port, log),
+            "/predict", json.dumps(IRIS_ROW).encode(), our_workers,
+        )  # fmt: skip
         print(f"[bench] registering LogisticRegression and RandomForest(100) on iris in {folder}", flush=True)
         registry, refs = register_models(tracking_uri)
         batch = batch_body(args.rows)
-        results = {"models": {}}
         for estimator, _ in MODELS:
             results["models"][estimator] = bench_model(
                 processes, args, folder, tracking_uri, registry, refs[estimator], batch
@@ -696,7 +880,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     info["load_average_at_end"] = os.getloadavg()
-    markdown = table(results, info, args)
+    markdown = table(results, info, args) + "\n\n" + peers_table(results, args)
     print("\n" + markdown)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(markdown + "\n")
@@ -705,9 +889,9 @@ def main() -> int:
     failed = [
         f"{name} {side} {run}"
         for name, result in results["models"].items()
-        for side in ("ours", "theirs")
-        for run in ("cold", "warm", "recycle")
-        if run in result[side] and any(result[side][run]["errors"].values())
+        for side in ("ours", "theirs", "mlserver")
+        for run in ("cold", "warm", "recycle", "default_output")
+        if side in result and run in result[side] and any(result[side][run]["errors"].values())
     ]
     if failed:
         print(f"[bench] runs with errors (flagged ⚠ in the table): {', '.join(failed)}", file=sys.stderr)

@@ -50,12 +50,17 @@ class Service(LoggedProcess):
         }
         self.folder = folder
 
-    def start(self, timeout: float = 120) -> Service:
+    def spawn(self) -> Service:
+        """Start gunicorn and return at once, without waiting for it to answer (start() waits)."""
         self.log = open(self.folder / f"gunicorn-{self.port}.log", "a")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        return self
+
+    def start(self, timeout: float = 120) -> Service:
+        self.spawn()
         try:
             wait_for_http(f"{self.url}/health", timeout=timeout, process=self.process)
             deadline = time.monotonic() + timeout

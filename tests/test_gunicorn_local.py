@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
@@ -25,10 +26,12 @@ def test_empty_store_bootstraps_once_and_swaps_reach_every_worker(tmp_path, prel
         trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris",
                                                                "model_name": "iris-nb", "wait": True}, timeout=300, headers=AUTH)  # fmt: skip
         assert trained.status_code == 201, trained.text
-        pids, sent = set(), 0
-        # Right after the 201, whichever worker answers serves the new version. The kernel picks the
-        # worker, so keep asking (a bounded number of times) until every one of the 4 has answered.
-        while (len(pids) < 4 or sent < 40) and sent < 400:
+        pids, sent, deadline = set(), 0, time.monotonic() + 20
+        # Right after the 201, whichever worker answers serves the new version. A new connection goes to a
+        # worker holding the fewest (service/gunicorn_worker.py): one that still holds an idle keep-alive
+        # connection (requests leaves the /train one open; gunicorn closes it after its keepalive, 5 s) takes
+        # none meanwhile, so keep asking, bounded in requests and time, until every one of the 4 has answered.
+        while (len(pids) < 4 or sent < 40) and sent < 20_000 and time.monotonic() < deadline:
             answer = predict(service.url)
             sent += 1
             assert ref(answer.json()["model"]) == {"name": "iris-nb", "version": "1"}
