@@ -221,3 +221,22 @@ def mlflow_server_with(folder: Path, trainings: list[list[str]], env: dict | Non
     finally:
         stop(process)
         log.close()
+
+
+COMPILED = "iris-RandomForestClassifier"  # a version with a verified ONNX form
+NOT_COMPILED = "iris-HistGradientBoostingClassifier"  # one without (skl2onnx cannot convert it)
+
+
+@contextlib.contextmanager
+def compiled_and_not_compiled(folder: Path):
+    """An `mlflow server` (registry only) holding COMPILED, active, and NOT_COMPILED, both from the batch job.
+
+    Without MLflow's job runner the server starts in a third of the processes. Yields the tracking URI.
+    """
+    trainings = [
+        ["--estimator", "RandomForestClassifier", "--dataset", "iris", "--model-name", COMPILED],
+        ["--estimator", "HistGradientBoostingClassifier", "--dataset", "iris", "--model-name", NOT_COMPILED,
+         "--no-activate"],
+    ]  # fmt: skip
+    with mlflow_server_with(folder, trainings, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as uri:
+        yield uri

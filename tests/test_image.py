@@ -18,14 +18,12 @@ import requests
 
 from tests import images
 from tests.conftest import IRIS_ROW, free_port, mlflow_client
-from tests.servers import mlflow_server_with
+from tests.servers import COMPILED, NOT_COMPILED, compiled_and_not_compiled
 
 pytestmark = pytest.mark.drill
 
 TOKEN = "image-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-COMPILED = "iris-RandomForestClassifier"
-NOT_COMPILED = "iris-HistGradientBoostingClassifier"
 NOT_IN_INFERENCE = ("sklearn", "scipy", "pandas", "skops", "skl2onnx", "matplotlib", "training")
 
 
@@ -46,12 +44,7 @@ def built(tool) -> dict:
 def tracking(tmp_path_factory):
     """An `mlflow server`: a compiled version (active) and one without a compiled form (skl2onnx cannot convert it)."""
     folder = tmp_path_factory.mktemp("image-mlflow")
-    trainings = [
-        ["--estimator", "RandomForestClassifier", "--dataset", "iris", "--model-name", COMPILED],
-        ["--estimator", "HistGradientBoostingClassifier", "--dataset", "iris", "--model-name", NOT_COMPILED,
-         "--no-activate"],
-    ]  # fmt: skip
-    with mlflow_server_with(folder, trainings, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as uri:
+    with compiled_and_not_compiled(folder) as uri:
         yield uri
 
 

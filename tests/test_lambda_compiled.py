@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import IRIS_ROW, ROOT
 from tests.lambda_events import http_v2, rest_v1
-from tests.servers import S3Server, mlflow_server_with
+from tests.servers import COMPILED, NOT_COMPILED, S3Server, compiled_and_not_compiled
 from tests.test_lambda_handler import INVOKE, RUNTIME, TOKEN, lambda_env
 
 STAGE = "production_compiled"
@@ -29,8 +29,6 @@ FUNCTION_ZIP = ROOT / "dist" / f"lambda-{STAGE}-handler.zip"
 LAMBDA_PYTHON = ROOT / ".venv-lambda-compiled" / "bin" / "python"
 SETTINGS = json.loads((ROOT / "zappa_settings.json").read_text())
 REMOTE_ENV = {**SETTINGS["production"], **SETTINGS[STAGE]}["remote_env"]
-COMPILED = "iris-RandomForestClassifier"
-NOT_COMPILED = "iris-HistGradientBoostingClassifier"
 WARM_REQUESTS = 20
 ABSENT = ("sklearn", "scipy", "pandas", "skops", "matplotlib", "pyarrow", "training")
 
@@ -56,13 +54,7 @@ def task_dir(tmp_path_factory) -> Path:
 def tracking_server(tmp_path_factory):
     """An `mlflow server`: a compiled version (active) and one without a compiled form, both from the batch job."""
     folder = tmp_path_factory.mktemp("lambda-compiled-mlflow")
-    trainings = [
-        ["--estimator", "RandomForestClassifier", "--dataset", "iris", "--model-name", COMPILED],
-        ["--estimator", "HistGradientBoostingClassifier", "--dataset", "iris", "--model-name", NOT_COMPILED,
-         "--no-activate"],
-    ]  # fmt: skip
-    # Registry only: without MLflow's job runner the server starts in a third of the processes.
-    with mlflow_server_with(folder, trainings, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as uri:
+    with compiled_and_not_compiled(folder) as uri:
         yield uri
 
 
