@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
+from flask import current_app
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -221,8 +222,6 @@ def settings_from_json(text: str) -> Settings:
 
 def current_settings() -> Settings:
     """The settings of the app handling the current request (the factory keeps them in `app.extensions`)."""
-    from flask import current_app
-
     return current_app.extensions["settings"]
 
 

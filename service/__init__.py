@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask, request
+from flask import Flask, current_app, request
 
 from kernel import auth, http, logs, metrics
 from kernel.config import load_settings
@@ -78,8 +78,6 @@ def _read_unread_body(response):
     gunicorn (gthread) would drain it after answering, and a keep-alive client's next request, sent
     at once, can be swallowed by that drain: the client then waits 5 s (keepalive) for nothing.
     """
-    from flask import current_app
-
     if request.content_length and request.content_length <= current_app.config["MAX_CONTENT_LENGTH"]:
         request.stream.exhaust()
     return response
