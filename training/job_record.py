@@ -192,10 +192,9 @@ class JobRecord:
         """
         attempt_id = uuid.uuid4().hex
         now = repr(time.time())
-        if lost is not None:
-            self._write(lost=lost)
+        earlier = {"lost": lost} if lost is not None else {}
         self._write(JobStatus.RUNNING, attempt=attempt, attempt_id=attempt_id, worker=worker, pid=pid,
-                    started_at=now, heartbeat_at=now, phase="validating", phase_started_at=now)  # fmt: skip
+                    started_at=now, heartbeat_at=now, phase="validating", phase_started_at=now, **earlier)  # fmt: skip
         return attempt_id
 
     def phase(self, phase: str) -> None:
