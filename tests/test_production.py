@@ -105,7 +105,13 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
         expected[version["name"]] = predict(url).json()["probabilities"][0]
     assert expected[DEFAULT_NAME] != expected["iris-nb"]
 
-    stats = {"sent": 0, "failed": 0, "mixed": 0}
+    # `settled` is the version every answer must come from, for a request sent after /use-model answered and
+    # before the next swap was posted (None while a swap is in flight). The 8 keep-alive clients are spread
+    # over the 4 workers (least connections), so their answers check every worker, not one that happens to
+    # take the fresh connections below.
+    stats = {"sent": 0, "failed": 0, "mixed": 0, "stale": 0, "checked": 0}
+    state = {"settled": None, "generation": 0}
+    pids: set[str] = set()
     lock = threading.Lock()
     stop_at = time.monotonic() + 90
     done = threading.Event()
@@ -113,6 +119,8 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
     def client():
         session = requests.Session()
         while not done.is_set() and time.monotonic() < stop_at:
+            with lock:
+                settled, generation = state["settled"], state["generation"]
             try:
                 answer = session.post(f"{url}/predict", json=BORDER_ROW, timeout=30)
                 body = answer.json()
@@ -124,31 +132,40 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
                 stats["sent"] += 1
                 stats["failed"] += not ok
                 stats["mixed"] += mixed
+                if ok:
+                    pids.add(answer.headers["X-Worker-Pid"])
+                if ok and settled is not None and generation == state["generation"]:
+                    stats["checked"] += 1
+                    stats["stale"] += ref(body["model"]) != settled
 
     threads = [threading.Thread(target=client) for _ in range(8)]
     for thread in threads:
         thread.start()
-    pids, worst_first_answer = set(), 0.0
+    worst_first_answer = 0.0
     try:
         for swap in range(12):
             target = versions[swap % 2]
+            with lock:
+                state["settled"], state["generation"] = None, state["generation"] + 1
             assert requests.post(f"{url}/use-model", json=target, timeout=60, headers=AUTH).status_code == 200
-            for _ in range(24):  # right after the answer: every worker already serves the new version
+            with lock:
+                state["settled"] = target
+            for _ in range(24):  # right after the answer, on fresh connections too
                 started = time.perf_counter()
                 answer = predict(url)
                 worst_first_answer = max(worst_first_answer, time.perf_counter() - started)
                 assert answer.status_code == 200
                 assert ref(answer.json()["model"]) == target
-                pids.add(answer.headers["X-Worker-Pid"])
+                with lock:
+                    pids.add(answer.headers["X-Worker-Pid"])
     finally:
         done.set()
         for thread in threads:
             thread.join()
     print(f"\nswap under load: {stats}; slowest answer right after a swap {worst_first_answer * 1000:.0f} ms")
-    assert len(pids) == 4, f"only {len(pids)} workers answered"
-    assert stats["sent"] > 100
-    assert stats["failed"] == 0
-    assert stats["mixed"] == 0
+    assert len(pids) == 4, f"only {len(pids)} workers answered: {sorted(pids)}"
+    assert stats["checked"] > 100, stats
+    assert stats == {**stats, "failed": 0, "mixed": 0, "stale": 0}
 
 
 def test_restart_serves_the_last_chosen_version(gunicorn_service, stack):
