@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     TRAIN_TIME_LIMIT_SECONDS: Positive = Field(600, description="a job running longer is killed and marked failed")
     TRAIN_MAX_ROWS: Positive = Field(50_000, description="rows of client data (inline or CSV)")
     TRAIN_MAX_COLUMNS: Positive = Field(200, description="feature columns of client data (inline or CSV)")
+    # Drift
+    DRIFT_ENABLED: Flag = Field(True, description="count each served row against its version's drift baseline (`/drift`, `model_feature_psi` in `/metrics`)")
+    DRIFT_WINDOW_SECONDS: int = Field(3600, ge=60, le=604_800, description="the window `/drift` and `/metrics` compare with the baseline, in 60 slots")
+    DRIFT_MIN_ROWS: int = Field(500, ge=50, description="rows a window needs before distances are given (below: `insufficient_data`)")
+    DRIFT_PSI_WARN: float = Field(0.1, gt=0, allow_inf_nan=False, description="PSI above which a feature or the prediction is `warn` (and above 3x its noise floor)")
+    DRIFT_PSI_ALERT: float = Field(0.25, gt=0, allow_inf_nan=False, description="PSI above which it is `alert`; above `DRIFT_PSI_WARN`")
+    DRIFT_MAX_ROWS_PER_REQUEST: Positive = Field(1_000, description="rows of one request counted for drift (evenly spaced)")
     # gunicorn (gunicorn.conf.py)
     HOST: str | None = Field(None, description="where gunicorn listens (`make run` and gunicorn.conf.py: `127.0.0.1`; `make serve`: `0.0.0.0`)")
     PORT: int = Field(8000, ge=1, le=65535, description="the port gunicorn listens on")
@@ -156,6 +163,10 @@ class Settings(BaseSettings):
     def _derived(self) -> Settings:
         if self.TRAIN_EXECUTOR == "celery" and not self.CELERY_BROKER_URL:
             raise ValueError("TRAIN_EXECUTOR=celery needs CELERY_BROKER_URL (redis://... or sqs://...)")
+        if self.DRIFT_PSI_ALERT <= self.DRIFT_PSI_WARN:
+            raise ValueError(
+                f"DRIFT_PSI_ALERT ({self.DRIFT_PSI_ALERT}) must be above DRIFT_PSI_WARN ({self.DRIFT_PSI_WARN})"
+            )
         if not self.STATE_DIR:
             object.__setattr__(self, "STATE_DIR", str(default_state_dir(self.MLFLOW_TRACKING_URI)))
         return self

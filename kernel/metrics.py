@@ -119,8 +119,11 @@ def metrics():
     else:
         text = generate_latest()
     store = current_app.extensions.get("model_store")
-    if store is not None:
-        active = CollectorRegistry()
-        active.register(ActiveModelCollector(store))
-        text += generate_latest(active)
+    collectors = [ActiveModelCollector(store)] if store is not None else []
+    collectors += current_app.extensions.get("metrics_collectors", [])  # computed at scrape (drift)
+    if collectors:
+        computed = CollectorRegistry()
+        for collector in collectors:
+            computed.register(collector)
+        text += generate_latest(computed)
     return Response(text, mimetype=CONTENT_TYPE_LATEST)

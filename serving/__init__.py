@@ -19,7 +19,8 @@ def init_app(
     `bootstrap` trains the default model when the registry is empty (the composition root passes it
     for the `all` role). The store's `catch_up` is offered to the other half as `app.extensions["catch_up"]`.
     """
-    from serving import api_doc, views
+    from serving import api_doc, drift_views, views
+    from serving.drift import DriftMonitor
     from serving.model_store import ModelStore
 
     store = ModelStore(
@@ -27,7 +28,10 @@ def init_app(
     )
     app.extensions["model_store"] = store
     app.extensions["catch_up"] = store.catch_up
+    app.extensions["drift"] = DriftMonitor(settings)
+    app.extensions.setdefault("metrics_collectors", []).append(drift_views.DriftCollector(app))
     app.extensions.setdefault("openapi_extenders", []).append(api_doc.document)
     app.register_blueprint(views.bp)
+    app.register_blueprint(drift_views.bp)
     if settings.START_MODEL_STORE:
         store.start(watch=settings.WATCH_REGISTRY)

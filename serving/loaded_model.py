@@ -15,6 +15,7 @@ import numpy as np
 from marshmallow import Schema
 
 from kernel import model_format
+from kernel.drift_format import Baseline, read_baseline
 from kernel.errors import DomainError
 from kernel.registry import ModelRef
 from serving.arrays import Feature, fast_columns, onnx_probabilities, sklearn_frame
@@ -74,6 +75,9 @@ class LoadedModel:
     runtime: str = "sklearn"  # "onnx" or "sklearn": what answers this version's predictions
     runtime_reason: str = ""
     onnx_bytes: bytes | None = field(default=None, repr=False)  # the verified compiled form, when served
+    # The version's drift baseline (None: registered without one, or unreadable; predictions never need it).
+    baseline: Baseline | None = field(default=None, repr=False, compare=False)
+    baseline_reason: str = ""
     # This process's ONNX Runtime session: {"pid": ..., "session": ...}, made again after a fork (below).
     _session: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # Derived once per version, not per request.
@@ -203,6 +207,7 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         sklearn_form = SklearnForm(load=_load_later(path, flavor, ref))
     verdict = verdict or {}
     classes = _classes(verdict, sklearn_form, ref)
+    baseline, baseline_reason = read_baseline(path)
     model = LoadedModel(
         ref=ref,
         sklearn_form=sklearn_form,
@@ -214,6 +219,8 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
         runtime="onnx" if onnx_bytes is not None else "sklearn",
         runtime_reason=reason,
         onnx_bytes=onnx_bytes,
+        baseline=baseline,
+        baseline_reason=baseline_reason,
     )
     if onnx_bytes is not None:
         try:

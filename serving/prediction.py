@@ -159,8 +159,12 @@ def probability_objects(keys: tuple[str, ...]):
     return namespace["build"]
 
 
-def predict(model: LoadedModel, body, max_rows: int) -> dict:
-    """Predict on a request body: labels and, where the estimator has them, class probabilities."""
+def predict(model: LoadedModel, body, max_rows: int, observe=None) -> dict:
+    """Predict on a request body: labels and, where the estimator has them, class probabilities.
+
+    `observe(model, columns, labels)` hears the validated columns and the labels of an answered request
+    (the drift counter): nothing is parsed twice.
+    """
     rows, key = parse_rows(body, model.feature_names)
     columns = validate_rows(model, rows, key, max_rows)
     answer = {"model": model.answer_model}
@@ -176,4 +180,6 @@ def predict(model: LoadedModel, body, max_rows: int) -> dict:
         answer["probabilities"] = probability_objects(tuple(model.class_keys))(answered)
     else:
         answer["predictions"] = model.estimator.predict(sklearn_frame(model, columns)).tolist()
+    if observe is not None:
+        observe(model, columns, answer["predictions"])
     return answer

@@ -66,7 +66,7 @@ def predict_view():
     model = active_model()
     body = scoring_body(model)
     try:
-        answer = predict(model, body, current_settings().MAX_BATCH_ROWS)
+        answer = predict(model, body, current_settings().MAX_BATCH_ROWS, current_app.extensions["drift"].observe)
     except BadInput as exc:
         raise APIError(400, "invalid_input", exc.message, errors=exc.errors, example=model.example) from exc
     count_predictions(model.ref.name, model.ref.version, len(answer["predictions"]))

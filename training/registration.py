@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -10,10 +12,14 @@ import mlflow
 import mlflow.sklearn
 from mlflow.models import infer_signature
 
+from kernel.drift_format import BASELINE_ERROR_TAG, BASELINE_FILE, BASELINE_TAG
 from kernel.model_format import ONNX_FILE, write_verdict
 from kernel.registry import ModelRef, translate_errors
 from kernel.trusted_types import TRUSTED_TYPES
+from training.baseline import baseline_bytes
 from training.compile import compile_pipeline
+
+log = logging.getLogger(__name__)
 
 
 def _pinned_requirements() -> list[str]:
@@ -54,6 +60,9 @@ def log_model_version(
         if compiled.onnx is not None:
             (Path(folder) / ONNX_FILE).write_bytes(compiled.onnx)
             extra_files.append(str(Path(folder) / ONNX_FILE))
+        drift_tags = _write_baseline(Path(folder), model, features, holdout)
+        if BASELINE_TAG in drift_tags:
+            extra_files.append(str(Path(folder) / BASELINE_FILE))
         info = mlflow.sklearn.log_model(
             model,
             name="model",
@@ -67,6 +76,19 @@ def log_model_version(
         )
     mlflow.set_tags({"runtime": compiled.runtime, "runtime_reason": compiled.reason})
     version_tags = {**tags, "metrics": json.dumps(metrics), "runtime": compiled.runtime,
-                    "runtime_reason": compiled.reason}  # fmt: skip
+                    "runtime_reason": compiled.reason, **drift_tags}  # fmt: skip
     created = translate_errors(mlflow.register_model)(info.model_uri, model_name, tags=version_tags)
     return ModelRef(created.name, str(created.version))
+
+
+def _write_baseline(folder: Path, model, features, holdout) -> dict:
+    """Write the drift baseline beside the model; its tags (the sha256, or why there is none). Never fails."""
+    try:
+        rows = features.head(0) if holdout is None else holdout
+        predicted = model.predict(rows).tolist() if len(rows) else []
+        content = baseline_bytes(features, predicted, model.classes_.tolist())
+        (folder / BASELINE_FILE).write_bytes(content)
+        return {BASELINE_TAG: hashlib.sha256(content).hexdigest()}
+    except Exception as exc:  # like compile_pipeline: a baseline never fails a registration
+        log.warning("no drift baseline for this version: %s", exc)
+        return {BASELINE_ERROR_TAG: f"{type(exc).__name__}: {exc}"[:500]}

@@ -1,0 +1,133 @@
+"""Drift: do the served inputs and predicted classes still look like the version's training rows?
+
+Distances, not p-values, so a large window does not flag every column: PSI and the Jensen-Shannon distance
+(base 2, 0 to 1) on smoothed fractions (count + 0.5) / (n + 0.5 * cells). A level is `warn` above the warn
+PSI and `alert` above the alert PSI, and never below 3 x the noise floor, the PSI expected with no drift at
+these sizes: (cells - 1) x (1 / window rows + 1 / reference rows). numpy only (the compiled-only Lambda
+package has no scipy).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from kernel.drift_format import Baseline
+from serving.drift_counts import VersionCounts, merged, row_cells
+
+SMOOTHING = 0.5
+
+
+def fractions(counts: np.ndarray) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.float64)
+    return (counts + SMOOTHING) / (counts.sum() + SMOOTHING * counts.size)
+
+
+def distances(live: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """PSI and the Jensen-Shannon distance (base 2) between two count vectors over the same cells."""
+    p, q = fractions(live), fractions(reference)
+    psi = float(np.sum((p - q) * np.log(p / q)))
+    m = (p + q) / 2
+    divergence = 0.5 * float(np.sum(p * np.log2(p / m))) + 0.5 * float(np.sum(q * np.log2(q / m)))
+    return psi, float(np.sqrt(max(divergence, 0.0)))
+
+
+def noise_floor(cells: int, live_rows: int, reference_rows: int) -> float:
+    """The PSI expected between two samples of one distribution at these sizes."""
+    return (cells - 1) * (1 / max(live_rows, 1) + 1 / max(reference_rows, 1))
+
+
+def level(psi: float, noise: float, warn: float, alert: float) -> str:
+    if psi > max(alert, 3 * noise):
+        return "alert"
+    if psi > max(warn, 3 * noise):
+        return "warn"
+    return "ok"
+
+
+def _shares(counts: np.ndarray, keys) -> dict:
+    total = counts.sum()
+    return {str(key): round(float(c / total), 6) if total else 0.0 for key, c in zip(keys, counts)}
+
+
+def _feature_report(cells, live: np.ndarray, rows: int, limits) -> dict:
+    counts = live[cells.offset : cells.offset + cells.size]
+    psi, js = distances(counts, cells.reference)
+    noise = noise_floor(cells.size, rows, int(cells.reference.sum()))
+    entry = {
+        "name": cells.name, "kind": cells.kind, "psi": round(psi, 6), "js": round(js, 6), "noise": round(noise, 6),
+        "level": level(psi, noise, *limits),
+        "missing": {"live": round(float(counts[-1] / max(rows, 1)), 6),
+                    "reference": round(float(cells.reference[-1] / max(cells.reference.sum(), 1)), 6)},
+    }  # fmt: skip
+    if cells.kind == "number":
+        flagged = live[cells.offset + cells.size : cells.offset + cells.size + 2].sum()
+        entry["out_of_range"] = round(float(flagged / max(rows, 1)), 6)
+    return entry
+
+
+def report(baseline: Baseline, rows: int, live: np.ndarray, min_rows: int, warn: float, alert: float) -> dict:
+    """/drift's entry for one version from its merged counts: distances and rates, never edges or values."""
+    entry = {"rows": rows, "baseline": {"sha256": baseline.sha256, "rows": baseline.rows,
+                                        "holdout_rows": baseline.holdout_rows}}  # fmt: skip
+    if rows < min_rows:
+        return {**entry, "status": "insufficient_data", "min_rows": min_rows, "features": []}
+    limits = (warn, alert)
+    features = sorted((_feature_report(c, live, rows, limits) for c in baseline.features), key=lambda f: -f["psi"])
+    predicted = live[baseline.prediction_offset : baseline.prediction_offset + len(baseline.classes)]
+    psi, js = distances(predicted, baseline.prediction_reference)
+    noise = noise_floor(len(baseline.classes), int(predicted.sum()), baseline.holdout_rows)
+    prediction = {"psi": round(psi, 6), "js": round(js, 6), "noise": round(noise, 6), "level": level(psi, noise, *limits),
+                  "live": _shares(predicted, baseline.classes),
+                  "reference": _shares(baseline.prediction_reference, baseline.classes)}  # fmt: skip
+    levels = {f["level"] for f in features} | {prediction["level"]}
+    status = "alert" if "alert" in levels else "warn" if "warn" in levels else "ok"
+    return {**entry, "status": status, "prediction": prediction, "features": features}
+
+
+class DriftMonitor:
+    """This process's drift counts per served version, and the merged view every worker can give."""
+
+    def __init__(self, settings):
+        self.enabled = settings.DRIFT_ENABLED
+        self.window = settings.DRIFT_WINDOW_SECONDS
+        self.slot_seconds = self.window / 60
+        self.max_rows = settings.DRIFT_MAX_ROWS_PER_REQUEST
+        self.min_rows = settings.DRIFT_MIN_ROWS
+        self.limits = (settings.DRIFT_PSI_WARN, settings.DRIFT_PSI_ALERT)
+        self.folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self._counts: dict[tuple[str, int], VersionCounts] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def scope(self) -> str:
+        return "instance" if self.folder else "process"
+
+    def _for(self, baseline: Baseline) -> VersionCounts:
+        key = (baseline.sha256, os.getpid())  # a forked worker makes its own file
+        counts = self._counts.get(key)
+        if counts is None:
+            with self._lock:
+                counts = self._counts.get(key)
+                if counts is None:
+                    counts = self._counts[key] = VersionCounts(baseline, self.slot_seconds, self.folder)
+        return counts
+
+    def observe(self, model, columns: dict, labels: list) -> None:
+        """Count one answered request's rows against the version's baseline (no baseline: nothing to count)."""
+        baseline = model.baseline
+        if not self.enabled or baseline is None:
+            return
+        cells, rows = row_cells(baseline, columns, labels, self.max_rows)
+        self._for(baseline).add(cells, rows)
+
+    def version_report(self, model, window: int) -> dict:
+        entry = {"name": model.ref.name, "version": model.ref.version, "route": "stable"}
+        if model.baseline is None:
+            return {**entry, "rows": 0, "status": "no_baseline", "reason": model.baseline_reason}
+        baseline = model.baseline
+        local = self._counts.get((baseline.sha256, os.getpid()))
+        rows, live = merged(baseline, window, self.slot_seconds, self.folder, local)
+        return {**entry, **report(baseline, rows, live, self.min_rows, *self.limits)}

@@ -1,0 +1,131 @@
+"""Drift counts: each served row's cells against its version's baseline, in time slots, merged across workers.
+
+Each process keeps, per served version, an int64 array of SLOTS time slots, each holding the slot's number
+(time // slot length), its rows, and one count per cell of the baseline (`kernel.drift_format`). With
+PROMETHEUS_MULTIPROC_DIR (gunicorn) the array is a memory-mapped file, `drift_<sha256[:12]>_<pid>.counts`,
+so a write is a memory write under a lock, with no system call, and a reader (any worker) sums every
+process's file, dead workers' included (their counts were real), as Prometheus does for counters. The
+suffix is not `.db`, so Prometheus's collector skips these files; gunicorn's `on_starting` clears them with
+the rest. Without the folder (Lambda, one process) the arrays stay in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kernel.drift_format import Baseline, FeatureCells, number_bins, text_key
+
+SLOTS = 60
+_HEADER = 2  # per slot: its number, its rows
+
+
+def _sampled(n_rows: int, max_rows: int) -> np.ndarray | None:
+    """Evenly spaced row indices when a batch has more rows than are counted; None: every row."""
+    if n_rows <= max_rows:
+        return None
+    return np.linspace(0, n_rows - 1, max_rows).round().astype(np.int64)
+
+
+def _number_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) -> list[np.ndarray]:
+    array = np.array(values, dtype=np.float32)  # None: NaN
+    if picked is not None:
+        array = array[picked]
+    bins = number_bins(array, cells.edges)
+    found = [cells.offset + np.where(bins < 0, cells.size - 1, bins)]
+    with np.errstate(invalid="ignore"):
+        below, above = array < np.float32(cells.low), array > np.float32(cells.high)
+    if below.any():
+        found.append(np.full(int(below.sum()), cells.offset + cells.size))
+    if above.any():
+        found.append(np.full(int(above.sum()), cells.offset + cells.size + 1))
+    return found
+
+
+def _keyed_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) -> np.ndarray:
+    if picked is not None:
+        values = [values[i] for i in picked]
+    other, missing = cells.size - 2, cells.size - 1  # booleans have no `other`: an unknown key cannot occur
+    lookup = cells.values
+    keys = (text_key(value) for value in values)
+    return cells.offset + np.fromiter(
+        (missing if key is None else lookup.get(key, other) for key in keys), dtype=np.int64, count=len(values)
+    )
+
+
+def row_cells(baseline: Baseline, columns: dict, labels: list, max_rows: int) -> tuple[np.ndarray, int]:
+    """Every cell the rows fall in (one per feature and row, one per class predicted, the flags), and the rows."""
+    n_rows = len(labels)
+    picked = _sampled(n_rows, max_rows)
+    found: list[np.ndarray] = []
+    for cells in baseline.features:
+        values = columns[cells.name]
+        if cells.kind == "number":
+            found.extend(_number_cells(cells, values, picked))
+        else:
+            found.append(_keyed_cells(cells, values, picked))
+    classes = baseline.class_cells
+    chosen = labels if picked is None else [labels[i] for i in picked]
+    predicted = [classes.get(str(label)) for label in chosen]
+    found.append(np.fromiter((c for c in predicted if c is not None), dtype=np.int64))
+    return np.concatenate(found), n_rows if picked is None else len(picked)
+
+
+class VersionCounts:
+    """This process's slots for one version's baseline (a file under `folder`, or memory)."""
+
+    def __init__(self, baseline: Baseline, slot_seconds: float, folder: str | None):
+        self.baseline = baseline
+        self.slot_seconds = slot_seconds
+        self.lock = threading.Lock()
+        shape = (SLOTS, _HEADER + baseline.cells)
+        if folder:
+            path = Path(folder) / f"drift_{baseline.sha256[:12]}_{os.getpid()}.counts"
+            self.slots = np.memmap(path, dtype=np.int64, mode="r+" if path.exists() else "w+", shape=shape)
+        else:
+            self.slots = np.zeros(shape, dtype=np.int64)
+
+    def add(self, cells: np.ndarray, rows: int, now: float | None = None) -> None:
+        number = int((time.time() if now is None else now) // self.slot_seconds)
+        counts = np.bincount(cells, minlength=self.baseline.cells)
+        with self.lock:
+            slot = self.slots[number % SLOTS]
+            if slot[0] != number:  # a slot from a window ago: reused
+                slot[:] = 0
+                slot[0] = number
+            slot[1] += rows
+            slot[_HEADER:] += counts
+
+
+def merged(baseline: Baseline, window_seconds: float, slot_seconds: float, folder: str | None, local=None,
+           now: float | None = None) -> tuple[int, np.ndarray]:  # fmt: skip
+    """The rows and cell counts of the last `window_seconds`, summed over every process's slots for the baseline.
+
+    `local` is this process's own VersionCounts (read from memory when there is no folder). Files whose newest
+    slot is older than the whole ring are deleted.
+    """
+    current = int((time.time() if now is None else now) // slot_seconds)
+    oldest = current - max(1, int(np.ceil(window_seconds / slot_seconds))) + 1
+    sources = []
+    if folder:
+        for path in Path(folder).glob(f"drift_{baseline.sha256[:12]}_*.counts"):
+            try:
+                slots = np.fromfile(path, dtype=np.int64).reshape(SLOTS, _HEADER + baseline.cells)
+            except (OSError, ValueError):
+                continue  # a file being created, or of another layout
+            if slots[:, 0].max() < current - SLOTS and path != getattr(local, "path", None):
+                path.unlink(missing_ok=True)
+                continue
+            sources.append(slots)
+    elif local is not None:
+        sources.append(np.array(local.slots))
+    rows, counts = 0, np.zeros(baseline.cells, dtype=np.int64)
+    for slots in sources:
+        recent = (slots[:, 0] >= oldest) & (slots[:, 0] <= current)
+        rows += int(slots[recent, 1].sum())
+        counts += slots[recent, _HEADER:].sum(axis=0)
+    return rows, counts
