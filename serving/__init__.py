@@ -30,7 +30,7 @@ def init_app(
     app.extensions["catch_up"] = store.catch_up
     app.extensions["drift"] = DriftMonitor(settings)
     app.extensions.setdefault("metrics_collectors", []).append(drift_views.DriftCollector(app))
-    app.extensions.setdefault("openapi_extenders", []).append(api_doc.document)
+    app.extensions.setdefault("openapi_extenders", []).extend([api_doc.document, drift_views.document])
     app.register_blueprint(views.bp)
     app.register_blueprint(drift_views.bp)
     if settings.START_MODEL_STORE:

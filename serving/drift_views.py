@@ -84,3 +84,38 @@ class DriftCollector:
             for level in LEVELS:
                 levels.add_metric([*key, level], sum(f["level"] == level for f in entry["features"]))
         yield from (psi, js, prediction, rows, levels)
+
+
+DRIFT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "window_seconds": {"type": "integer"},
+        "scope": {"type": "string", "enum": ["instance", "process"]},
+        "enabled": {"type": "boolean"},
+        "models": {"type": "array", "items": {"type": "object", "required": ["name", "version", "rows", "status"]}},
+    },
+    "required": ["window_seconds", "scope", "models"],
+}
+
+
+def document(spec) -> None:
+    """Add GET /drift to the app's OpenAPI document."""
+    spec.components.schema("Drift", DRIFT_SCHEMA)
+    limit = current_settings().DRIFT_WINDOW_SECONDS
+    window = {"name": "window", "in": "query", "required": False,
+              "example": limit, "schema": {"type": "integer", "minimum": 60, "maximum": limit, "default": limit}}  # fmt: skip
+    served = served_models()
+    examples = {"name": served[0].ref.name, "version": served[0].ref.version} if served else {}
+    # Without them, every served version. The active version as the schema's default: what Postman fills in.
+    names = [{"name": key, "in": "query", "required": False,
+              "schema": {"type": "string", "minLength": 1, **({"default": examples[key]} if examples else {})}}
+             for key in ("name", "version")]  # fmt: skip
+    json = "application/json"
+    responses = {
+        "200": {"description": "distances per served version", "content": {json: {"schema": "Drift"}}},
+        "400": {"description": "a bad window or an unknown parameter", "content": {json: {"schema": "Error"}}},
+        "404": {"description": "that version is not served here", "content": {json: {"schema": "Error"}}},
+    }
+    operation = {"summary": "Input and prediction drift against the served versions' baselines",
+                 "parameters": [window, *names], "responses": responses}  # fmt: skip
+    spec.path("/drift", operations={"get": operation})
