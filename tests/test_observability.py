@@ -24,7 +24,8 @@ TOKEN = "observability-test-token-" + uuid.uuid4().hex
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("observability")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "API_TOKEN": TOKEN, "LOG_FORMAT": "json"}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "API_TOKEN": TOKEN, "LOG_FORMAT": "json",
+           "DRIFT_MIN_ROWS": "50"}  # fmt: skip
     service = Service(env, folder, workers=2).start()
     yield service
     service.stop()
@@ -138,6 +139,8 @@ def test_queries_are_parsed_as_expected():
 
 def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
     requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30)
+    # Enough rows for the drift distances (DRIFT_MIN_ROWS=50): their gauges are exported from then on.
+    assert requests.post(f"{service.url}/predict", json={"records": [IRIS_ROW] * 60}, timeout=30).status_code == 200
     text = requests.get(f"{service.url}/metrics", timeout=30).text
     labels: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
@@ -148,7 +151,7 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
         for name, used in queried_metrics(query).items():
             queried.setdefault(name, set()).update(used)
     assert {"http_requests_total", "http_request_duration_seconds_bucket", "training_jobs_total",
-            "active_model_info"} <= set(queried)  # fmt: skip
+            "active_model_info", "model_feature_psi", "model_prediction_psi", "model_drift_rows"} <= set(queried)  # fmt: skip
     for name, used in queried.items():
         assert name in labels, f"{name} is queried but not in /metrics"
         assert used <= labels[name], f"{name}: labels {used - labels[name]} are queried but not exported"
