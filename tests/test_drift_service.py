@@ -1,0 +1,111 @@
+"""Drift on gunicorn with 2 workers: a model trained through /train on a generated CSV, counted across workers."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import AUTH, TOKEN
+from tests.servers import Service
+from tests.test_drift import generate
+
+pytestmark = pytest.mark.drill
+
+
+def labelled(rows: int, seed: int):
+    frame = generate(rows, seed)
+    frame["label"] = np.where(frame["age"] + 10 * frame["score"] > 45, "yes", "no")
+    return frame
+
+
+def json_rows(frame) -> list[dict]:
+    """Rows as a client sends them to this model: a CSV's True/False column was trained as text."""
+    return [{k: (None if isinstance(v, float) and v != v else str(v) if isinstance(v, bool) else v)
+             for k, v in row.items()} for row in frame.drop(columns="label").to_dict("records")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("drift")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "API_TOKEN": TOKEN, "LOG_FORMAT": "json"}
+    service = Service(env, folder, workers=2).start()
+    csv = io.StringIO()
+    labelled(20_000, seed=1).to_csv(csv, index=False)
+    answer = requests.post(f"{service.url}/train", headers=AUTH, timeout=600,
+                           data={"estimator": "LogisticRegression", "target": "label", "model_name": "drift-lr",
+                                 "wait": "true"},
+                           files={"file": ("customers.csv", csv.getvalue().encode(), "text/csv")})  # fmt: skip
+    assert answer.status_code == 201, answer.text
+    yield service
+    service.stop()
+
+
+def send(service, rows: list[dict], seed: int) -> tuple[int, set[str]]:
+    """Send the rows in batches of 1 to 100 on fresh connections (both workers answer); rows answered, pids."""
+    rng = np.random.default_rng(seed)
+    sent, pids, start = 0, set(), 0
+    while start < len(rows):
+        size = int(rng.integers(1, 101))
+        batch = rows[start : start + size]
+        answer = requests.post(f"{service.url}/predict", json={"records": batch}, timeout=30,
+                               headers={"Connection": "close"})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["name"] == "drift-lr"
+        sent += len(batch)
+        pids.add(answer.headers["X-Worker-Pid"])
+        start += size
+    return sent, pids
+
+
+def drift_of(service) -> dict:
+    [entry] = requests.get(f"{service.url}/drift", timeout=30).json()["models"]
+    return entry
+
+
+def metric(text: str, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    line = next(line for line in text.splitlines() if line.startswith(f"{name}{{{wanted}}}"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_no_drift_counted_exactly_across_both_workers(service):
+    sent, pids = send(service, json_rows(labelled(2_000, seed=50)), seed=1)
+    assert len(pids) == 2, f"one worker answered every batch: {pids}"
+    entry = drift_of(service)
+    assert entry["rows"] == sent == 2_000 and entry["status"] == "ok", entry
+    assert all(f["psi"] < 0.1 for f in entry["features"]) and entry["prediction"]["psi"] < 0.1
+    text = requests.get(f"{service.url}/metrics", timeout=30).text
+    version = entry["version"]
+    assert metric(text, "model_drift_rows", model="drift-lr", version=version) == 2_000
+    for feature in entry["features"]:
+        assert metric(text, "model_feature_psi", feature=feature["name"], model="drift-lr", version=version) == \
+            pytest.approx(feature["psi"])  # fmt: skip
+
+
+def test_a_shift_alerts_after_a_restart_and_a_killed_worker_keeps_its_counts(service):
+    service.stop()
+    service.start()  # gunicorn's on_starting clears the counts: the window starts empty
+    assert drift_of(service)["rows"] == 0
+    shifted = labelled(1_000, seed=60)
+    shifted["age"] += 3 * 12  # 3 sigma
+    sent, pids = send(service, json_rows(shifted), seed=2)
+    assert len(pids) == 2
+    before = drift_of(service)
+    os.kill(int(min(pids)), signal.SIGKILL)  # its file stays: its counts were real
+    service.wait_for_workers()
+    entry = drift_of(service)
+    assert entry["rows"] == before["rows"] == sent == 1_000
+    by_name = {f["name"]: f for f in entry["features"]}
+    assert by_name["age"]["level"] == "alert" and by_name["age"]["out_of_range"] > 0
+    assert all(f["psi"] < 0.1 for name, f in by_name.items() if name != "age"), by_name
+    # Rows from one class's region only: the predicted classes move.
+    service.stop()
+    service.start()
+    frame = labelled(4_000, seed=70)
+    sent, _ = send(service, json_rows(frame[frame["label"] == "yes"].head(1_000)), seed=4)
+    assert drift_of(service)["prediction"]["level"] == "alert"
