@@ -74,6 +74,10 @@ class FeatureCells:
     values: dict = field(default_factory=dict)  # text and booleans: key -> cell index within the feature
     low: float = float("nan")  # numbers: the training minimum and maximum
     high: float = float("nan")
+    # The same, as the plain floats a few rows are compared with (float32 values, as the arrays hold them).
+    edge_list: list = field(default_factory=list)
+    low32: float = float("nan")
+    high32: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ def _number_cells(name: str, spec: Mapping, offset: int) -> FeatureCells:
     low = float("nan") if spec.get("min") is None else float(spec["min"])
     high = float("nan") if spec.get("max") is None else float(spec["max"])
     reference = np.asarray([*counts, int(spec["missing"])], dtype=np.int64)
-    return FeatureCells(name, "number", offset, reference.size, reference, edges=edges, low=low, high=high)
+    return FeatureCells(name, "number", offset, reference.size, reference, edges=edges, low=low, high=high,
+                        edge_list=edges.tolist(), low32=float(np.float32(low)), high32=float(np.float32(high)))  # fmt: skip
 
 
 def _keyed_cells(name: str, kind: str, spec: Mapping, offset: int) -> FeatureCells:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from array import array
+from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +34,9 @@ def _sampled(n_rows: int, max_rows: int) -> np.ndarray | None:
 
 
 def _number_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) -> list[np.ndarray]:
-    array = np.array(values, dtype=np.float32)  # None: NaN
     if picked is not None:
-        array = array[picked]
+        values = [values[i] for i in picked]
+    array = np.array(values, dtype=np.float32)  # None: NaN
     bins = number_bins(array, cells.edges)
     found = [cells.offset + np.where(bins < 0, cells.size - 1, bins)]
     with np.errstate(invalid="ignore"):
@@ -55,6 +57,34 @@ def _keyed_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) -
     return cells.offset + np.fromiter(
         (missing if key is None else lookup.get(key, other) for key in keys), dtype=np.int64, count=len(values)
     )
+
+
+def small_cells(baseline: Baseline, columns: dict, labels: list) -> list[int]:
+    """row_cells for a few rows, in plain Python: bisect on the float32 edges, no numpy call setup.
+
+    `array("f", ...)` rounds each value to float32 as the numpy path does, so both put a value in one cell.
+    """
+    found = []
+    for cells in baseline.features:
+        values, offset = columns[cells.name], cells.offset
+        if cells.kind != "number":
+            other, missing, lookup = offset + cells.size - 2, offset + cells.size - 1, cells.values
+            found += [missing if (key := text_key(v)) is None else offset + lookup.get(key, other - offset)
+                      for v in values]  # fmt: skip
+            continue
+        if None in values:
+            found += [offset + cells.size - 1] * values.count(None)
+            values = [v for v in values if v is not None]
+        edges, low, high = cells.edge_list, cells.low32, cells.high32
+        for value in array("f", values):
+            found.append(offset + bisect_right(edges, value))
+            if value < low:
+                found.append(offset + cells.size)
+            elif value > high:
+                found.append(offset + cells.size + 1)
+    classes = baseline.class_cells
+    found += [classes[key] for key in map(str, labels) if key in classes]
+    return found
 
 
 def row_cells(baseline: Baseline, columns: dict, labels: list, max_rows: int) -> tuple[np.ndarray, int]:
@@ -88,17 +118,25 @@ class VersionCounts:
             self.slots = np.memmap(path, dtype=np.int64, mode="r+" if path.exists() else "w+", shape=shape)
         else:
             self.slots = np.zeros(shape, dtype=np.int64)
+        self.width = shape[1]
+        self.flat = memoryview(self.slots).cast("B").cast("q")  # item access without numpy's scalar boxing
 
-    def add(self, cells: np.ndarray, rows: int, now: float | None = None) -> None:
+    def add(self, cells, rows: int, now: float | None = None) -> None:
+        """Count rows falling in `cells` (a list of a few, added one by one, or an array, added by bincount)."""
         number = int((time.time() if now is None else now) // self.slot_seconds)
-        counts = np.bincount(cells, minlength=self.baseline.cells)
+        base = (number % SLOTS) * self.width
+        flat = self.flat
         with self.lock:
-            slot = self.slots[number % SLOTS]
-            if slot[0] != number:  # a slot from a window ago: reused
-                slot[:] = 0
-                slot[0] = number
-            slot[1] += rows
-            slot[_HEADER:] += counts
+            if flat[base] != number:  # a slot from a window ago: reused
+                self.slots[number % SLOTS] = 0
+                flat[base] = number
+            flat[base + 1] += rows
+            if isinstance(cells, list):
+                start = base + _HEADER
+                for cell in cells:
+                    flat[start + cell] += 1
+            else:
+                self.slots[number % SLOTS, _HEADER:] += np.bincount(cells, minlength=self.baseline.cells)
 
 
 def merged(baseline: Baseline, window_seconds: float, slot_seconds: float, folder: str | None, local=None,

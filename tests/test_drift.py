@@ -172,3 +172,14 @@ def test_bad_drift_queries_are_400(client, query, field):
 def test_a_version_not_served_is_404(client):
     answer = client.get("/drift?name=nope&version=1")
     assert answer.status_code == 404 and answer.get_json()["error"] == "not_served"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_plain_python_and_numpy_paths_count_the_same_cells(baseline, seed):
+    frame = generate(30, seed=200 + seed, shift=2.0 * (seed % 2))
+    frame.loc[frame.index[:3], "country"] = ["Z", None, "A"]  # an unseen value, a missing one
+    frame.loc[frame.index[3], "age"] = baseline.feature("age").edge_list[4]  # exactly on an edge
+    columns, labels = columns_of(frame), labels_of(frame)
+    from serving.drift_counts import small_cells
+
+    assert sorted(small_cells(baseline, columns, labels)) == sorted(row_cells(baseline, columns, labels, 1000)[0])

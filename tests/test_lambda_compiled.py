@@ -116,6 +116,7 @@ def test_compiled_version_answers_api_gateway_events(api, task_dir, s3, tracking
         make("POST", "/predict", stage=stage, body={"sepal_length_cm": "wide"}),
         make("GET", "/health", stage=stage),
         make("GET", "/ready", stage=stage),
+        make("GET", "/drift", stage=stage),
         make("POST", "/use-model", stage=stage, body=use_other, headers={"authorization": f"Bearer {TOKEN}"}),
         make("POST", "/train", stage=stage, body={"estimator": "GaussianNB", "dataset": "iris"}),
     ]
@@ -125,9 +126,9 @@ def test_compiled_version_answers_api_gateway_events(api, task_dir, s3, tracking
     assert [answer["statusCode"] for answer in warm_answers] == [200] * WARM_REQUESTS
     for answer in answers:
         assert answer["headers"]["Content-Type"].startswith("application/json"), answer
-    predict, batch, bad, health, ready, use_model, train = answers
+    predict, batch, bad, health, ready, drift, use_model, train = answers
     statuses = [answer["statusCode"] for answer in answers]
-    assert statuses == [200, 200, 400, 200, 200, 422, 404], answers
+    assert statuses == [200, 200, 400, 200, 200, 200, 422, 404], answers
     body = json.loads(predict["body"])
     assert body["predictions"] == ["setosa"]
     assert body["model"] == {"name": COMPILED, "version": "1", "runtime": "onnx"}
@@ -136,6 +137,9 @@ def test_compiled_version_answers_api_gateway_events(api, task_dir, s3, tracking
     assert json.loads(bad["body"])["error"] == "invalid_input"
     assert json.loads(health["body"]) == {"status": "ok", "role": "inference"}
     assert json.loads(ready["body"])["model"]["runtime"] == "onnx"
+    # Drift counts in this one process (numpy only: the package has no pandas or scipy); the 400 is not counted.
+    drift = json.loads(drift["body"])
+    assert drift["scope"] == "process" and [(m["name"], m["rows"]) for m in drift["models"]] == [(COMPILED, 3)]
     # A version without a compiled form cannot be served here; the compiled one keeps serving.
     refused = json.loads(use_model["body"])
     assert refused["error"] == "model_not_loadable"

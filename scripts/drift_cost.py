@@ -1,0 +1,41 @@
+"""What drift counting costs per request, in process: predict() with and without it, and observe() alone.
+
+Run: PYTHONPATH=. .venv/bin/python scripts/drift_cost.py  (serves the default model of the embedded store).
+The minimum of several repeats: the least noisy figure on a shared machine.
+"""
+
+import tempfile
+import timeit
+
+from service import create_app
+from serving.prediction import fast_columns, predict
+
+IRIS_ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4, "petal_width_cm": 0.2}
+
+
+def best(function, number: int) -> float:
+    return min(timeit.repeat(function, number=number, repeat=7)) / number
+
+
+def main() -> None:
+    folder = tempfile.mkdtemp(prefix="drift-cost-")
+    app = create_app({"MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "STATE_DIR": f"{folder}/state",
+                      "WATCH_REGISTRY": False, "LOG_LEVEL": "warning"})  # fmt: skip
+    model, drift = app.extensions["model_store"].get(), app.extensions["drift"]
+    print(
+        f"{model.ref.name} version {model.ref.version}, runtime {model.runtime}, baseline: {model.baseline is not None}"
+    )
+    for rows in (1, 10_000):
+        body = IRIS_ROW if rows == 1 else {"records": [IRIS_ROW] * rows}
+        number = 20_000 if rows == 1 else 10
+        off = best(lambda: predict(model, body, 50_000), number)  # noqa: B023
+        on = best(lambda: predict(model, body, 50_000, drift.observe), number)  # noqa: B023
+        columns = fast_columns(model, [IRIS_ROW] * rows)
+        labels = ["setosa"] * rows
+        alone = best(lambda: drift.observe(model, columns, labels), number)  # noqa: B023
+        print(f"{rows:>6} rows: predict() {off * 1e6:9.1f} us, with drift {on * 1e6:9.1f} us "
+              f"(+{(on / off - 1) * 100:.1f} %); observe() alone {alone * 1e6:.1f} us")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
