@@ -102,6 +102,12 @@ class DriftMonitor:
         self.folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self._counts: dict[tuple[str, int], VersionCounts] = {}
         self._lock = threading.Lock()
+        # On Lambda (one process per environment) the counts also go to CloudWatch as EMF lines.
+        self.emitter = None
+        if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and not self.folder:
+            from serving.drift_emf import Emitter
+
+            self.emitter = Emitter(self)
 
     @property
     def scope(self) -> str:
@@ -126,12 +132,18 @@ class DriftMonitor:
             self._for(baseline).add(small_cells(baseline, columns, labels), len(labels))
         else:
             self._for(baseline).add(*row_cells(baseline, columns, labels, self.max_rows))
+        if self.emitter is not None:
+            self.emitter.maybe_emit([model])
 
-    def version_report(self, model, window: int) -> dict:
+    def version_counts(self, model, window: int) -> tuple[dict, int, np.ndarray | None]:
+        """A served version's /drift entry, with the merged rows and cell counts it was computed from."""
         entry = {"name": model.ref.name, "version": model.ref.version, "route": "stable"}
         if model.baseline is None:
-            return {**entry, "rows": 0, "status": "no_baseline", "reason": model.baseline_reason}
+            return {**entry, "rows": 0, "status": "no_baseline", "reason": model.baseline_reason}, 0, None
         baseline = model.baseline
         local = self._counts.get((baseline.sha256, os.getpid()))
         rows, live = merged(baseline, window, self.slot_seconds, self.folder, local)
-        return {**entry, **report(baseline, rows, live, self.min_rows, *self.limits)}
+        return {**entry, **report(baseline, rows, live, self.min_rows, *self.limits)}, rows, live
+
+    def version_report(self, model, window: int) -> dict:
+        return self.version_counts(model, window)[0]

@@ -44,10 +44,13 @@ def columns_of(frame: pd.DataFrame) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baseline():
-    train = generate(15_000, seed=1)
-    holdout = generate(5_000, seed=2)
-    return parse_baseline(baseline_bytes(train, labels_of(holdout), CLASSES))
+def baseline_text() -> bytes:
+    return baseline_bytes(generate(15_000, seed=1), labels_of(generate(5_000, seed=2)), CLASSES)
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_text):
+    return parse_baseline(baseline_text)
 
 
 def live_report(baseline, frame: pd.DataFrame, min_rows: int = 500) -> dict:
@@ -183,3 +186,44 @@ def test_the_plain_python_and_numpy_paths_count_the_same_cells(baseline, seed):
     from serving.drift_counts import small_cells
 
     assert sorted(small_cells(baseline, columns, labels)) == sorted(row_cells(baseline, columns, labels, 1000)[0])
+
+
+def test_lambda_environments_emit_emf_lines_that_merge(baseline, baseline_text, tmp_path, monkeypatch):
+    """Each Lambda environment prints EMF and raw count lines; the merge CLI sums environments exactly."""
+    import io
+    import types
+
+    from serving import drift_emf
+    from serving.drift import DriftMonitor
+
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "model-serving")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setattr(drift_emf, "EMIT_SECONDS", 0.0)
+    settings = types.SimpleNamespace(DRIFT_ENABLED=True, DRIFT_WINDOW_SECONDS=3600, DRIFT_MAX_ROWS_PER_REQUEST=1000,
+                                     DRIFT_MIN_ROWS=500, DRIFT_PSI_WARN=0.1, DRIFT_PSI_ALERT=0.25)  # fmt: skip
+    model = types.SimpleNamespace(ref=types.SimpleNamespace(name="m", version="3"), baseline=baseline,
+                                  baseline_reason="ok")  # fmt: skip
+    logs = []
+    for environment in range(3):  # three environments, 400 shifted rows each
+        out = io.StringIO()
+        monitor = DriftMonitor(settings)
+        monitor.emitter.out = out
+        frame = generate(400, seed=300 + environment, shift=3.0)
+        monitor.observe(model, columns_of(frame), labels_of(frame))
+        lines = out.getvalue().splitlines()
+        emf = json.loads(lines[0])
+        assert emf["_aws"]["CloudWatchMetrics"][0]["Namespace"] == drift_emf.NAMESPACE
+        assert (emf["model"], emf["version"], emf["DriftRows"], emf["status"]) == ("m", "3", 400, "insufficient_data")
+        logs += lines
+    (tmp_path / "baseline.json").write_bytes(baseline_text)
+    (tmp_path / "cloudwatch.log").write_text("START RequestId: 1\n" + "\n".join(logs) + "\n")
+    merged_entry = drift_emf.merge(logs, baseline_text)
+    assert merged_entry["environments"] == 3 and merged_entry["rows"] == 1200
+    assert {f["name"]: f["level"] for f in merged_entry["features"]}["age"] == "alert"
+    # The CLI reads an export of the log group, other lines included.
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    assert (
+        drift_emf.main(["merge", "--baseline", str(tmp_path / "baseline.json"), str(tmp_path / "cloudwatch.log")]) == 0
+    )
+    assert json.loads(out.getvalue()) == json.loads(json.dumps(merged_entry))
