@@ -21,11 +21,18 @@ def init_app(
     """
     from serving import api_doc, views
     from serving.model_store import ModelStore
+    from serving.versions import Versions
 
     store = ModelStore(
-        registry, Path(settings.STATE_DIR), settings.ACTIVE_POLL_SECONDS, bootstrap, settings.SERVING_RUNTIME
+        registry,
+        Path(settings.STATE_DIR),
+        settings.ACTIVE_POLL_SECONDS,
+        bootstrap,
+        settings.SERVING_RUNTIME,
+        settings.SERVING_CACHE_VERSIONS,
     )
     app.extensions["model_store"] = store
+    app.extensions["versions"] = Versions(store, settings.ACTIVE_POLL_SECONDS)
     app.extensions["catch_up"] = store.catch_up
     app.extensions.setdefault("openapi_extenders", []).append(api_doc.document)
     app.register_blueprint(views.bp)
