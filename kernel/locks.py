@@ -38,8 +38,7 @@ class KeptLock:
             return True
         self._handle = None  # a lock taken before a fork belongs to the parent
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a")  # noqa: SIM115 - kept open while held
+            handle = self._open()
         except OSError:
             return True
         try:
@@ -49,6 +48,16 @@ class KeptLock:
             return False
         self._handle, self._pid = handle, os.getpid()
         return True
+
+    def _open(self):
+        """The lock file, opened for reading only: a file held open for writing would stop the folder
+        from being remounted read-only."""
+        try:
+            return open(self.path, "rb")  # noqa: SIM115 - kept open while held
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            open(self.path, "ab").close()
+            return open(self.path, "rb")  # noqa: SIM115 - kept open while held
 
     def release(self) -> None:
         """Let the lock go (closing the file releases it), if this process holds it."""

@@ -2,13 +2,14 @@
 
 The pointer file says which version the workers of one machine serve and what the last read of the
 alias found (`ok`, `missing`, `conflict` with the holders). It is a cache of the MLflow alias, never the
-truth: the poller rewrites it from the alias. The generation (`<state dir>/generation`, 8 bytes mapped
-into every worker's memory) is bumped after each rewrite, so a request sees a change with one memory
-read instead of a `stat` of the file.
+truth: the poller rewrites it from the alias. The generation (8 bytes in shared memory, mapped into every
+worker's memory) is bumped after each rewrite, so a request sees a change with one memory read instead
+of a `stat` of the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -20,6 +21,17 @@ from pathlib import Path
 from kernel.registry import AliasState, ModelRef
 
 _COUNTER = struct.Struct("<Q")
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def generation_path(state_dir: Path) -> Path:
+    """Where a state folder's generation lives: in shared memory (/dev/shm), named after the folder, so
+    that nothing in the state folder stays open for writing (it can be remounted read-only); in the
+    folder itself where there is no /dev/shm (AWS Lambda, macOS)."""
+    if SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK):
+        digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:20]
+        return SHARED_MEMORY / f"model-serving-{digest}.generation"
+    return Path(state_dir) / "generation"
 
 
 @dataclass(frozen=True)
@@ -84,11 +96,11 @@ class Generation:
     """A counter shared by the processes of one machine through a mapped file: read without a system call.
 
     Bumped (under the machine's activate lock) after every rewrite of the pointer. Where the file cannot
-    be created or mapped (a read-only state folder at start), `value()` falls back to the pointer's stat.
+    be created or mapped, `value()` falls back to the pointer's stat.
     """
 
     def __init__(self, state_dir: Path, pointer: Pointer):
-        self.path = Path(state_dir) / "generation"
+        self.path = generation_path(state_dir)
         self.pointer = pointer
         self._map: mmap.mmap | None = None
         self._open()
@@ -97,7 +109,7 @@ class Generation:
         """Map the counter for reading and writing; on failure leave it unmapped (the stat stands in)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return
         try:
