@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,9 @@ class AliasState:
     The same read will carry a rollout's spec (issue 16, section 3)."""
 
     holders: tuple[ModelRef, ...] = ()
+    models: int = field(
+        default=0, compare=False
+    )  # registered models seen by the read: 0 is an empty registry (the default model's cue)
 
     @property
     def status(self) -> str:

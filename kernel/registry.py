@@ -167,19 +167,24 @@ class Registry:
         entries.sort(key=lambda e: (e["created_at"] or "", e["name"], int(e["version"])), reverse=True)
         return entries
 
-    @translate_errors
     def search_aliases(self) -> dict[tuple[str, str], list[str]]:
         """Aliases by (name, version): version searches do not return them, registered models do."""
+        return self._search_registered_models()[0]
+
+    @translate_errors
+    def _search_registered_models(self) -> tuple[dict[tuple[str, str], list[str]], int]:
+        """Aliases by (name, version), and how many models are registered: one search, all pages."""
         aliases: dict[tuple[str, str], list[str]] = {}
-        token = None
+        token, models = None, 0
         while True:
             page = self.client.search_registered_models(max_results=1000, page_token=token)
             for model in page:
+                models += 1
                 for alias, version in (model.aliases or {}).items():
                     aliases.setdefault((model.name, str(version)), []).append(alias)
             token = page.token
             if not token:
-                return aliases
+                return aliases, models
 
     @translate_errors
     def get_model_version(self, name: str, version: str) -> ModelRef:
@@ -208,10 +213,9 @@ class Registry:
 
     def read_alias_state(self) -> AliasState:
         """Which versions carry the active alias: one search of the registered models (all pages), no more."""
-        holders = [
-            ModelRef(name, version) for (name, version), names in self.search_aliases().items() if self.alias in names
-        ]
-        return AliasState(tuple(sorted(holders, key=lambda ref: (ref.name, int(ref.version)))))
+        aliases, models = self._search_registered_models()
+        holders = [ModelRef(name, version) for (name, version), names in aliases.items() if self.alias in names]
+        return AliasState(tuple(sorted(holders, key=lambda ref: (ref.name, int(ref.version)))), models)
 
     def get_active_model(self) -> ModelRef | None:
         """The version the active alias is on; None when no model carries it, or more than one does."""

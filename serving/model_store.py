@@ -160,7 +160,7 @@ class ModelStore:
     def _follow_registry(self) -> None:
         alias = self.registry.read_alias_state()
         ref = alias.active
-        if ref is None and not alias.holders and self.current is None and self.bootstrap is not None:
+        if ref is None and alias.models == 0 and self.current is None and self.bootstrap is not None:
             ref = self._bootstrap()
             alias = AliasState((ref,)) if ref else alias
         if ref is None:
