@@ -83,10 +83,11 @@ class Settings(BaseSettings):
     MLFLOW_TRACKING_URI: Name = Field(f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}", description="the MLflow store; for a SQLite file, artifacts go to `artifacts/` beside it, so an empty folder is a complete, separate store")
     MLFLOW_EXPERIMENT_NAME: Name = Field("model-serving", description="the experiment holding the service's runs and its active-model pointer")
     DEFAULT_MODEL_NAME: Name = Field("iris-RandomForestClassifier", description="the model trained and served on a first start with an empty registry")
-    ACTIVE_ALIAS: Name = Field("active", description="the MLflow alias that marks the version every instance serves")
+    ACTIVE_ALIAS: Name = Field("active", description="the MLflow alias that decides which version every instance serves (checked at start against MLflow's alias rules); move it with `/use-model`, the MLflow UI or any MLflow client")
     BOOTSTRAP_DEFAULT_MODEL: Flag = Field(True, description="train the default model on a first start with an empty registry (role `all` only)")
     STATE_DIR: str = Field("", description="this machine's model cache, active-model pointer, jobs and generated API token (default: `serving-state/` beside the SQLite file, or under the temp folder)")
-    ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often a worker checks the registry for a swap made on another instance")
+    ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often one worker per machine reads the alias from MLflow (one search); a move reaches every worker within this plus the load time plus 0.2 s")
+    SERVING_CACHE_VERSIONS: Positive = Field(3, description="versions kept loaded per worker for `/models/<name>/versions/<v>/predict` and swaps (least recently used out first; the active version is never evicted)")
     WATCH_REGISTRY: Flag = Field(True, description="poll the registry, and start again local training jobs whose process died, in background threads (gunicorn.conf.py turns it off in a preloading master; each worker starts them)")
     START_MODEL_STORE: Flag = Field(True, description="load the active model at start (tests turn it off)")
     MLFLOW_HTTP_REQUEST_TIMEOUT: Positive = Field(5, description="seconds for one call to a tracking server")
@@ -139,6 +140,20 @@ class Settings(BaseSettings):
         if scheme not in TRACKING_SCHEMES:
             raise ValueError(f"unsupported scheme {scheme!r}; one of {', '.join(s for s in TRACKING_SCHEMES if s)}")
         return uri
+
+    @field_validator("ACTIVE_ALIAS")
+    @classmethod
+    def _mlflow_alias(cls, alias: str) -> str:
+        """MLflow's own rules for an alias name (characters, length, `latest` and `v<N>` reserved)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils import validation
+
+        try:
+            validation._validate_model_alias_name(alias)
+            validation._validate_model_alias_name_reserved(alias)
+        except MlflowException as exc:
+            raise ValueError(exc.message) from None
+        return alias
 
     @field_validator("API_TOKEN", "PREDICT_TOKEN")
     @classmethod

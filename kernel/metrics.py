@@ -94,8 +94,16 @@ def count_training_job(outcome: str) -> None:
     TRAINING_JOBS.labels(outcome).inc()
 
 
+ALIAS_STATES = ("ok", "missing", "conflict")
+
+
 class ActiveModelCollector:
-    """`active_model_info{model, version} 1`: the version this process serves, read when scraped."""
+    """The version this process serves and the alias as this machine last read it, read when scraped.
+
+    `active_model_info{model, version} 1`; `active_alias_state{alias, state} 1` for the state now (0 for
+    the others: `conflict` means the alias is on two models); `active_alias_holder_info{alias, model,
+    version} 1` per version carrying the alias (two or more in a conflict: their names).
+    """
 
     def __init__(self, store):
         self.store = store
@@ -108,6 +116,19 @@ class ActiveModelCollector:
         if model is not None:
             family.add_metric([model.ref.name, model.ref.version], 1)
         yield family
+        if self.store is None:
+            return
+        alias = self.store.alias_status()
+        state = GaugeMetricFamily("active_alias_state", "The active alias: ok, missing or conflict (1 for the state now)",
+                                  labels=["alias", "state"])  # fmt: skip
+        for name in ALIAS_STATES:
+            state.add_metric([alias["name"], name], 1 if alias["status"] == name else 0)
+        yield state
+        holders = GaugeMetricFamily("active_alias_holder_info", "The versions carrying the active alias (1 each)",
+                                    labels=["alias", "model", "version"])  # fmt: skip
+        for holder in alias["holders"]:
+            holders.add_metric([alias["name"], holder["name"], holder["version"]], 1)
+        yield holders
 
 
 @bp.get("/metrics")

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,10 +23,10 @@ from kernel.config import Settings, artifact_location, check_tracking_uri, sqlit
 from kernel.errors import DomainError
 from kernel.locks import file_lock
 from kernel.model_format import runtime_of
+from kernel.refs import AliasState, ModelRef
 
 log = logging.getLogger(__name__)
 
-ACTIVE_TAG = "serving.active_model"
 # A malformed version ("abc") is INVALID_PARAMETER_VALUE: for a lookup, that too is "no such model".
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}
 
@@ -50,17 +49,6 @@ class RegistryUnavailable(RegistryError, DomainError):
 
     def client_message(self) -> str:
         return "The model registry (MLflow) cannot be reached; nothing was changed, and predictions still work. Try again shortly."
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A registered version: the only way the service names a model it loads."""
-
-    name: str
-    version: str
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "version": self.version}
 
 
 def translate_errors(func):
@@ -158,7 +146,6 @@ class Registry:
 
         `serving_runtime` is SERVING_RUNTIME ("sklearn" overrides the versions' compiled forms).
         """
-        active = self.get_active_model()
         aliases = self.search_aliases()
         entries = []
         for mv in self.search_model_versions():
@@ -173,26 +160,31 @@ class Registry:
                     "metrics": _json_or_empty(tags.get("metrics")),
                     "run_id": mv.run_id,
                     "aliases": sorted(aliases.get((mv.name, str(mv.version)), [])),
-                    "active": active == ModelRef(mv.name, str(mv.version)),
+                    "active": self.alias in aliases.get((mv.name, str(mv.version)), []),
                     **runtime_of(tags, serving_runtime),
                 }
             )
         entries.sort(key=lambda e: (e["created_at"] or "", e["name"], int(e["version"])), reverse=True)
         return entries
 
-    @translate_errors
     def search_aliases(self) -> dict[tuple[str, str], list[str]]:
         """Aliases by (name, version): version searches do not return them, registered models do."""
+        return self._search_registered_models()[0]
+
+    @translate_errors
+    def _search_registered_models(self) -> tuple[dict[tuple[str, str], list[str]], int]:
+        """Aliases by (name, version), and how many models are registered: one search, all pages."""
         aliases: dict[tuple[str, str], list[str]] = {}
-        token = None
+        token, models = None, 0
         while True:
             page = self.client.search_registered_models(max_results=1000, page_token=token)
             for model in page:
+                models += 1
                 for alias, version in (model.aliases or {}).items():
                     aliases.setdefault((model.name, str(version)), []).append(alias)
             token = page.token
             if not token:
-                return aliases
+                return aliases, models
 
     @translate_errors
     def get_model_version(self, name: str, version: str) -> ModelRef:
@@ -219,47 +211,40 @@ class Registry:
         )
         return Path(path)
 
-    @translate_errors
+    def read_alias_state(self) -> AliasState:
+        """Which versions carry the active alias: one search of the registered models (all pages), no more."""
+        aliases, models = self._search_registered_models()
+        holders = [ModelRef(name, version) for (name, version), names in aliases.items() if self.alias in names]
+        return AliasState(tuple(sorted(holders, key=lambda ref: (ref.name, int(ref.version)))), models)
+
     def get_active_model(self) -> ModelRef | None:
-        """Which version is active: one read of the experiment's tag."""
-        experiment = self.client.get_experiment_by_name(self.experiment_name)
-        if experiment is None or ACTIVE_TAG not in experiment.tags:
-            return None
-        try:
-            pointer = json.loads(experiment.tags[ACTIVE_TAG])
-            return ModelRef(str(pointer["name"]), str(pointer["version"]))
-        except (ValueError, KeyError, TypeError):
-            log.error("ignoring a malformed %s tag: %r", ACTIVE_TAG, experiment.tags[ACTIVE_TAG])
-            return None
+        """The version the active alias is on; None when no model carries it, or more than one does."""
+        return self.read_alias_state().active
 
     @translate_errors
     def set_active_model(self, ref: ModelRef) -> None:
-        """Make `ref` the active model: the alias on the version (seen in the UI), then the pointer.
+        """Move the active alias onto `ref`, and nothing else: it leaves any other model that carried it.
 
-        The alias leaves the previously active model, so only one version carries it. If the pointer
-        cannot be written, the alias goes back where it was: a failed swap changes nothing.
-        """
-        previous = self.get_active_model()
+        If that fails, the alias goes back where it was (a conflict is left only if MLflow stops answering
+        in between, and the service reports it)."""
+        previous = self.read_alias_state().holders
         self.client.set_registered_model_alias(ref.name, self.alias, ref.version)
         try:
-            self.client.set_experiment_tag(self.get_experiment_id(), ACTIVE_TAG, json.dumps(ref.as_dict()))
+            for other in previous:
+                if other.name != ref.name:
+                    self.client.delete_registered_model_alias(other.name, self.alias)
         except Exception:
             self._move_alias_back(ref, previous)
             raise
-        if previous and previous.name != ref.name:
-            try:
-                self.client.delete_registered_model_alias(previous.name, self.alias)
-            except MlflowException:
-                log.warning("could not remove alias %r from %s", self.alias, previous.name)
 
-    def _move_alias_back(self, ref: ModelRef, previous: ModelRef | None) -> None:
+    def _move_alias_back(self, ref: ModelRef, previous: tuple[ModelRef, ...]) -> None:
         try:
-            if previous and previous.name == ref.name:
-                self.client.set_registered_model_alias(ref.name, self.alias, previous.version)
-            else:
+            if not any(other.name == ref.name for other in previous):
                 self.client.delete_registered_model_alias(ref.name, self.alias)
+            for other in previous:
+                self.client.set_registered_model_alias(other.name, self.alias, other.version)
         except Exception:
-            log.warning("could not restore alias %r after a failed swap", self.alias)
+            log.warning("could not restore alias %r after a failed move", self.alias)
 
     @translate_errors
     def delete_model_version(self, ref: ModelRef) -> None:

@@ -22,11 +22,18 @@ def init_app(
     from serving import api_doc, drift_views, views
     from serving.drift import DriftMonitor
     from serving.model_store import ModelStore
+    from serving.versions import Versions
 
     store = ModelStore(
-        registry, Path(settings.STATE_DIR), settings.ACTIVE_POLL_SECONDS, bootstrap, settings.SERVING_RUNTIME
+        registry,
+        Path(settings.STATE_DIR),
+        settings.ACTIVE_POLL_SECONDS,
+        bootstrap,
+        settings.SERVING_RUNTIME,
+        settings.SERVING_CACHE_VERSIONS,
     )
     app.extensions["model_store"] = store
+    app.extensions["versions"] = Versions(store, settings.ACTIVE_POLL_SECONDS)
     app.extensions["catch_up"] = store.catch_up
     app.extensions["drift"] = DriftMonitor(settings)
     app.extensions.setdefault("metrics_collectors", []).append(drift_views.DriftCollector(app))

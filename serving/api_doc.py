@@ -1,4 +1,4 @@
-"""The inference half's part of the OpenAPI document: /ready, /predict, /models, /use-model and their schemas.
+"""The inference half's part of the OpenAPI document: /ready, /predict (and by URL), /models, /use-model, schemas.
 
 The composition root assembles the document (service/openapi.py); each half adds its own paths. The
 one-row body is the active model's, from its signature, with a real example row.
@@ -16,10 +16,21 @@ _MODEL_REF = {
     "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
     "required": ["name", "version"],
 }
+_ALIAS_STATUS = {
+    "type": "object",
+    "description": "The active alias as this machine last read it: `conflict` (on two models: `holders` names "
+    "them) and `missing` keep the current version serving.",
+    "properties": {
+        "name": {"type": "string"},
+        "status": {"type": "string", "enum": ["ok", "missing", "conflict"]},
+        "holders": {"type": "array", "items": _MODEL_REF},
+    },
+    "required": ["name", "status", "holders"],
+}
 RESPONSE_SCHEMAS = {
     "Ready": {
         "type": "object",
-        "properties": {"status": {"type": "string"}, "model": _MODEL_REF},
+        "properties": {"status": {"type": "string"}, "model": _MODEL_REF, "alias": _ALIAS_STATUS},
         "required": ["status", "model"],
     },
     "UseModelResponse": {
@@ -69,6 +80,44 @@ def _predict_operation(model) -> dict:
     }
 
 
+_ROUTE_HEADERS = {
+    "X-Model-Version": {"description": "the version that answered", "schema": {"type": "string"}},
+    "X-Model-Route": {"description": "`active`, `version` or `alias`", "schema": {"type": "string"}},
+}
+_NAME = {"name": "name", "in": "path", "required": True, "description": "a registered model's name",
+         "schema": {"type": "string", "minLength": 1, "example": "iris-RandomForestClassifier"}}  # fmt: skip
+
+
+def _by_url_operation(model, path_parameter: dict, summary: str) -> dict:
+    """/predict's operation for a version named in the URL: 404 and 503 say why it cannot answer."""
+    operation = _predict_operation(model)
+    operation["responses"] = {
+        **operation["responses"],
+        "404": _answer("no such model, version or alias (`model_not_found`)", "Error"),
+        "503": _answer("registered but not loadable (`model_not_loadable`, with the reason), or MLflow unreachable",
+                       "Error"),
+    }  # fmt: skip
+    operation["responses"]["200"] = {**operation["responses"]["200"], "headers": _ROUTE_HEADERS}
+    operation["description"] += (
+        " The active model does not change. The body must fit that version's features. An MLflow client pointed "
+        "at the same URL without `/predict` posts to `.../invocations`, which takes MLflow's bodies and CSV."
+    )
+    return {**operation, "summary": summary, "parameters": [_NAME, path_parameter]}
+
+
+def _document_by_url(spec, model) -> None:
+    version = {"name": "version", "in": "path", "required": True, "description": "a registered version number",
+               "schema": {"type": "string", "pattern": "^[0-9]{1,18}$", "example": "1"}}  # fmt: skip
+    alias = {"name": "alias", "in": "path", "required": True, "description": "an MLflow alias of that model",
+             "schema": {"type": "string", "minLength": 1, "example": "active"}}  # fmt: skip
+    summary = "Predict with a given version (the active model does not change)"
+    spec.path(
+        "/models/{name}/versions/{version}/predict", operations={"post": _by_url_operation(model, version, summary)}
+    )
+    summary = "Predict with the version an alias points to (the active model does not change)"
+    spec.path("/models/{name}/aliases/{alias}/predict", operations={"post": _by_url_operation(model, alias, summary)})
+
+
 def document(spec) -> None:
     """Add the inference endpoints and their schemas to the app's OpenAPI document (an APISpec)."""
     for name in ("PredictResponse", "ModelList", "UseModelRequest"):
@@ -79,7 +128,10 @@ def document(spec) -> None:
     model = store.get() if store is not None else None
     ready = {"200": _answer("a model is loaded", "Ready"), "503": _answer("no model loaded yet", "Error")}
     spec.path("/ready", operations={"get": {"summary": "Readiness", "responses": ready}})
-    spec.path("/predict", operations={"post": _predict_operation(model)})
+    predict = _predict_operation(model)
+    predict["responses"]["200"] = {**predict["responses"]["200"], "headers": _ROUTE_HEADERS}
+    spec.path("/predict", operations={"post": predict})
+    _document_by_url(spec, model)
     models = {"200": _answer("versions", "ModelList"), "503": _answer("MLflow unreachable", "Error")}
     spec.path("/models", operations={"get": {"summary": "Every registered version", "responses": models}})
     example = {"name": "iris-RandomForestClassifier", "version": "1"}

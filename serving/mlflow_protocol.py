@@ -102,11 +102,11 @@ def scoring_body(model: LoadedModel):
 
 
 def with_error_codes(view):
-    """On /invocations, errors carry MLflow's `error_code` ("BAD_REQUEST", ...) besides our `error`."""
+    """On /invocations (and .../invocations by URL), errors carry MLflow's `error_code` ("BAD_REQUEST", ...) besides our `error`."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
-        if request.path != "/invocations":
+        if not request.path.endswith("/invocations"):
             return view(*args, **kwargs)
         try:
             return view(*args, **kwargs)

@@ -1,5 +1,6 @@
-"""This machine's model cache: a folder per downloaded version, the last few versions in memory, and
-a pause before a version that failed to load is tried again."""
+"""This machine's model cache: a folder per downloaded version, the recently used versions in memory
+(least recently used out first, pinned ones never), and a pause before a version that failed to load
+is tried again."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from kernel.errors import DomainError
@@ -16,7 +20,6 @@ from kernel.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailab
 from serving.loaded_model import LoadedModel, ModelLoadError, load_model_dir
 
 RETRY_FAILED_SECONDS = 60.0
-IN_MEMORY = 3  # versions kept loaded, so swapping back and forth does not reload from disk
 
 
 class StateNotWritable(DomainError):
@@ -47,12 +50,43 @@ def check_writable(folder: Path) -> None:
 class ModelCache:
     """Finds and fetches versions: from memory, else from this machine's folder, else from the registry."""
 
-    def __init__(self, registry: Registry, state_dir: Path, runtime_setting: str = "auto"):
+    def __init__(self, registry: Registry, state_dir: Path, runtime_setting: str = "auto", capacity: int = 3):
         self.registry = registry
         self.state_dir = Path(state_dir)
         self.runtime_setting = runtime_setting
-        self._loaded: dict[ModelRef, LoadedModel] = {}
-        self._failed: dict[ModelRef, float] = {}
+        self.capacity = capacity  # SERVING_CACHE_VERSIONS: versions kept in memory besides the pinned ones
+        self.pinned: Callable[[], set[ModelRef]] = set  # never evicted: the store pins the active version
+        self._loaded: OrderedDict[ModelRef, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()  # request threads and the watcher share the LRU
+        self._failed: dict[ModelRef, tuple[float, str]] = {}
+
+    def cached(self, ref: ModelRef) -> LoadedModel | None:
+        """The version if it is in memory (now the most recently used), else None; no disk, no MLflow."""
+        with self._lock:
+            loaded = self._loaded.get(ref)
+            if loaded is not None:
+                self._loaded.move_to_end(ref)
+            return loaded
+
+    def in_memory(self) -> list[ModelRef]:
+        """The versions in memory, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def on_disk(self, ref: ModelRef) -> bool:
+        """Whether this machine's folder holds the version's files."""
+        return (self.folder(ref) / "MLmodel").exists()
+
+    def _keep(self, ref: ModelRef, loaded: LoadedModel) -> None:
+        """Add to memory, evicting the least recently used unpinned versions beyond `capacity`."""
+        with self._lock:
+            self._loaded[ref] = loaded
+            self._loaded.move_to_end(ref)
+            keep = self.pinned() | {ref}
+            for old in [old for old in self._loaded if old not in keep]:
+                if len(self._loaded) <= self.capacity:
+                    break
+                del self._loaded[old]
 
     def load(self, ref: ModelRef, download: bool) -> LoadedModel:
         """The version in memory, from this machine's folder (downloading it first if `download`).
@@ -61,15 +95,16 @@ class ModelCache:
         (not on this machine and `download` is false), RegistryUnavailable, or OSError (the folder
         cannot be written).
         """
-        if ref in self._loaded:
-            return self._loaded[ref]
+        cached = self.cached(ref)
+        if cached is not None:
+            return cached
         path = self.folder(ref)
         if not (path / "MLmodel").exists():
             if not download:
                 raise FileNotFoundError(f"{ref.name} version {ref.version} is not in this machine's cache")
             self._download(ref, path)
         loaded = load_model_dir(path, ref, self.runtime_setting)
-        self._loaded = {**dict(list(self._loaded.items())[-(IN_MEMORY - 1) :]), ref: loaded}
+        self._keep(ref, loaded)
         self._failed.pop(ref, None)
         return loaded
 
@@ -103,11 +138,15 @@ class ModelCache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def mark_failed(self, ref: ModelRef) -> None:
-        """Remember that `ref` failed to load now; a later successful load forgets it."""
-        self._failed[ref] = time.monotonic()
+    def mark_failed(self, ref: ModelRef, reason: str = "") -> None:
+        """Remember that `ref` failed to load now, and why; a later successful load forgets it."""
+        self._failed[ref] = (time.monotonic(), reason)
 
     def recently_failed(self, ref: ModelRef) -> bool:
         """Whether `ref` failed to load less than RETRY_FAILED_SECONDS ago."""
-        failed_at = self._failed.get(ref)
-        return failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_SECONDS
+        failed = self._failed.get(ref)
+        return failed is not None and time.monotonic() - failed[0] < RETRY_FAILED_SECONDS
+
+    def failure_reason(self, ref: ModelRef) -> str:
+        """Why `ref` last failed to load ("" if it did not)."""
+        return self._failed.get(ref, (0.0, ""))[1]

@@ -1,15 +1,18 @@
-"""The active model of this process, kept in step with the registry and with the other workers.
+"""The active model of this process, kept in step with the MLflow alias and with the other workers.
 
-Three places say which version is active, from slowest to fastest to read:
-- the registry (MLflow): the source of truth, shared by every instance (an alias and a pointer tag);
-- this machine's pointer file (`<state dir>/active.json`, serving/pointer.py), shared by the workers
-  of one machine;
+The alias (`ACTIVE_ALIAS` on one version in MLflow) is the only switch: `/use-model`, a training job
+and any MLflow client (the UI, `set_registered_model_alias`) move it, and nothing else decides what
+serves. Below it, caches, from slowest to fastest to read:
+- this machine's pointer file (`<state dir>/active.json`, serving/pointer.py): the version the workers
+  of one machine serve and the alias's status (`ok`, `missing`, `conflict`), with a generation number
+  in shared memory bumped on each rewrite;
 - `ModelStore.current`, the object the requests of this process use.
-`/use-model` writes all three before it answers. Every `/predict` compares the pointer file's
-stat with the one it last saw (a microsecond, no MLflow call), so a worker that did not serve the
-swap loads the new version from the machine's model cache (serving/model_cache.py) before its next
-answer. A watcher thread (serving/watcher.py) polls the registry every few seconds so that swaps
-made on other instances arrive too.
+One worker per machine (the holder of `<state dir>/poll.lock`) reads the alias every
+`ACTIVE_POLL_SECONDS` (one MLflow search), loads what it names and rewrites the pointer; the others
+follow the pointer. Every `/predict` compares the generation with the one it last saw (a memory read),
+so a worker that did not make the swap loads the new version from the machine's model cache
+(serving/model_cache.py) before its next answer; the watcher thread (serving/watcher.py) preloads it.
+`/use-model` moves the alias, rewrites the pointer and swaps this process before it answers.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from kernel.locks import file_lock
-from kernel.registry import ModelNotFound, ModelRef, Registry, RegistryUnavailable
+from kernel.locks import KeptLock, file_lock
+from kernel.registry import AliasState, ModelNotFound, ModelRef, Registry, RegistryUnavailable
 from serving.loaded_model import LoadedModel, ModelLoadError
 from serving.model_cache import ModelCache, StateNotWritable
-from serving.pointer import Pointer, StatKey
+from serving.pointer import Generation, Pointer, PointerState
 from serving.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -39,42 +42,65 @@ class ModelStore:
         poll_seconds: float = 5.0,
         bootstrap: Callable[[], ModelRef] | None = None,
         runtime_setting: str = "auto",
+        cache_versions: int = 3,
     ):
         self.registry = registry
         self.state_dir = Path(state_dir)
         self.bootstrap = bootstrap
-        self.cache = ModelCache(registry, self.state_dir, runtime_setting)
+        self.cache = ModelCache(registry, self.state_dir, runtime_setting, cache_versions)
+        self.cache.pinned = self._pinned
         self.pointer = Pointer(self.state_dir)
-        self.watcher = Watcher(self.get, self.follow_registry, poll_seconds)
+        self.generation = Generation(self.state_dir, self.pointer)
+        self.poll_lock = KeptLock(self.state_dir / "poll.lock")
+        self.watcher = Watcher(self.get, self.follow_registry, poll_seconds, self.poll_lock.held)
         self.current: LoadedModel | None = None
+        self.alias = AliasState()  # the alias as this machine last read it (`ok` once something serves)
         self.last_error: str | None = None
         self.registry_available = True
-        self._pointer_stat: StatKey | None = None  # the pointer's stat when this process last followed it
+        self._seen: object = None  # the generation when this process last followed the pointer
         self._swap_lock = threading.Lock()
+
+    def _pinned(self) -> set[ModelRef]:
+        """Versions the model cache never evicts: the one this process serves."""
+        current = self.current
+        return {current.ref} if current is not None else set()
 
     # ---- the request path ------------------------------------------------------------------
     def get(self) -> LoadedModel | None:
-        """The model to serve now: follows this machine's pointer first (a stat, no MLflow call)."""
-        key = self.pointer.stat_key()
-        if key != self._pointer_stat:
-            self._follow_pointer(key)
+        """The model to serve now: follows this machine's pointer when its generation moved (a memory read)."""
+        seen = self.generation.value()
+        if seen != self._seen:
+            self._follow_pointer(seen)
         return self.current
 
-    def _follow_pointer(self, key: StatKey | None) -> None:
+    def alias_status(self) -> dict:
+        """What /ready and /metrics say of the alias: its name, `ok`/`missing`/`conflict`, the holders."""
+        self.get()
+        alias = self.alias
+        return {"name": self.registry.alias, "status": alias.status, "holders": [h.as_dict() for h in alias.holders]}
+
+    def _follow_pointer(self, seen: object) -> None:
         with self._swap_lock:
-            if key == self._pointer_stat:
+            if seen == self._seen:
                 return  # another thread followed it while we waited
-            ref = self.pointer.read()
-            if ref and (self.current is None or self.current.ref != ref):
+            state = self.pointer.read_state()
+            if state.ref is not None or state.alias.holders:  # the file said something
+                self.alias = state.alias
+            if state.ref and (self.current is None or self.current.ref != state.ref):
                 try:
-                    self._swap(self.cache.load(ref, download=False))
+                    self._swap(self.cache.load(state.ref, download=False))
                 except (ModelLoadError, RegistryUnavailable, FileNotFoundError) as exc:
-                    self._remember_failure(ref, exc)
-            self._pointer_stat = key
+                    self._remember_failure(state.ref, exc)
+            self._seen = seen
+
+    def _publish(self, state: PointerState) -> None:
+        """Rewrite this machine's pointer and tell its workers (call under the activate lock)."""
+        self.pointer.write(state)
+        self.generation.bump()
 
     # ---- swaps -------------------------------------------------------------------------------
     def activate(self, ref: ModelRef) -> LoadedModel:
-        """Make `ref` active everywhere: load it fully, then the registry, this machine's pointer, us.
+        """Make `ref` active everywhere: load it fully, then move the alias, then this machine's pointer, us.
 
         Raises ModelNotFound, RegistryUnavailable, ModelLoadError or StateNotWritable; on any of them
         nothing changed.
@@ -86,20 +112,21 @@ class ModelStore:
                 previous = self.registry.get_active_model()
                 self.registry.set_active_model(ref)
                 try:
-                    self.pointer.write(ref)
+                    self._publish(PointerState(ref, AliasState((ref,))))
                 except OSError:
                     if previous is not None:
-                        self.registry.set_active_model(previous)  # the registry must not name what we cannot serve
+                        self.registry.set_active_model(previous)  # the alias must not name what we cannot serve
                     raise
         except OSError as exc:  # a read-only or full disk: the cache, the lock or the pointer
             raise StateNotWritable(self.state_dir, exc) from exc
         with self._swap_lock:
             self._swap(loaded)
-            self._pointer_stat = None  # re-read the pointer next time: another worker may have swapped since
+            self.alias = AliasState((ref,))
+            self._seen = None  # re-read the pointer next time: another worker may have swapped since
         return loaded
 
     def follow_registry(self) -> None:
-        """One watcher step: if the registry names another version, load it and point this machine at it.
+        """One poll: read the alias once; if it names another version, load it and point this machine at it.
 
         Never raises for a registry, model or state-folder problem (a read-only or full disk): it is
         recorded in `last_error`, the current model keeps serving, and a version that failed is not
@@ -108,7 +135,7 @@ class ModelStore:
         self._guarded(self._follow_registry)
 
     def catch_up(self, ref: ModelRef) -> None:
-        """Serve `ref` on this machine now if the registry names it active (read-your-writes after a job).
+        """Serve `ref` on this machine now if the alias names it (read-your-writes after a job).
 
         The narrow hook the training half calls after a job answers `activated`: it loads exactly that
         version, never bootstraps, and writes neither the job nor the registry (only this machine's pointer).
@@ -131,20 +158,42 @@ class ModelStore:
             log.error("cannot follow the registry: %s", self.last_error)
 
     def _follow_registry(self) -> None:
-        ref = self.registry.get_active_model()
+        alias = self.registry.read_alias_state()
+        ref = alias.active
+        if ref is None and alias.models == 0 and self.current is None and self.bootstrap is not None:
+            ref = self._bootstrap()
+            alias = AliasState((ref,)) if ref else alias
         if ref is None:
-            if self.current is None and self.bootstrap is not None:
-                ref = self._bootstrap()
-            if ref is None:
-                return
+            self._keep_serving(alias)
+            return
+        cached = self.pointer.read_state()
+        if cached.ref is not None and cached.ref != ref:
+            log.info("the alias %r is on %s version %s; this machine's cache said version %s of %s: the alias wins",
+                     self.registry.alias, ref.name, ref.version, cached.ref.version, cached.ref.name)  # fmt: skip
         self._follow_to(ref)
 
+    def _keep_serving(self, alias: AliasState) -> None:
+        """The alias is missing or on two models: serve what this machine serves, and say why."""
+        names = ", ".join(f"{h.name} version {h.version}" for h in alias.holders) or "no version"
+        if alias != self.alias:
+            log.error("the alias %r is %s (%s): serving on what this machine serves",
+                      self.registry.alias, alias.status, names)  # fmt: skip
+        with file_lock(self.state_dir / "activate.lock"):
+            cached = self.pointer.read_state()
+            if cached.alias != alias:
+                self._publish(PointerState(cached.ref, alias))
+        self.alias = alias
+        if self.current is None and cached.ref is None:
+            self.last_error = f"The MLflow alias {self.registry.alias!r} is {alias.status} ({names})."
+
     def _serving(self, ref: ModelRef) -> bool:
-        """Whether this process serves `ref` and this machine's pointer names it."""
-        return self.current is not None and self.current.ref == ref and self.pointer.read() == ref
+        """Whether this process serves `ref` and this machine's pointer names it, the alias read as `ok`."""
+        if self.current is None or self.current.ref != ref:
+            return False
+        return self.pointer.read_state() == PointerState(ref, AliasState((ref,)))
 
     def _follow_to(self, ref: ModelRef) -> None:
-        """Load `ref` and point this machine at it, if the registry still names it active."""
+        """Load `ref` and point this machine at it, if the alias still names it."""
         if self._serving(ref) or self.cache.recently_failed(ref):
             return
         try:
@@ -153,15 +202,17 @@ class ModelStore:
             self._remember_failure(ref, exc)
             return
         with file_lock(self.state_dir / "activate.lock"):
-            # A /use-model on this machine may have moved the registry since our read: never let an
-            # older answer overwrite a newer pointer. The next step follows whatever is newest.
+            # A /use-model on this machine may have moved the alias since our read: never let an
+            # older answer overwrite a newer pointer. The next poll follows whatever is newest.
             if self.registry.get_active_model() != ref:
                 return
-            if self.pointer.read() != ref:
-                self.pointer.write(ref)
+            state = PointerState(ref, AliasState((ref,)))
+            if self.pointer.read_state() != state:
+                self._publish(state)
         with self._swap_lock:
             self._swap(loaded)
-            self._pointer_stat = None  # a later swap by another worker may have landed meanwhile
+            self.alias = AliasState((ref,))
+            self._seen = None  # a later swap by another worker may have landed meanwhile
 
     def _bootstrap(self) -> ModelRef | None:
         """Train the default model once per machine: the lock makes the other workers wait and reuse it."""
@@ -187,7 +238,7 @@ class ModelStore:
 
     def _remember_failure(self, ref: ModelRef, exc: Exception) -> None:
         """Record why `ref` did not load (health shows it) and hold off retrying it for a while."""
-        self.cache.mark_failed(ref)
+        self.cache.mark_failed(ref, str(exc))
         self.last_error = f"{ref.name} version {ref.version} failed to load: {exc}"
         log.error(self.last_error)
 
@@ -208,9 +259,10 @@ class ModelStore:
 
     def start_watcher(self) -> None:
         """Follow the registry in a background thread (in each gunicorn worker: threads do not survive fork)."""
-        self._pointer_stat = None  # re-read this machine's pointer on the next request
+        self._seen = None  # re-read this machine's pointer on the next request
         self.watcher.start()
 
     def stop(self) -> None:
-        """Stop the watcher thread."""
+        """Stop the watcher thread and let another process poll."""
         self.watcher.stop()
+        self.poll_lock.release()

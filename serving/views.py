@@ -1,4 +1,4 @@
-"""The inference blueprint: /ready, /predict, /models, /use-model and MLflow's /ping, /invocations, /version."""
+"""The inference blueprint: /ready, /predict, any version by URL, /models, /use-model and MLflow's /ping, /invocations, /version."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from serving.mlflow_protocol import document, scoring_body, with_error_codes
 from serving.model_store import ModelStore
 from serving.prediction import BadInput, predict
 from serving.schemas import UseModelRequest
+from serving.versions import Versions
 
 bp = Blueprint("inference", __name__)
 log = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ def model_store() -> ModelStore:
 
 def registry() -> Registry:
     return current_app.extensions["registry"]
+
+
+def versions() -> Versions:
+    return current_app.extensions["versions"]
 
 
 def active_model() -> LoadedModel:
@@ -47,7 +52,7 @@ def active_model() -> LoadedModel:
 def ready():
     """200 with the active model once one is in memory; 503 before."""
     model = active_model()
-    return {"status": "ready", "model": model.describe()}
+    return {"status": "ready", "model": model.describe(), "alias": model_store().alias_status()}
 
 
 @bp.get("/version")
@@ -63,14 +68,38 @@ def version():
 @with_error_codes
 def predict_view():
     """Labels and probabilities for one row or a batch (JSON, or CSV with a header row); 400 with an example."""
-    model = active_model()
+    return answer(active_model(), "active")
+
+
+@bp.post("/models/<name>/versions/<version>/predict")
+@bp.post("/models/<name>/versions/<version>/invocations")  # an MLflow client pointed at /models/<name>/versions/<v>
+@with_error_codes
+def predict_version(name: str, version: str):
+    """The same answer as /predict, from that version; the active model does not change."""
+    return answer(versions().by_version(name, version), "version")
+
+
+@bp.post("/models/<name>/aliases/<alias>/predict")
+@bp.post("/models/<name>/aliases/<alias>/invocations")
+@with_error_codes
+def predict_alias(name: str, alias: str):
+    """The same answer as /predict, from the version the alias points to; the active model does not change."""
+    return answer(versions().by_alias(name, alias), "alias")
+
+
+def answer(model: LoadedModel, route: str):
+    """Predict with `model` on this request's body; the answer says which version and route answered."""
+    note_model(model.ref)
+    headers = {"X-Model-Version": model.ref.version, "X-Model-Route": route}
     body = scoring_body(model)
     try:
-        answer = predict(model, body, current_settings().MAX_BATCH_ROWS, current_app.extensions["drift"].observe)
+        # Drift counts what the active version serves (a rollout's arms later), not by-URL tries.
+        observe = current_app.extensions["drift"].observe if route == "active" else None
+        result = predict(model, body, current_settings().MAX_BATCH_ROWS, observe)
     except BadInput as exc:
-        raise APIError(400, "invalid_input", exc.message, errors=exc.errors, example=model.example) from exc
-    count_predictions(model.ref.name, model.ref.version, len(answer["predictions"]))
-    return answer
+        raise APIError(400, "invalid_input", exc.message, headers, errors=exc.errors, example=model.example) from exc
+    count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
+    return result, 200, headers
 
 
 @bp.get("/models")

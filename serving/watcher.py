@@ -13,15 +13,24 @@ PRELOAD_SECONDS = 0.2
 
 
 class Watcher:
-    """Every PRELOAD_SECONDS runs `follow_pointer`; every `poll_seconds`, `follow_registry` as well.
+    """Every PRELOAD_SECONDS runs `follow_pointer`; every `poll_seconds`, `follow_registry` as well, if `may_poll()`.
 
+    `may_poll` is the machine's poll lock: one worker per machine reads MLflow, the others follow the
+    pointer it writes (and take the lock over within PRELOAD_SECONDS if that worker dies).
     Threads do not survive fork: each gunicorn worker starts its own (service/forking.py).
     """
 
-    def __init__(self, follow_pointer: Callable[[], object], follow_registry: Callable[[], None], poll_seconds: float):
+    def __init__(
+        self,
+        follow_pointer: Callable[[], object],
+        follow_registry: Callable[[], None],
+        poll_seconds: float,
+        may_poll: Callable[[], bool] = lambda: True,
+    ):
         self.follow_pointer = follow_pointer
         self.follow_registry = follow_registry
         self.poll_seconds = poll_seconds
+        self.may_poll = may_poll
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -42,7 +51,7 @@ class Watcher:
         while not self._stop.wait(PRELOAD_SECONDS):
             try:
                 self.follow_pointer()  # preload swaps made by other workers, so requests rarely pay for the load
-                if time.monotonic() >= next_poll:
+                if time.monotonic() >= next_poll and self.may_poll():
                     self.follow_registry()
                     next_poll = time.monotonic() + self.poll_seconds
             except Exception:  # the watcher must outlive any one failure
