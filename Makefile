@@ -113,18 +113,28 @@ clean: ## Remove the embedded MLflow store (all models), caches and build output
 	rm -rf .mlflow .pytest_cache .ruff_cache dist build handler_venv
 
 # ---- AWS Lambda (Zappa), inference role ----------------------------------------------------------------
-$(LVENV)/.installed: $(LAMBDA_REQUIREMENTS) requirements-dev.txt
+# uv (from .venv) installs Zappa into the build venv and the Lambda requirements into its site-packages, as
+# wheels for Lambda's platform; pip does both where .venv has no uv.
+$(LVENV)/.installed: $(LAMBDA_REQUIREMENTS) requirements-dev.txt $(BIN)/.uv
 	@test -n "$(LAMBDA_PYTHON)" || { echo "make package needs Python 3.12 (python3.12 on PATH, or LAMBDA_PYTHON=...)"; exit 1; }
 	test -x $(LVENV)/bin/python || $(LAMBDA_PYTHON) -m venv $(LVENV)
-	$(LVENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LVENV)/bin/python -m pip install --quiet $$(grep '^zappa==' requirements-dev.txt)
-	$(LVENV)/bin/python -m pip install --quiet --upgrade --target $(LSITE) $(MANYLINUX) --python-version 3.12 \
-		--implementation cp --only-binary=:all: -r $(LAMBDA_REQUIREMENTS)
+	if [ -x $(BIN)/uv ]; then \
+		$(BIN)/uv pip install --quiet --python $(LVENV)/bin/python $$(grep '^zappa==' requirements-dev.txt) \
+		&& $(BIN)/uv pip install --quiet --python $(LVENV)/bin/python --target $(LSITE) --python-platform x86_64-manylinux_2_28 \
+			--python-version 3.12 --only-binary :all: -r $(LAMBDA_REQUIREMENTS); \
+	else \
+		$(LVENV)/bin/python -m pip install --quiet --upgrade pip \
+		&& $(LVENV)/bin/python -m pip install --quiet $$(grep '^zappa==' requirements-dev.txt) \
+		&& $(LVENV)/bin/python -m pip install --quiet --upgrade --target $(LSITE) $(MANYLINUX) --python-version 3.12 \
+			--implementation cp --only-binary=:all: -r $(LAMBDA_REQUIREMENTS); \
+	fi
 	touch $@
 
 # What Lambda's runtime provides besides the package (boto3), for the handler tests.
-$(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt
-	$(BIN)/python -m pip install --quiet --no-compile --upgrade --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt)
+$(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt $(BIN)/.uv
+	if [ -x $(BIN)/uv ]; then \
+		$(BIN)/uv pip install --quiet --python $(BIN)/python --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt); \
+	else $(BIN)/python -m pip install --quiet --no-compile --upgrade --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt); fi
 	touch $@
 
 package: setup dist/.built-$(STAGE) ## Build the Lambda package offline with Zappa (dist/) and check its size
