@@ -30,15 +30,19 @@ help: ## List the commands
 
 # Two installs: what the service needs (requirements.txt: make install, run, serve) and, for developers,
 # the tests, lint and packaging tools on top (requirements-dev.txt: make setup, test, lint, package).
-# uv (pinned in requirements-uv.txt) installs them: it is put into .venv by pip when missing, and pip does
-# the install itself where uv cannot be had. The pinned requirements files stay the lock.
+# uv (pinned in requirements-uv.txt) installs them, and the pinned requirements files stay the lock. The venv
+# is made without pip (seeding pip costs 3-8 s, half of a warm install) and this Python's own pip puts uv
+# into it (`pip --python`, pip 22.3 or later). Where that fails, the venv gets pip and pip installs uv; where
+# uv cannot be had at all, pip does the install itself.
 $(BIN)/.uv: requirements-uv.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-uv.txt \
+	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check --no-compile -r requirements-uv.txt \
+		|| { $(VENV_PIP) && $(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-uv.txt; } \
 		|| echo "uv could not be installed: pip installs the requirements instead"
 	touch $@
+VENV_PIP = { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --default-pip >/dev/null; }
 PIP_INSTALL = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --quiet --python $(BIN)/python $(1); \
-	else $(BIN)/python -m pip install --quiet --disable-pip-version-check $(1); fi
+	else $(VENV_PIP) && $(BIN)/python -m pip install --quiet --disable-pip-version-check $(1); fi
 
 $(BIN)/.installed-runtime: requirements.txt $(BIN)/.uv
 	$(call PIP_INSTALL,-r requirements.txt)
@@ -109,18 +113,28 @@ clean: ## Remove the embedded MLflow store (all models), caches and build output
 	rm -rf .mlflow .pytest_cache .ruff_cache dist build handler_venv
 
 # ---- AWS Lambda (Zappa), inference role ----------------------------------------------------------------
-$(LVENV)/.installed: $(LAMBDA_REQUIREMENTS) requirements-dev.txt
+# uv (from .venv) installs Zappa into the build venv and the Lambda requirements into its site-packages, as
+# wheels for Lambda's platform; pip does both where .venv has no uv.
+$(LVENV)/.installed: $(LAMBDA_REQUIREMENTS) requirements-dev.txt $(BIN)/.uv
 	@test -n "$(LAMBDA_PYTHON)" || { echo "make package needs Python 3.12 (python3.12 on PATH, or LAMBDA_PYTHON=...)"; exit 1; }
 	test -x $(LVENV)/bin/python || $(LAMBDA_PYTHON) -m venv $(LVENV)
-	$(LVENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LVENV)/bin/python -m pip install --quiet $$(grep '^zappa==' requirements-dev.txt)
-	$(LVENV)/bin/python -m pip install --quiet --upgrade --target $(LSITE) $(MANYLINUX) --python-version 3.12 \
-		--implementation cp --only-binary=:all: -r $(LAMBDA_REQUIREMENTS)
+	if [ -x $(BIN)/uv ]; then \
+		$(BIN)/uv pip install --quiet --python $(LVENV)/bin/python $$(grep '^zappa==' requirements-dev.txt) \
+		&& $(BIN)/uv pip install --quiet --python $(LVENV)/bin/python --target $(LSITE) --python-platform x86_64-manylinux_2_28 \
+			--python-version 3.12 --only-binary :all: -r $(LAMBDA_REQUIREMENTS); \
+	else \
+		$(LVENV)/bin/python -m pip install --quiet --upgrade pip \
+		&& $(LVENV)/bin/python -m pip install --quiet $$(grep '^zappa==' requirements-dev.txt) \
+		&& $(LVENV)/bin/python -m pip install --quiet --upgrade --target $(LSITE) $(MANYLINUX) --python-version 3.12 \
+			--implementation cp --only-binary=:all: -r $(LAMBDA_REQUIREMENTS); \
+	fi
 	touch $@
 
 # What Lambda's runtime provides besides the package (boto3), for the handler tests.
-$(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt
-	$(BIN)/python -m pip install --quiet --no-compile --upgrade --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt)
+$(LAMBDA_RUNTIME)/.installed: requirements-lambda.txt $(BIN)/.uv
+	if [ -x $(BIN)/uv ]; then \
+		$(BIN)/uv pip install --quiet --python $(BIN)/python --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt); \
+	else $(BIN)/python -m pip install --quiet --no-compile --upgrade --target $(LAMBDA_RUNTIME) $$(grep '^boto3==' requirements-lambda.txt); fi
 	touch $@
 
 package: setup dist/.built-$(STAGE) ## Build the Lambda package offline with Zappa (dist/) and check its size

@@ -15,7 +15,7 @@ import time
 import uuid
 
 from flask import Flask, g, request
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 LOG_FORMATS = ("json", "text")
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -37,8 +37,12 @@ access_log = logging.getLogger("serving.access")
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """The text without URI passwords, bearer tokens or any of `secrets`."""
-    text = _URI_PASSWORD.sub(r"\g<head>***", text)
-    text = _BEARER.sub(r"\1***", text)
+    # Each pattern needs its marker in the text: a substring test is a tenth of a regex pass, and most lines
+    # (one access line per request) carry neither.
+    if "://" in text:
+        text = _URI_PASSWORD.sub(r"\g<head>***", text)
+    if "bearer" in text.lower():
+        text = _BEARER.sub(r"\1***", text)
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
@@ -82,9 +86,9 @@ def make_formatter(log_format: str) -> logging.Formatter:
     """JSON lines (the default; `time` in ISO 8601, UTC) or plain text for a terminal."""
     if log_format == "text":
         return TextFormatter(_TEXT_FORMAT)
-    return JsonFormatter(
-        _JSON_FIELDS, rename_fields={"levelname": "level", "name": "logger"}, timestamp="time", json_ensure_ascii=False
-    )
+    # orjson encodes a line in half the time of the json module (one per request on the hot path): the same
+    # fields and values, without the spaces after separators, UTF-8 as is.
+    return OrjsonFormatter(_JSON_FIELDS, rename_fields={"levelname": "level", "name": "logger"}, timestamp="time")
 
 
 def make_handler(log_format: str = "json", secrets: tuple[str, ...] = ()) -> logging.Handler:

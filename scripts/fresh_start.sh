@@ -23,5 +23,5 @@ end=$(date +%s.%N)
 echo "first prediction after $(python3 -c "print(round($end - $start, 1))") s" \
   "(install $(python3 -c "print(round(${installed:-$end} - $start, 1))") s, then start-up to the first answer" \
   "$(python3 -c "print(round($end - ${installed:-$end}, 1))") s); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo ".venv: $(du -sh .venv | cut -f1), $(.venv/bin/python -m pip list --format=freeze 2>/dev/null | wc -l) packages"
+echo ".venv: $(du -sh .venv | cut -f1), $(.venv/bin/uv pip list --python .venv/bin/python --format=freeze 2>/dev/null | wc -l) packages"
 echo "(folder $folder)"
