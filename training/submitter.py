@@ -146,6 +146,8 @@ def describe_job(state: JobState, now: float | None = None) -> dict:
     else:
         job["finished_at"] = _iso(state.finished_at)
         job["elapsed_seconds"] = _seconds(state.finished_at, state.started_at)
+    if state.phases:
+        job["phases"] = state.phases  # seconds of each phase this attempt ended
     if state.lost is not None:
         job["lost_attempt"] = state.lost
     if state.status == JobStatus.SUCCEEDED:
