@@ -1,6 +1,8 @@
 """The local executor (TRAIN_EXECUTOR=local, `make run`): jobs run on this machine, no broker needed.
 
-`LocalExecutor.send` starts `python -m training.local_executor <job id>`, which detaches at once: the job
+`LocalExecutor.send` has the fork server (training/fork_server.py), which imported the training code once,
+fork the job's process, which runs `main` at once; without one it starts `python -m training.local_executor
+<job id>`, which imports it all first. Either way the job's process is in a session of its own: the job
 belongs to no serving worker, and outlives a restart or a recycled worker of the API. It waits for
 one of this machine's TRAIN_WORKER_CONCURRENCY slots (the job reads `queued` meanwhile), then runs
 the same `execute_job` a Celery worker runs, in Celery's own process pool (billiard) with the same
