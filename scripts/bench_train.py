@@ -45,6 +45,9 @@ def bare_mlflow(uri: str) -> float:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name("bare") is None:  # its artifacts beside the database, not in ./mlruns
+        mlflow.create_experiment("bare", artifact_location=uri.removeprefix("sqlite:///").replace("mlflow.db", "bare"))
+    mlflow.set_experiment("bare")
     dataset = load_builtin("iris")
     started = time.perf_counter()
     train_x, _, train_y, _ = split(dataset.features, dataset.labels)
