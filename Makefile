@@ -23,7 +23,7 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench soak clean package upload-project lambda-deploy lambda-update image image-base image-wheels
+.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench bench-train soak clean package upload-project lambda-deploy lambda-update image image-base image-wheels
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -102,6 +102,9 @@ format: setup ## Format the code with ruff
 
 mlflow-ui: install ## Open the MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+bench-train: setup ## POST→succeeded of a small training job (local executor) against a bare MLflow script, in one run
+	$(BIN)/python scripts/bench_train.py
 
 bench: setup ## This service against `mlflow models serve` with wrk, in one run (BENCH_SECONDS=3 shortens it)
 	$(BIN)/python scripts/bench_serving.py

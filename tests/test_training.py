@@ -18,7 +18,7 @@ from service import create_app
 from tests.conftest import client_of, mlflow_client, ref
 from training.estimators import ESTIMATORS
 
-PHASES = ("validating", "fitting", "evaluating", "converting", "registering")
+PHASES = ("validating", "fitting", "evaluating", "converting", "registering", "plotting")
 
 
 SMALL = {
@@ -378,6 +378,35 @@ def test_killed_attempt_is_retried_and_registers_one_version(store, app_config):
     assert job["attempt"] == 2
     assert "Attempt 1" in job["lost_attempt"]
     assert len(mlflow_client(store["uri"]).search_model_versions(f"run_id = '{run_id}'")) == 1
+
+
+def _parent_and_command(pid: int) -> tuple[int, str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return int(stat.rsplit(")", 1)[1].split()[1]), command
+
+
+def test_job_process_is_forked_by_the_warm_parent(store, app_config):
+    """A job's process is a child of the fork server (which imported the training code), not a fresh Python:
+    the attempt's parent is the job's own process, named for its job, whose parent is the fork server."""
+    app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 1})
+    executor = app.extensions["train_executor"]
+    executor.start_fork_server()
+    deadline = time.monotonic() + 120
+    while not executor.fork_server.is_up():  # started in the background: the first jobs before it run cold
+        assert time.monotonic() < deadline, "the fork server did not come up"
+        time.sleep(0.2)
+    client = client_of(app)
+    location = client.post("/train", json=slow_job(activate=False)).json["location"]
+    run_id = location.rsplit("/", 1)[1]
+    attempt = _fitting_pid(mlflow_client(store["uri"]), run_id)
+    job_process, attempt_command = _parent_and_command(attempt)
+    server, job_command = _parent_and_command(job_process)
+    assert job_command.startswith(f"training job {run_id}"), job_command
+    assert os.getsid(job_process) == job_process  # its own session: killable alone, outlives the service
+    assert "-m training.fork_server" in _parent_and_command(server)[1]
+    assert str(executor.fork_server.socket_path) in _parent_and_command(server)[1]
+    assert wait_done(client, location)["status"] == "succeeded"
 
 
 def _is_job_of(pid: str, run_id: str) -> bool:

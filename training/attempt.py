@@ -244,13 +244,47 @@ def preload_training() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
+    import mlflow.models.utils  # noqa: F401 - log_model checks the input example through pyfunc
+    import mlflow.pyfunc  # noqa: F401
     import mlflow.sklearn  # noqa: F401
     import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401 - the registry an attempt opens first
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import skl2onnx  # noqa: F401
     import skops.io  # noqa: F401
 
+    import training.compile  # noqa: F401
     import training.datasets  # noqa: F401
+    import training.plots  # noqa: F401
     import training.run  # noqa: F401
+
+    _warm_up()
+
+
+def _warm_up() -> None:
+    """One small model through the whole path, in a temporary folder: what a job's first `log_model`, ONNX
+    conversion and check would otherwise import and build lazily (seconds) is done once, before any job."""
+    import tempfile
+
+    import mlflow.pyfunc
+    import mlflow.sklearn
+
+    from kernel.trusted_types import TRUSTED_TYPES
+    from training.compile import compile_pipeline
+    from training.datasets import load_builtin
+    from training.pipeline import build_pipeline
+
+    try:
+        dataset = load_builtin("iris")
+        model = build_pipeline(dataset.features, "LogisticRegression", {}).fit(dataset.features, dataset.labels)
+        compile_pipeline(model, dataset.features, dataset.features.head(10))
+        with tempfile.TemporaryDirectory() as folder:
+            path = f"{folder}/model"
+            mlflow.sklearn.save_model(model, path, serialization_format="skops", skops_trusted_types=TRUSTED_TYPES,
+                                      input_example=dataset.features.head(3), pip_requirements=[])  # fmt: skip
+            mlflow.pyfunc.load_model(path).predict(dataset.features.head(3))
+    except Exception:  # a warm-up must never stop a worker: its first job pays instead
+        log.exception("warming up the training path failed")
 
 
 def mlflow_setup(registry: Registry) -> None:

@@ -85,14 +85,11 @@ def _for_onnx(pipeline):
     return converted
 
 
-def compare(pipeline, onnx_bytes: bytes, features: pd.DataFrame) -> float:
-    """The largest probability difference between ONNX Runtime and scikit-learn on these rows.
+def compare(pipeline, session, features: pd.DataFrame) -> float:
+    """The largest probability difference between ONNX Runtime (`session`) and scikit-learn on these rows.
 
     Raises ValueError when any label the service would answer differs from scikit-learn's predict().
     """
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     (onnx_probabilities,) = session.run([PROBABILITY_OUTPUT], feeds_from_frame(features))
     # Labels as the service answers them from each runtime's probabilities.
     served = label_indices(onnx_probabilities, compiled=True)
@@ -116,7 +113,11 @@ def compile_pipeline(pipeline, train_features: pd.DataFrame, holdout_features: p
         step = type(pipeline.steps[-1][1]).__name__
         return Compiled(None, f"{step} could not be converted to ONNX: {type(exc).__name__}: {str(exc)[:300]}")
     try:
-        difference = max(compare(pipeline, onnx_bytes, rows) for rows in (holdout_features, train_features))
+        import onnxruntime
+
+        # One session for both checks: building it costs more than running a few thousand rows.
+        session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+        difference = max(compare(pipeline, session, rows) for rows in (holdout_features, train_features))
     except Exception as exc:
         return Compiled(None, f"the ONNX form does not agree with scikit-learn: {str(exc)[:300]}")
     if difference > TOLERANCE:

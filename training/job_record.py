@@ -84,6 +84,7 @@ class JobState:
     activated: bool = False
     model: ModelRef | None = None
     metrics: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
 
     @classmethod
     def from_run(cls, run: Run) -> JobState:
@@ -109,6 +110,7 @@ class JobState:
             activated=tags.get("job.activated") == "True",
             model=model,
             metrics=dict(run.data.metrics),
+            phases=json.loads(tags.get("job.phases", "{}")),
         )
 
     def heartbeat_age(self, now: float | None = None) -> float | None:
@@ -122,6 +124,15 @@ class JobRecord:
 
     def __init__(self, registry: Registry, job_id: str):
         self.registry, self.job_id = registry, job_id
+        self._phases: dict[str, float] = {}  # this attempt's phases so far, in seconds each
+        self._phase: tuple[str, float] | None = None  # the phase under way and when it began
+
+    def _end_phase(self, now: float) -> str:
+        """The phases' seconds as JSON, the one under way ended at `now` (written with the next transition)."""
+        if self._phase is not None:
+            name, began = self._phase
+            self._phases[name] = round(self._phases.get(name, 0.0) + now - began, 3)
+        return json.dumps(self._phases)
 
     # ---- the submitter's ----------------------------------------------------------------------------------
     @classmethod
@@ -191,15 +202,19 @@ class JobRecord:
         `lost` describes the earlier attempt that never finished, which this one replaces.
         """
         attempt_id = uuid.uuid4().hex
-        now = repr(time.time())
+        self._phases, self._phase = {}, ("validating", time.time())
+        now = repr(self._phase[1])
         earlier = {"lost": lost} if lost is not None else {}
-        self._write(JobStatus.RUNNING, attempt=attempt, attempt_id=attempt_id, worker=worker, pid=pid,
+        self._write(JobStatus.RUNNING, attempt=attempt, attempt_id=attempt_id, worker=worker, pid=pid, phases="{}",
                     started_at=now, heartbeat_at=now, phase="validating", phase_started_at=now, **earlier)  # fmt: skip
         return attempt_id
 
     def phase(self, phase: str) -> None:
-        """The attempt begins `phase` ("fitting", "evaluating", "converting", "registering")."""
-        self._write(phase=phase, phase_started_at=repr(time.time()))
+        """The attempt begins `phase` ("fitting", "evaluating", ...); `job.phases` gets the seconds of the last one."""
+        now = time.time()
+        phases = self._end_phase(now)
+        self._phase = (phase, now)
+        self._write(phase=phase, phase_started_at=repr(now), phases=phases)
 
     def beat(self) -> None:
         """The attempt is alive (its heartbeat thread, every few seconds)."""
@@ -211,7 +226,8 @@ class JobRecord:
 
     def succeed(self, activated: bool) -> None:
         """The job registered its version (and activated it when asked)."""
-        self._write(JobStatus.SUCCEEDED, activated=activated, finished_at=repr(time.time()))
+        now = time.time()
+        self._write(JobStatus.SUCCEEDED, activated=activated, finished_at=repr(now), phases=self._end_phase(now))
 
     def fail(self, error: str) -> None:
         """The job failed: whatever it registered is removed first, then the failure recorded."""

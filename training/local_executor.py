@@ -1,6 +1,8 @@
 """The local executor (TRAIN_EXECUTOR=local, `make run`): jobs run on this machine, no broker needed.
 
-`LocalExecutor.send` starts `python -m training.local_executor <job id>`, which detaches at once: the job
+`LocalExecutor.send` has the fork server (training/fork_server.py), which imported the training code once,
+fork the job's process, which runs `main` at once; without one it starts `python -m training.local_executor
+<job id>`, which imports it all first. Either way the job's process is in a session of its own: the job
 belongs to no serving worker, and outlives a restart or a recycled worker of the API. It waits for
 one of this machine's TRAIN_WORKER_CONCURRENCY slots (the job reads `queued` meanwhile), then runs
 the same `execute_job` a Celery worker runs, in Celery's own process pool (billiard) with the same
@@ -39,6 +41,7 @@ from training.attempt import (
     preload_training,
     worker_name,
 )
+from training.fork_server import ForkServerClient, drop_inherited_connections
 from training.job_record import JobRecord
 from training.submitter import ExecutorUnavailable
 
@@ -72,23 +75,39 @@ class LocalExecutor:
         self.settings, self.registry = settings, registry
         self.state_dir = Path(settings.STATE_DIR)
         self._sweeper = None
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+        self.fork_server = ForkServerClient(env)
 
     def send(self, job_id: str) -> None:
-        """Start the job's process; ExecutorUnavailable if it cannot start."""
+        """Start the job's process, forked warm by the fork server, or cold if none answers yet; ExecutorUnavailable
+        if it cannot start."""
         folder = self.state_dir / "jobs"
         folder.mkdir(parents=True, exist_ok=True)
         job_lock_path(self.state_dir, job_id).touch()  # the sweeper's record that this machine runs it
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+        settings_json = settings_to_json(self.settings)  # this app's settings, a test's overrides included
+        try:
+            if self.fork_server.fork_job(job_id, settings_json, folder / f"{job_id}.log") is not None:
+                return
+        except OSError as exc:  # no private folder for the socket: every job starts cold
+            log.warning("no fork server for training jobs: %s", exc)
         try:
             with open(folder / f"{job_id}.log", "w") as output:
                 # The launcher forks the job's process and exits at once: no zombie for the serving worker.
-                # The job's process receives this app's settings (a test's overrides included) on its stdin.
-                subprocess.run([sys.executable, "-m", "training.local_executor", job_id], cwd=PROJECT_ROOT, env=env,
-                               input=settings_to_json(self.settings).encode(), stdout=output,
+                # The job's process receives the settings on its stdin.
+                subprocess.run([sys.executable, "-m", "training.local_executor", job_id], cwd=PROJECT_ROOT,
+                               env=self.fork_server.env, input=settings_json.encode(), stdout=output,
                                stderr=subprocess.STDOUT, check=True, timeout=30, start_new_session=True)  # fmt: skip
         except (subprocess.SubprocessError, OSError) as exc:
             job_lock_path(self.state_dir, job_id).unlink(missing_ok=True)
             raise ExecutorUnavailable(f"the job's process could not start: {exc}") from exc
+
+    def start_fork_server(self) -> None:
+        """Have this code's fork server running, so that the next job starts warm (returns at once)."""
+        try:
+            if not self.fork_server.is_up():
+                self.fork_server.start_server()
+        except OSError as exc:
+            log.warning("no fork server for training jobs: %s", exc)
 
     def recover(self) -> list[str]:
         """Start again each unfinished job of this machine whose processes are gone; returns their ids."""
@@ -132,6 +151,7 @@ class LocalExecutor:
         def sweep_forever() -> None:
             while True:
                 try:
+                    self.start_fork_server()  # again after the process that started it ended
                     self.recover()
                 except Exception:  # the sweeper must outlive any one failure
                     log.exception("sweeping training jobs failed")
@@ -174,7 +194,14 @@ def run_job(settings: Settings, job_id: str) -> AttemptOutcome | None:
 
     limit = settings.TRAIN_TIME_LIMIT_SECONDS
     for _ in range(settings.TRAIN_MAX_ATTEMPTS + 1):  # the last one records the lost attempts and fails
-        pool = Pool(1, maxtasksperchild=1, soft_timeout=limit, timeout=hard_time_limit(limit), lost_worker_timeout=1)
+        pool = Pool(
+            1,
+            initializer=drop_inherited_connections,
+            maxtasksperchild=1,
+            soft_timeout=limit,
+            timeout=hard_time_limit(limit),
+            lost_worker_timeout=1,
+        )
         try:
             return pool.apply_async(run_attempt, (settings, job_id)).get()
         except Exception as wrapped:  # billiard hands the pool's own errors over wrapped, with their traceback

@@ -56,7 +56,7 @@ def run_training(
 
     Returns `{"model": {"name", "version"}, "run_id", "metrics"}`. Anything that fails before the
     version is registered leaves nothing registered; a failure to activate removes the version again.
-    `on_phase` hears "fitting", "evaluating", "converting" and "registering" as each begins;
+    `on_phase` hears "fitting", "evaluating", "converting", "registering" and "plotting" as each begins;
     `log_dataset` False when the job's submitter already logged the dataset as the run's input.
     `before_activate` hears the model active until now (if any) before the new version replaces it.
     """
@@ -75,10 +75,6 @@ def run_training(
         metrics = evaluation["metrics"]
         mlflow.log_metrics(metrics)
         mlflow.log_dict(evaluation["report"], "classification_report.json")
-        from training.plots import log_plots  # matplotlib is loaded by a job, not by every process
-
-        log_plots(model, test_x, test_y, evaluation)
-
         tags = {"estimator": spec.estimator, "dataset": dataset.name, "dataset_digest": dataset.digest}
         on_phase("converting")  # log_model_version compiles the ONNX form and checks it
         ref = log_model_version(model, train_x, model_name, tags, metrics, holdout=test_x)
@@ -90,6 +86,12 @@ def run_training(
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         if spec.activate:
             _activate(registry, ref, before_activate)
+        # Off the path to servable: the version serves from here on; the job ends once its plots are logged
+        # (a failure here fails the job, which removes the version and hands the active model back).
+        on_phase("plotting")
+        from training.plots import log_plots  # matplotlib is loaded by a job, not by every process
+
+        log_plots(model, test_x, test_y, evaluation)
         return {"model": ref.as_dict(), "run_id": run.info.run_id, "metrics": metrics, "activated": spec.activate}
 
 

@@ -146,6 +146,8 @@ def describe_job(state: JobState, now: float | None = None) -> dict:
     else:
         job["finished_at"] = _iso(state.finished_at)
         job["elapsed_seconds"] = _seconds(state.finished_at, state.started_at)
+    if state.phases:
+        job["phases"] = state.phases  # seconds of each phase this attempt ended
     if state.lost is not None:
         job["lost_attempt"] = state.lost
     if state.status == JobStatus.SUCCEEDED:
@@ -159,10 +161,10 @@ def describe_job(state: JobState, now: float | None = None) -> dict:
 def wait_for_job(registry: Registry, job_id: str, timeout: float) -> dict:
     """Poll the job until it finishes or `timeout` passes; returns its last state."""
     deadline = time.monotonic() + timeout
-    delay = 0.2
+    delay = 0.1
     while True:
         job = get_job(registry, job_id)
         if JobStatus(job["status"]).finished or time.monotonic() > deadline:
             return job
         time.sleep(delay)
-        delay = min(delay * 1.5, 2.0)
+        delay = min(delay * 1.5, 0.25)  # a waited /train answers within a quarter second of its job's end
