@@ -172,17 +172,15 @@ def _train_and_record(
         record.phase(phase)
 
     request, reference, job_id = state.request, state.dataset, record.job_id
+    registered: list[ModelRef] = []  # what this attempt registered: withdrawn if it is taken over later
     spec = TrainingSpec(request["estimator"], request["params"], request["model_name"], request["activate"])
     try:
         dataset = load_job_dataset(record.registry, job_id, reference)
         result = run_training(record.registry, spec, dataset, run_id=job_id, on_phase=on_phase,
-                              log_dataset="builtin" in reference, before_activate=record.remember_previous_active)  # fmt: skip
+                              log_dataset="builtin" in reference, before_activate=record.remember_previous_active,
+                              on_registered=registered.append)  # fmt: skip
         heartbeat.stop()
-        try:
-            heartbeat.check()
-        except Superseded:  # taken over after registering: what this attempt registered goes
-            record.withdraw(ModelRef(**result["model"]))
-            raise
+        heartbeat.check()
     except Exception as exc:
         heartbeat.stop()
         try:
@@ -191,6 +189,8 @@ def _train_and_record(
         except Superseded:
             exc = Superseded(job_id)
         if isinstance(exc, Superseded):
+            for ref in registered:  # taken over after registering (even while plotting): its version goes
+                record.withdraw(ref)
             log.warning("job %s: another attempt owns it now; attempt %s stops and records nothing", job_id, attempt)
             return AttemptOutcome.SUPERSEDED
         if is_time_limit(exc):

@@ -51,6 +51,7 @@ def run_training(
     on_phase: Callable[[str], None] = _no_phase,
     log_dataset: bool = True,
     before_activate: Callable[[ModelRef], None] = _no_previous,
+    on_registered: Callable[[ModelRef], None] = _no_previous,
 ) -> dict:
     """Train `spec` on `dataset` inside an MLflow run (a new one, or the job's run) and register it.
 
@@ -58,7 +59,8 @@ def run_training(
     version is registered leaves nothing registered; a failure to activate removes the version again.
     `on_phase` hears "fitting", "evaluating", "converting", "registering" and "plotting" as each begins;
     `log_dataset` False when the job's submitter already logged the dataset as the run's input.
-    `before_activate` hears the model active until now (if any) before the new version replaces it.
+    `before_activate` hears the model active until now (if any) before the new version replaces it;
+    `on_registered` hears the new version once it is registered (a job taken over later withdraws it).
     """
     mlflow.set_tracking_uri(registry.tracking_uri)
     mlflow.set_registry_uri(registry.tracking_uri)
@@ -83,6 +85,7 @@ def run_training(
         except Exception:
             registry.delete_model_version(ref)
             raise
+        on_registered(ref)
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
         if spec.activate:
             _activate(registry, ref, before_activate)
