@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flask import current_app
 
+from kernel.config import current_settings
 from serving import schemas
 
 _JSON = "application/json"
@@ -102,14 +103,17 @@ def _by_url_operation(model, path_parameter: dict, summary: str) -> dict:
         " The active model does not change. The body must fit that version's features. An MLflow client pointed "
         "at the same URL without `/predict` posts to `.../invocations`, which takes MLflow's bodies and CSV."
     )
-    return {**operation, "summary": summary, "parameters": [_NAME, path_parameter]}
+    # The served version as the defaults: what Postman's importer fills in, so an imported request answers.
+    name = {**_NAME, "schema": {**_NAME["schema"], **({"default": model.ref.name} if model else {})}}
+    return {**operation, "summary": summary, "parameters": [name, path_parameter]}
 
 
 def _document_by_url(spec, model) -> None:
     version = {"name": "version", "in": "path", "required": True, "description": "a registered version number",
-               "schema": {"type": "string", "pattern": "^[0-9]{1,18}$", "example": "1"}}  # fmt: skip
+               "schema": {"type": "string", "pattern": "^[0-9]{1,18}$", "example": "1",
+                          **({"default": model.ref.version} if model else {})}}  # fmt: skip
     alias = {"name": "alias", "in": "path", "required": True, "description": "an MLflow alias of that model",
-             "schema": {"type": "string", "minLength": 1, "example": "active"}}  # fmt: skip
+             "schema": {"type": "string", "minLength": 1, "example": "active", "default": current_settings().ACTIVE_ALIAS}}  # fmt: skip
     summary = "Predict with a given version (the active model does not change)"
     spec.path(
         "/models/{name}/versions/{version}/predict", operations={"post": _by_url_operation(model, version, summary)}
