@@ -113,8 +113,9 @@ class VersionCounts:
         self.slot_seconds = slot_seconds
         self.lock = threading.Lock()
         shape = (SLOTS, _HEADER + baseline.cells)
+        self.path = None  # this process's file: a reader never deletes it, however long it has been idle
         if folder:
-            path = Path(folder) / f"drift_{baseline.sha256[:12]}_{os.getpid()}.counts"
+            path = self.path = Path(folder) / f"drift_{baseline.sha256[:12]}_{os.getpid()}.counts"
             self.slots = np.memmap(path, dtype=np.int64, mode="r+" if path.exists() else "w+", shape=shape)
         else:
             self.slots = np.zeros(shape, dtype=np.int64)
@@ -155,7 +156,7 @@ def merged(baseline: Baseline, window_seconds: float, slot_seconds: float, folde
                 slots = np.fromfile(path, dtype=np.int64).reshape(SLOTS, _HEADER + baseline.cells)
             except (OSError, ValueError):
                 continue  # a file being created, or of another layout
-            if slots[:, 0].max() < current - SLOTS and path != getattr(local, "path", None):
+            if slots[:, 0].max() < current - SLOTS and path != getattr(local, "path", None):  # idle a whole ring
                 path.unlink(missing_ok=True)
                 continue
             sources.append(slots)
