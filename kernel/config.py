@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     CELERY_BROKER_TRANSPORT_OPTIONS: str = Field("{}", description='the broker\'s transport options as a JSON object, e.g. `{"region": "eu-west-1"}` for SQS')
     TRAIN_QUEUE: Name = Field("training", description="the queue (Redis list or SQS queue name) training jobs go through")
     TRAIN_WORKER_CONCURRENCY: Positive = Field(1, description="jobs at once per worker (`make worker`), or on this machine with `TRAIN_EXECUTOR=local`")
+    TRAIN_WARM_START: bool = Field(True, description="`TRAIN_EXECUTOR=local`: each job's process forks from a warm parent that imported the training code once (about 440 MiB resident while the service runs, started with it); `false`: each job's process starts cold and imports for about 9 s")
     TRAIN_MAX_QUEUED: Positive = Field(20, description="jobs waiting for a worker; beyond it `/train` answers 429 with `Retry-After`")
     TRAIN_MAX_ATTEMPTS: Positive = Field(2, description="a job whose worker vanished runs again until this many attempts, then fails")
     TRAIN_TIME_LIMIT_SECONDS: Positive = Field(600, description="a job running longer is killed and marked failed")

@@ -22,7 +22,9 @@ def after_fork(app: Flask) -> None:
         store.start_watcher()
     executor = app.extensions.get("train_executor")
     if hasattr(executor, "start_sweeper"):  # the local executor: start again jobs whose process died
-        executor.start_sweeper()
+        import os
+
+        executor.start_sweeper(owner=os.getppid())  # the warm parent of jobs lives as long as the master
 
 
 def _sql_engines() -> list:

@@ -43,6 +43,9 @@ class Service(LoggedProcess):
         self.env = {
             **os.environ,
             "API_TOKEN": TOKEN,
+            # Jobs start cold unless a test asks for the warm parent: it costs a process and its imports at each
+            # start, and most services here train one job or none.
+            "TRAIN_WARM_START": "false",
             **env,
             "HOST": "127.0.0.1",
             "PORT": str(self.port),

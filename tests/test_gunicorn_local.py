@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -41,15 +42,38 @@ def test_empty_store_bootstraps_once_and_swaps_reach_every_worker(tmp_path, prel
         service.stop()
 
 
-def test_recycled_workers_serve_the_current_version(tmp_path):
-    """With preload, a recycled worker forks from the master's (older) model and must catch up first."""
+def fork_servers() -> list[tuple[int, list[str]]]:
+    """The fork servers running on this machine (training/fork_server.py): pid and command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+        except OSError:
+            continue
+        if "training.fork_server" in command:
+            found.append((int(entry.name), command))
+    return found
+
+
+def test_recycled_workers_serve_the_current_version_and_keep_one_warm_parent(tmp_path):
+    """With preload, a recycled worker forks from the master's (older) model and must catch up first. The
+    jobs' warm parent belongs to the master, not to the worker that started it: recycled workers neither
+    end it nor start others."""
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "GUNICORN_MAX_REQUESTS": "10",
-           "GUNICORN_MAX_REQUESTS_JITTER": "0", "ACTIVE_POLL_SECONDS": "60"}  # fmt: skip
+           "GUNICORN_MAX_REQUESTS_JITTER": "0", "ACTIVE_POLL_SECONDS": "60", "TRAIN_WARM_START": "true"}  # fmt: skip
     service = Service(env, tmp_path, workers=2).start()
     try:
-        trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris",
-                                                               "model_name": "iris-nb", "wait": True}, timeout=300, headers=AUTH)  # fmt: skip
-        assert trained.status_code == 201, trained.text
+        # Not a waited /train: a worker recycled by max_requests gives a request in flight only its
+        # graceful_timeout, and a job here may take longer under load. The job outlives any worker.
+        sent = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris",
+                                                           "model_name": "iris-nb"}, timeout=60, headers=AUTH)  # fmt: skip
+        assert sent.status_code == 202, sent.text
+        job_url = f"{service.url}/train/jobs/{sent.json()['job_id']}"
+        deadline = time.monotonic() + 300
+        while (job := requests.get(job_url, timeout=30, headers=AUTH).json())["status"] != "succeeded":
+            assert job["status"] in ("queued", "running"), (job, service.log_tail())
+            assert time.monotonic() < deadline, (job, service.log_tail())
+            time.sleep(0.5)
         pids = set()
         for _ in range(80):  # every worker is replaced several times over
             answer = predict(service.url)
@@ -57,8 +81,17 @@ def test_recycled_workers_serve_the_current_version(tmp_path):
             assert ref(answer.json()["model"]) == {"name": "iris-nb", "version": "1"}
             pids.add(answer.headers["X-Worker-Pid"])
         assert len(pids) > 4, "workers were not recycled"
+        master = str(service.process.pid)
+        deadline = time.monotonic() + 30  # a second one started in the same instant leaves within 10 s
+        while len([pid for pid, command in fork_servers() if command[-1] == master]) != 1:
+            assert time.monotonic() < deadline, (fork_servers(), master, service.log_tail())
+            time.sleep(0.2)
     finally:
         service.stop()
+    deadline = time.monotonic() + 30  # and it ends with the master
+    while any(command[-1] == master for _, command in fork_servers()):
+        assert time.monotonic() < deadline, "the fork server outlived the service"
+        time.sleep(0.2)
 
 
 def test_a_stop_does_not_wait_for_idle_keep_alive_connections(tmp_path):

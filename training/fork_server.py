@@ -10,7 +10,8 @@ with the time limits). The job's process is in a session of its own and named fo
 One fork server per code and environment: its socket's name carries a fingerprint of both (the Python,
 the project's files, the environment), in a folder only this user can open. A service started with other
 code or settings than a running fork server's gets a fork server of its own. The fork server ends when the
-process that started it ends; the next job's `send` then starts one again, and runs cold meanwhile.
+process that owns it ends (the gunicorn master, or the process that started it); the next job's `send` then
+starts one again, and runs cold meanwhile. `TRAIN_WARM_START=false` does without it: every job starts cold.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kernel.config import PROJECT_ROOT
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 5.0
-STARTER_POLL_SECONDS = 1.0
+OWNER_POLL_SECONDS = 1.0
 LOCK_WAIT_SECONDS = 10.0
 
 
@@ -64,6 +65,7 @@ class ForkServerClient:
     def __init__(self, env: dict[str, str]):
         self.env = env
         self.key = fingerprint(env)
+        self.owner = os.getpid()  # the fork server ends with this process (a gunicorn worker sets its master)
         self._launched_at = 0.0
 
     @property
@@ -97,14 +99,21 @@ class ForkServerClient:
             return False
 
     def start_server(self) -> None:
-        """Start a fork server in a session of its own, unless this process started one within the last minute."""
+        """Start a fork server in a session of its own, unless one holds this code's lock (it is up or on its way
+        up, started by any process) or this process started one within the last minute."""
         if time.monotonic() - self._launched_at < 60 and self._launched_at:
             return
+        from training.local_executor import try_lock
+
+        held = try_lock(self.socket_path.with_suffix(".lock"))
+        if held is None:
+            return
+        held.close()
         self._launched_at = time.monotonic()
         folder = runtime_folder()
         with open(folder / f"train-{self.key}.log", "a") as output:
             process = subprocess.Popen(
-                [sys.executable, "-m", "training.fork_server", str(self.socket_path), str(os.getpid())],
+                [sys.executable, "-m", "training.fork_server", str(self.socket_path), str(self.owner)],
                 cwd=PROJECT_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
@@ -205,8 +214,8 @@ def _answer(connection: socket.socket, inherited: list) -> None:
     log.info("job %s: forked its process %d", request["job_id"], pid)
 
 
-def serve(socket_path: Path, starter: int) -> None:
-    """Import the training code, then fork a job's process per request, until the starting process ends."""
+def serve(socket_path: Path, owner: int) -> None:
+    """Import the training code, then fork a job's process per request, until its owner process ends."""
     from training.attempt import preload_training
 
     lock = _take_lock(socket_path.with_suffix(".lock"))
@@ -219,11 +228,11 @@ def serve(socket_path: Path, starter: int) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     listener.listen(64)
-    listener.settimeout(STARTER_POLL_SECONDS)
+    listener.settimeout(OWNER_POLL_SECONDS)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the jobs' processes
     log.info("fork server %d ready on %s", os.getpid(), socket_path)
     try:
-        while _alive(starter):
+        while _alive(owner):
             try:
                 connection, _ = listener.accept()
             except TimeoutError:

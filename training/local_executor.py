@@ -86,7 +86,9 @@ class LocalExecutor:
         job_lock_path(self.state_dir, job_id).touch()  # the sweeper's record that this machine runs it
         settings_json = settings_to_json(self.settings)  # this app's settings, a test's overrides included
         try:
-            if self.fork_server.fork_job(job_id, settings_json, folder / f"{job_id}.log") is not None:
+            if self.settings.TRAIN_WARM_START and self.fork_server.fork_job(
+                job_id, settings_json, folder / f"{job_id}.log"
+            ):
                 return
         except OSError as exc:  # no private folder for the socket: every job starts cold
             log.warning("no fork server for training jobs: %s", exc)
@@ -102,7 +104,10 @@ class LocalExecutor:
             raise ExecutorUnavailable(f"the job's process could not start: {exc}") from exc
 
     def start_fork_server(self) -> None:
-        """Have this code's fork server running, so that the next job starts warm (returns at once)."""
+        """Have this code's fork server running, so that the next job starts warm (returns at once); nothing
+        with `TRAIN_WARM_START=false`."""
+        if not self.settings.TRAIN_WARM_START:
+            return
         try:
             if not self.fork_server.is_up():
                 self.fork_server.start_server()
@@ -143,8 +148,14 @@ class LocalExecutor:
             started.append(job_id)
         return started
 
-    def start_sweeper(self) -> None:
-        """Sweep now and every SWEEP_SECONDS in a daemon thread (once per process; again after a fork)."""
+    def start_sweeper(self, owner: int | None = None) -> None:
+        """Sweep now and every SWEEP_SECONDS in a daemon thread (once per process; again after a fork).
+
+        `owner`: the process whose end ends the fork server; a gunicorn worker passes its master, so that a
+        recycled worker does not take the warm parent with it and every worker shares one.
+        """
+        if owner is not None:
+            self.fork_server.owner = owner
         if self._sweeper is not None and self._sweeper.is_alive():
             return
 
