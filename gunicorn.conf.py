@@ -82,7 +82,7 @@ def when_ready(server):
             f"  curl -X POST {url}/predict -H 'Content-Type: application/json' -d '{json.dumps(model.example)}'"
         )
     if settings.API_AUTH:
-        lines.append("/train and /use-model need the API token: `make token` prints it.")
+        lines.append("/train, /use-model and /rollout need the API token: `make token` prints it.")
     print("\n" + "\n".join(lines) + "\n", file=sys.stderr, flush=True)
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_FILE = "api-token"
 # Rules under these need the management token: /train, /train/jobs/<id> (and whatever /train/... comes next).
-MANAGEMENT_RULES = ("/train", "/use-model")
+MANAGEMENT_RULES = ("/train", "/use-model", "/rollout")
 PREDICT_RULES = ("/predict", "/invocations")
 
 
@@ -86,7 +86,7 @@ def management_token(settings: Settings) -> str | None:
     """The token /train and /use-model require: API_TOKEN, else the one kept in STATE_DIR; None with API_AUTH=off."""
     if not settings.API_AUTH:
         log.warning(
-            "API_AUTH=off: /train, /train/jobs and /use-model answer anyone who can reach this service, "
+            "API_AUTH=off: /train, /train/jobs, /use-model and /rollout answer anyone who can reach this service, "
             "without a token. Unset API_AUTH to require one."
         )
         return None
@@ -97,12 +97,12 @@ def management_token(settings: Settings) -> str | None:
         token, made = ensure_token(path)
     except OSError as exc:
         # Closed, not open: a token nobody knows. Predictions go on; management waits for API_TOKEN.
-        log.error("Could not keep an API token in %s (%s): /train and /use-model refuse every request "
+        log.error("Could not keep an API token in %s (%s): /train, /use-model and /rollout refuse every request "
                   "until API_TOKEN is set or the folder is writable.", path, exc.strerror or exc)  # fmt: skip
         return secrets.token_urlsafe(32)
     if made:
         log.warning(
-            "Generated the API token for /train, /train/jobs and /use-model: %s\n"
+            "Generated the API token for /train, /train/jobs, /use-model and /rollout: %s\n"
             "    It is kept in %s (readable only by its owner); `make token` prints it.\n"
             "    Send it in the Authorization header with the Bearer scheme (the README shows how). Set API_TOKEN to choose your own.",
             token,

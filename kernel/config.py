@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     ACTIVE_ALIAS: Name = Field("active", description="the MLflow alias that decides which version every instance serves (checked at start against MLflow's alias rules); move it with `/use-model`, the MLflow UI or any MLflow client")
     BOOTSTRAP_DEFAULT_MODEL: Flag = Field(True, description="train the default model on a first start with an empty registry (role `all` only)")
     STATE_DIR: str = Field("", description="this machine's model cache, active-model pointer, jobs and generated API token (default: `serving-state/` beside the SQLite file, or under the temp folder)")
+    ROLLOUT_ALIAS: Name = Field("candidate", description="the MLflow alias a rollout puts on its candidate version (`POST /rollout`); moving it, or `ACTIVE_ALIAS`, by hand ends the rollout as `overridden`")
+    SHADOW_QUEUE: Positive = Field(64, description="shadow requests each worker holds for the candidate to score; beyond it they are dropped and counted")
+    SHADOW_MAX_ROWS: Positive = Field(1000, description="a batch larger than this is not shadowed (dropped and counted)")
     ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often one worker per machine reads the alias from MLflow (one search); a move reaches every worker within this plus the load time plus 0.2 s")
     SERVING_CACHE_VERSIONS: Positive = Field(3, description="versions kept loaded per worker for `/models/<name>/versions/<v>/predict` and swaps (least recently used out first; the active version is never evicted)")
     WATCH_REGISTRY: Flag = Field(True, description="poll the registry, and start again local training jobs whose process died, in background threads (gunicorn.conf.py turns it off in a preloading master; each worker starts them)")
@@ -142,7 +145,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported scheme {scheme!r}; one of {', '.join(s for s in TRACKING_SCHEMES if s)}")
         return uri
 
-    @field_validator("ACTIVE_ALIAS")
+    @field_validator("ACTIVE_ALIAS", "ROLLOUT_ALIAS")
     @classmethod
     def _mlflow_alias(cls, alias: str) -> str:
         """MLflow's own rules for an alias name (characters, length, `latest` and `v<N>` reserved)."""
@@ -183,6 +186,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DRIFT_PSI_ALERT ({self.DRIFT_PSI_ALERT}) must be above DRIFT_PSI_WARN ({self.DRIFT_PSI_WARN})"
             )
+        if self.ROLLOUT_ALIAS == self.ACTIVE_ALIAS:
+            raise ValueError(f"ROLLOUT_ALIAS and ACTIVE_ALIAS must differ (both {self.ACTIVE_ALIAS!r})")
         if not self.STATE_DIR:
             object.__setattr__(self, "STATE_DIR", str(default_state_dir(self.MLFLOW_TRACKING_URI)))
         return self

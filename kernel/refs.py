@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kernel.rollout_spec import RolloutSpec
 
 
 @dataclass(frozen=True)
@@ -20,12 +24,16 @@ class ModelRef:
 class AliasState:
     """One read of the registry: the versions carrying the active alias (one: ok; none: missing; more: conflict).
 
-    The same read will carry a rollout's spec (issue 16, section 3)."""
+    The same read carries the running rollout (`rollout`), and a rollout whose aliases were moved by hand
+    (`overridden`: its spec is still in MLflow, but the active alias is no longer on its stable version or
+    the rollout alias no longer on its candidate). Neither takes part in comparisons."""
 
     holders: tuple[ModelRef, ...] = ()
     models: int = field(
         default=0, compare=False
     )  # registered models seen by the read: 0 is an empty registry (the default model's cue)
+    rollout: RolloutSpec | None = field(default=None, compare=False)
+    overridden: tuple[RolloutSpec, ...] = field(default=(), compare=False)
 
     @property
     def status(self) -> str:

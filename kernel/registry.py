@@ -7,7 +7,6 @@ version or alias does not exist) or `RegistryUnavailable` (the tracking server c
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -20,58 +19,16 @@ from mlflow.entities import DatasetInput, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from kernel.config import Settings, artifact_location, check_tracking_uri, sqlite_path
-from kernel.errors import DomainError
 from kernel.locks import file_lock
 from kernel.model_format import runtime_of
 from kernel.refs import AliasState, ModelRef
+from kernel.registry_errors import ModelNotFound, RegistryError, RegistryUnavailable, translate_errors
+from kernel.rollout_registry import RolloutRecords
+from kernel.rollout_spec import ROLLOUT_TAG, RolloutSpec
+
+__all__ = ["AliasState", "ModelNotFound", "ModelRef", "Registry", "RegistryError", "RegistryUnavailable"]
 
 log = logging.getLogger(__name__)
-
-# A malformed version ("abc") is INVALID_PARAMETER_VALUE: for a lookup, that too is "no such model".
-_NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}
-
-
-class RegistryError(Exception):
-    """Base of the registry's errors."""
-
-
-class ModelNotFound(RegistryError):
-    """No registered model, version or alias by that name."""
-
-
-class RegistryUnavailable(RegistryError, DomainError):
-    """The tracking server (or database) did not answer: 503, the detail (URLs, hosts) only in the log."""
-
-    status = 503
-    code = "registry_unavailable"
-    headers = {"Retry-After": "10"}
-    log_level = logging.WARNING
-
-    def client_message(self) -> str:
-        return "The model registry (MLflow) cannot be reached; nothing was changed, and predictions still work. Try again shortly."
-
-
-def translate_errors(func):
-    """Turn MLflow's and the network's exceptions into the registry's two errors."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except RegistryError:
-            raise
-        except MlflowException as exc:
-            if getattr(exc, "error_code", "") in _NOT_FOUND:
-                raise ModelNotFound(exc.message) from exc
-            raise RegistryUnavailable(f"MLflow did not answer: {exc.message[:300]}") from exc
-        except (OSError, ConnectionError) as exc:
-            raise RegistryUnavailable(f"MLflow did not answer: {exc}") from exc
-        except Exception as exc:  # sqlalchemy's OperationalError and requests' errors, without importing them
-            if type(exc).__module__.split(".")[0] in ("sqlalchemy", "requests", "urllib3"):
-                raise RegistryUnavailable(f"MLflow did not answer: {str(exc)[:300]}") from exc
-            raise
-
-    return wrapper
 
 
 def _json_or_empty(text: str | None) -> dict:
@@ -90,14 +47,17 @@ def iso_time(timestamp_ms: int | None) -> str | None:
     return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
-class Registry:
+class Registry(RolloutRecords):
     """One tracking server's registry, seen through one experiment that holds the service's runs."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, alias: str = "active"):
+    def __init__(
+        self, tracking_uri: str, experiment_name: str, alias: str = "active", rollout_alias: str = "candidate"
+    ):
         check_tracking_uri(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.alias = alias
+        self.rollout_alias = rollout_alias
         database = sqlite_path(tracking_uri)
         if database:
             # Creating the client creates a new database's tables; two workers doing it at once
@@ -172,19 +132,23 @@ class Registry:
         return self._search_registered_models()[0]
 
     @translate_errors
-    def _search_registered_models(self) -> tuple[dict[tuple[str, str], list[str]], int]:
-        """Aliases by (name, version), and how many models are registered: one search, all pages."""
+    def _search_registered_models(self) -> tuple[dict[tuple[str, str], list[str]], int, list[RolloutSpec]]:
+        """Aliases by (name, version), how many models are registered, and the rollout specs their tags hold:
+        one search, all pages."""
         aliases: dict[tuple[str, str], list[str]] = {}
-        token, models = None, 0
+        token, models, rollouts = None, 0, []
         while True:
             page = self.client.search_registered_models(max_results=1000, page_token=token)
             for model in page:
                 models += 1
                 for alias, version in (model.aliases or {}).items():
                     aliases.setdefault((model.name, str(version)), []).append(alias)
+                spec = RolloutSpec.from_json((model.tags or {}).get(ROLLOUT_TAG) or "")
+                if spec is not None and spec.candidate.name == model.name:
+                    rollouts.append(spec)
             token = page.token
             if not token:
-                return aliases, models
+                return aliases, models, rollouts
 
     @translate_errors
     def get_model_version(self, name: str, version: str) -> ModelRef:
@@ -213,9 +177,17 @@ class Registry:
 
     def read_alias_state(self) -> AliasState:
         """Which versions carry the active alias: one search of the registered models (all pages), no more."""
-        aliases, models = self._search_registered_models()
+        aliases, models, rollouts = self._search_registered_models()
         holders = [ModelRef(name, version) for (name, version), names in aliases.items() if self.alias in names]
-        return AliasState(tuple(sorted(holders, key=lambda ref: (ref.name, int(ref.version)))), models)
+        running, overridden = None, []
+        for spec in rollouts:  # in force while both aliases are where the rollout put them
+            candidate = self.rollout_alias in aliases.get((spec.candidate.name, spec.candidate.version), [])
+            if candidate and holders == [spec.stable] and running is None:
+                running = spec
+            else:
+                overridden.append(spec)
+        ordered = tuple(sorted(holders, key=lambda ref: (ref.name, int(ref.version))))
+        return AliasState(ordered, models, running, tuple(overridden))
 
     def get_active_model(self) -> ModelRef | None:
         """The version the active alias is on; None when no model carries it, or more than one does."""
@@ -313,7 +285,8 @@ class Registry:
 def registry_from_settings(settings: Settings) -> Registry:
     """The registry the settings name, with MLflow's client bounded by them (app, job and CLI alike)."""
     mlflow_client_settings(settings.MLFLOW_HTTP_REQUEST_TIMEOUT, settings.MLFLOW_HTTP_REQUEST_MAX_RETRIES)
-    return Registry(settings.MLFLOW_TRACKING_URI, settings.MLFLOW_EXPERIMENT_NAME, settings.ACTIVE_ALIAS)
+    return Registry(settings.MLFLOW_TRACKING_URI, settings.MLFLOW_EXPERIMENT_NAME, settings.ACTIVE_ALIAS,
+                    settings.ROLLOUT_ALIAS)  # fmt: skip
 
 
 def mlflow_client_settings(timeout: int, max_retries: int) -> None:

@@ -83,7 +83,11 @@ def _predict_operation(model) -> dict:
 
 _ROUTE_HEADERS = {
     "X-Model-Version": {"description": "the version that answered", "schema": {"type": "string"}},
-    "X-Model-Route": {"description": "`active`, `version` or `alias`", "schema": {"type": "string"}},
+    "X-Model-Route": {
+        "description": "`active`, `version` or `alias`; during a rollout `stable`, `candidate` or "
+        "`fallback` (the candidate failed: the stable version answered)",
+        "schema": {"type": "string"},
+    },
 }
 _NAME = {"name": "name", "in": "path", "required": True, "description": "a registered model's name",
          "schema": {"type": "string", "minLength": 1, "example": "iris-RandomForestClassifier"}}  # fmt: skip
@@ -145,6 +149,7 @@ def document(spec) -> None:
         "responses": {
             "200": _answer("now serving", "UseModelResponse"),
             "404": _answer("no such version", "Error"),
+            "409": _answer("a rollout runs (`rollout_running`): end it first", "Error"),
             "422": _answer("version cannot be loaded", "Error"),
             "503": _answer("MLflow unreachable, or this machine's state folder cannot be written", "Error"),
         },

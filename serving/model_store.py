@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kernel.locks import KeptLock, file_lock
 from kernel.registry import AliasState, ModelNotFound, ModelRef, Registry, RegistryUnavailable
+from kernel.rollout_spec import RolloutSpec
 from serving.loaded_model import LoadedModel, ModelLoadError
 from serving.model_cache import ModelCache, StateNotWritable
 from serving.pointer import Generation, Pointer, PointerState
@@ -55,15 +56,16 @@ class ModelStore:
         self.watcher = Watcher(self.get, self.follow_registry, poll_seconds, self.poll_lock.held)
         self.current: LoadedModel | None = None
         self.alias = AliasState()  # the alias as this machine last read it (`ok` once something serves)
+        self.rollout: RolloutSpec | None = None  # the running rollout as this machine last read it
         self.last_error: str | None = None
         self.registry_available = True
         self._seen: object = None  # the generation when this process last followed the pointer
         self._swap_lock = threading.Lock()
 
     def _pinned(self) -> set[ModelRef]:
-        """Versions the model cache never evicts: the one this process serves."""
-        current = self.current
-        return {current.ref} if current is not None else set()
+        """Versions the model cache never evicts: the one this process serves, and a rollout's candidate."""
+        current, rollout = self.current, self.rollout
+        return ({current.ref} if current is not None else set()) | ({rollout.candidate} if rollout else set())
 
     # ---- the request path ------------------------------------------------------------------
     def get(self) -> LoadedModel | None:
@@ -86,6 +88,7 @@ class ModelStore:
             state = self.pointer.read_state()
             if state.ref is not None or state.alias.holders:  # the file said something
                 self.alias = state.alias
+                self.rollout = state.rollout
             if state.ref and (self.current is None or self.current.ref != state.ref):
                 try:
                     self._swap(self.cache.load(state.ref, download=False))
@@ -112,7 +115,7 @@ class ModelStore:
                 previous = self.registry.get_active_model()
                 self.registry.set_active_model(ref)
                 try:
-                    self._publish(PointerState(ref, AliasState((ref,))))
+                    self._publish(PointerState(ref, AliasState((ref,)), self.pointer.read_state().rollout))
                 except OSError:
                     if previous is not None:
                         self.registry.set_active_model(previous)  # the alias must not name what we cannot serve
@@ -165,12 +168,31 @@ class ModelStore:
             alias = AliasState((ref,)) if ref else alias
         if ref is None:
             self._keep_serving(alias)
-            return
-        cached = self.pointer.read_state()
-        if cached.ref is not None and cached.ref != ref:
-            log.info("the alias %r is on %s version %s; this machine's cache said version %s of %s: the alias wins",
-                     self.registry.alias, ref.name, ref.version, cached.ref.version, cached.ref.name)  # fmt: skip
-        self._follow_to(ref)
+        else:
+            cached = self.pointer.read_state()
+            if cached.ref is not None and cached.ref != ref:
+                log.info("the alias %r is on %s version %s; this machine's cache said version %s of %s: the alias wins",
+                         self.registry.alias, ref.name, ref.version, cached.ref.version, cached.ref.name)  # fmt: skip
+            self._follow_to(ref)
+        self._follow_rollout(alias)
+
+    def _follow_rollout(self, alias: AliasState) -> None:
+        """End a rollout whose aliases were moved by hand (`overridden`), and hand the running one to this
+        machine's workers through the pointer."""
+        for spec in alias.overridden:
+            holders = ", ".join(f"{h.name} version {h.version}" for h in alias.holders) or "no version"
+            reason = (f"an alias was moved by hand: {self.registry.alias!r} is on {holders} (the rollout's stable "
+                      f"version was {spec.stable.version}), or {self.registry.rollout_alias!r} left the candidate")  # fmt: skip
+            log.warning("rollout %s overridden: %s", spec.id, reason)
+            try:
+                self.registry.end_rollout(spec, "overridden", reason)
+            except ModelNotFound:  # another instance ended it first
+                pass
+        with file_lock(self.state_dir / "activate.lock"):
+            cached = self.pointer.read_state()
+            if cached.rollout != alias.rollout and (cached.ref is not None or cached.alias.holders):
+                self._publish(PointerState(cached.ref, cached.alias, alias.rollout))
+        self.rollout = alias.rollout
 
     def _keep_serving(self, alias: AliasState) -> None:
         """The alias is missing or on two models: serve what this machine serves, and say why."""
@@ -181,7 +203,7 @@ class ModelStore:
         with file_lock(self.state_dir / "activate.lock"):
             cached = self.pointer.read_state()
             if cached.alias != alias:
-                self._publish(PointerState(cached.ref, alias))
+                self._publish(PointerState(cached.ref, alias, cached.rollout))
         self.alias = alias
         if self.current is None and cached.ref is None:
             self.last_error = f"The MLflow alias {self.registry.alias!r} is {alias.status} ({names})."
@@ -190,7 +212,8 @@ class ModelStore:
         """Whether this process serves `ref` and this machine's pointer names it, the alias read as `ok`."""
         if self.current is None or self.current.ref != ref:
             return False
-        return self.pointer.read_state() == PointerState(ref, AliasState((ref,)))
+        state = self.pointer.read_state()
+        return state.ref == ref and state.alias == AliasState((ref,))
 
     def _follow_to(self, ref: ModelRef) -> None:
         """Load `ref` and point this machine at it, if the alias still names it."""
@@ -206,8 +229,9 @@ class ModelStore:
             # older answer overwrite a newer pointer. The next poll follows whatever is newest.
             if self.registry.get_active_model() != ref:
                 return
-            state = PointerState(ref, AliasState((ref,)))
-            if self.pointer.read_state() != state:
+            cached = self.pointer.read_state()
+            state = PointerState(ref, AliasState((ref,)), cached.rollout)
+            if cached != state:
                 self._publish(state)
         with self._swap_lock:
             self._swap(loaded)

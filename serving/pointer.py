@@ -1,7 +1,7 @@
 """This machine's cache of the active alias: the pointer file (`<state dir>/active.json`) and its generation.
 
-The pointer file says which version the workers of one machine serve and what the last read of the
-alias found (`ok`, `missing`, `conflict` with the holders). It is a cache of the MLflow alias, never the
+The pointer file says which version the workers of one machine serve, what the last read of the
+alias found (`ok`, `missing`, `conflict` with the holders) and the running rollout's spec, if any. It is a cache of the MLflow alias, never the
 truth: the poller rewrites it from the alias. The generation (8 bytes in shared memory, mapped into every
 worker's memory) is bumped after each rewrite, so a request sees a change with one memory read instead
 of a `stat` of the file.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel.registry import AliasState, ModelRef
+from kernel.rollout_spec import RolloutSpec
 
 _COUNTER = struct.Struct("<Q")
 SHARED_MEMORY = Path("/dev/shm")
@@ -40,12 +41,14 @@ class PointerState:
 
     ref: ModelRef | None
     alias: AliasState
+    rollout: RolloutSpec | None = None  # the running rollout, as the last poll read it
 
     def as_dict(self) -> dict:
         return {
             **(self.ref.as_dict() if self.ref else {}),
             "alias_status": self.alias.status,
             "holders": [holder.as_dict() for holder in self.alias.holders],
+            **({"rollout": self.rollout.as_dict()} if self.rollout else {}),
         }
 
 
@@ -73,7 +76,8 @@ class Pointer:
             data = json.loads(self.path.read_text())
             ref = ModelRef(data["name"], str(data["version"])) if "name" in data else None
             holders = tuple(ModelRef(h["name"], str(h["version"])) for h in data.get("holders", [data] if ref else []))
-            return PointerState(ref, AliasState(holders))
+            rollout = RolloutSpec.from_json(json.dumps(data["rollout"])) if "rollout" in data else None
+            return PointerState(ref, AliasState(holders), rollout)
         except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
             return PointerState(None, AliasState())
 

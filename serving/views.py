@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from kernel.auth import require_token
 from kernel.config import current_settings
@@ -13,11 +13,13 @@ from kernel.http import load_body
 from kernel.logs import note_model
 from kernel.metrics import count_predictions
 from kernel.registry import ModelNotFound, ModelRef, Registry
+from serving import routing
 from serving.loaded_model import LoadedModel
 from serving.mlflow_protocol import document, scoring_body, with_error_codes
 from serving.model_store import ModelStore
 from serving.prediction import BadInput, predict
 from serving.schemas import UseModelRequest
+from serving.shadow import Shadow
 from serving.versions import Versions
 
 bp = Blueprint("inference", __name__)
@@ -35,6 +37,10 @@ def registry() -> Registry:
 
 def versions() -> Versions:
     return current_app.extensions["versions"]
+
+
+def shadow() -> Shadow:
+    return current_app.extensions["shadow"]
 
 
 def active_model() -> LoadedModel:
@@ -67,8 +73,25 @@ def version():
 @bp.post("/invocations")  # MLflow's and SageMaker's inference route
 @with_error_codes
 def predict_view():
-    """Labels and probabilities for one row or a batch (JSON, or CSV with a header row); 400 with an example."""
-    return answer(active_model(), "active")
+    """Labels and probabilities for one row or a batch (JSON, or CSV with a header row); 400 with an example.
+
+    While a rollout runs, a canary's share is answered by the candidate, or a shadow's copied to it
+    (serving/routing.py); the answer's `X-Model-Route` says which arm answered."""
+    stable = active_model()
+    spec = model_store().rollout
+    if spec is None or spec.stable != stable.ref:
+        return answer(stable, "active")
+    body = scoring_body(stable)
+    key = request.headers.get(spec.sticky_header) if spec.sticky_header else None
+    model, route, result = routing.route(
+        spec, stable, key,
+        lambda: versions().by_version(spec.candidate.name, spec.candidate.version),
+        lambda model: score(model, body, "active" if model is stable else "candidate"),
+        lambda result: shadow().submit(spec, body, len(result["predictions"]), result),
+    )  # fmt: skip
+    note_model(model.ref)
+    count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
+    return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route, "X-Rollout-Id": spec.id}
 
 
 @bp.post("/models/<name>/versions/<version>/predict")
@@ -90,16 +113,20 @@ def predict_alias(name: str, alias: str):
 def answer(model: LoadedModel, route: str):
     """Predict with `model` on this request's body; the answer says which version and route answered."""
     note_model(model.ref)
-    headers = {"X-Model-Version": model.ref.version, "X-Model-Route": route}
-    body = scoring_body(model)
-    try:
-        # Drift counts what the active version serves (a rollout's arms later), not by-URL tries.
-        observe = current_app.extensions["drift"].observe if route == "active" else None
-        result = predict(model, body, current_settings().MAX_BATCH_ROWS, observe)
-    except BadInput as exc:
-        raise APIError(400, "invalid_input", exc.message, headers, errors=exc.errors, example=model.example) from exc
+    result = score(model, scoring_body(model), route)
     count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
-    return result, 200, headers
+    return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route}
+
+
+def score(model: LoadedModel, body, route: str) -> dict:
+    """The prediction; a client's bad rows are a 400 with the version's example."""
+    try:
+        # Drift counts what the active version serves, not by-URL tries or a candidate's share.
+        observe = current_app.extensions["drift"].observe if route == "active" else None
+        return predict(model, body, current_settings().MAX_BATCH_ROWS, observe)
+    except BadInput as exc:
+        headers = {"X-Model-Version": model.ref.version, "X-Model-Route": route}
+        raise APIError(400, "invalid_input", exc.message, headers, errors=exc.errors, example=model.example) from exc
 
 
 @bp.get("/models")
@@ -113,6 +140,10 @@ def list_models():
 def use_model():
     """Serve another registered version, on every worker and instance; the old one serves until then."""
     request = load_body(UseModelRequest(), example={"name": "iris-RandomForestClassifier", "version": "1"})
+    running = registry().read_alias_state().rollout
+    if running is not None:
+        raise APIError(409, "rollout_running", f"Rollout {running.id} is running: POST /rollout/promote, "
+                       "/rollout/rollback or DELETE /rollout ends it first.", rollout_id=running.id)  # fmt: skip
     try:
         if "alias" in request:
             ref = registry().get_model_version_by_alias(request["name"], request["alias"])

@@ -8,3 +8,16 @@ def before_call(context, case, kwargs):
     """A fuzzed /train never replaces the served model: later cases expect the one they were built for."""
     if case.operation.path == "/train" and isinstance(case.body, dict):
         case.body["activate"] = False if case.media_type == "application/json" else "false"
+
+
+@schemathesis.hook
+def after_call(context, case, response):
+    """A fuzzed POST /rollout that started one is cancelled at once: later cases expect no rollout."""
+    if case.operation.path == "/rollout" and case.method.upper() == "POST" and response.status_code == 201:
+        import requests
+
+        requests.delete(
+            response.url,
+            headers={"Authorization": case.headers.get("Authorization", "")} if case.headers else {},
+            timeout=30,
+        )

@@ -219,3 +219,41 @@ def test_the_lru_evicts_and_never_the_pinned_active_version(registry_server, ser
         assert client.get("/ready").json["model"]["version"] == "1"
     finally:
         store.stop()
+
+
+def test_a_canary_started_on_one_worker_reaches_every_worker_sticky_and_counted_across_them(
+    service, sessions, alias_on_first
+):
+    """POST /rollout through one worker: every worker routes the same key to the same arm (a hash, no shared
+    state), GET /rollout merges every worker's counts, and promotion moves the alias and every worker with it."""
+    wait_on_every_worker(sessions, f"{service.url}/predict", serves(MOVED, "1"), timeout=60)
+    body = {"candidate": {"name": MOVED, "version": "2"}, "mode": "canary", "steps": [20, 60],
+            "sticky": {"header": "X-User-Id"}}  # fmt: skip
+    started = requests.post(f"{service.url}/rollout", json=body, headers=AUTH, timeout=60)
+    assert started.status_code == 201, started.text
+    try:
+        routed = lambda answer: answer.headers.get("X-Rollout-Id") == started.json()["rollout"]["id"]  # noqa: E731
+        wait_on_every_worker(sessions, f"{service.url}/predict", routed, timeout=POLL_SECONDS + 15)
+        routes: dict[str, set] = {}
+        workers: dict[str, set] = {}
+        for round_ in range(2):  # each key twice, on whichever worker its session reaches
+            for index in range(300):
+                session = sessions[(index + round_) % len(sessions)]
+                answer = session.post(f"{service.url}/predict", json=IRIS_ROW, headers={"X-User-Id": f"u{index}"},
+                                      timeout=10)  # fmt: skip
+                assert answer.status_code == 200
+                routes.setdefault(f"u{index}", set()).add(answer.headers["X-Model-Route"])
+                workers.setdefault(f"u{index}", set()).add(answer.headers["X-Worker-Pid"])
+        assert all(len(arms) == 1 for arms in routes.values()), "a key changed arm between workers"
+        assert any(len(pids) == 2 for pids in workers.values()), "no key was seen by both workers"
+        on_candidate = sum(arms == {"candidate"} for arms in routes.values())
+        assert 0.12 <= on_candidate / 300 <= 0.28, on_candidate
+        state = requests.get(f"{service.url}/rollout", headers=AUTH, timeout=10).json()
+        assert state["arms"]["candidate"]["requests"] == 2 * on_candidate  # both workers' counts, merged
+        assert state["arms"]["stable"]["requests"] >= 2 * (300 - on_candidate)
+        assert requests.post(f"{service.url}/rollout/promote", headers=AUTH, timeout=60).json()["percent"] == 60
+        assert requests.post(f"{service.url}/rollout/promote", headers=AUTH, timeout=60).json()["state"] == "promoted"
+        assert alias_on_first.get_registered_model(MOVED).aliases == {"active": "2"}
+        wait_on_every_worker(sessions, f"{service.url}/predict", serves(MOVED, "2"), timeout=POLL_SECONDS + 15)
+    finally:
+        requests.delete(f"{service.url}/rollout", headers=AUTH, timeout=60)

@@ -242,10 +242,10 @@ def test_cross_site_form_post_to_train_cannot_train(store, app_config):
 
 def test_openapi_declares_the_token_on_exactly_the_management_endpoints(client):
     paths = client.get("/openapi.json").json["paths"]
-    for path in ("/train", "/train/jobs/{job_id}", "/use-model"):
+    for path in ("/train", "/train/jobs/{job_id}", "/use-model", "/rollout", "/rollout/promote"):
         assert path in paths
     for path, operations in paths.items():
-        management = path == "/use-model" or path == "/train" or path.startswith("/train/")
+        management = path in ("/use-model", "/train", "/rollout") or path.startswith(("/train/", "/rollout/"))
         for method, operation in operations.items():
             assert (operation.get("security") == [{"bearer": []}]) == management, (method, path)
             if management:
@@ -255,7 +255,19 @@ def test_openapi_declares_the_token_on_exactly_the_management_endpoints(client):
 @pytest.mark.parametrize(
     ("settings", "guarded"),
     [
-        ({"PREDICT_TOKEN": "p-token"}, {"/train", "/train/jobs/{job_id}", "/use-model", "/predict", "/invocations"}),
+        (
+            {"PREDICT_TOKEN": "p-token"},
+            {
+                "/train",
+                "/train/jobs/{job_id}",
+                "/use-model",
+                "/rollout",
+                "/rollout/promote",
+                "/rollout/rollback",
+                "/predict",
+                "/invocations",
+            },
+        ),
         ({"API_AUTH": "off", "API_TOKEN": None}, set()),
         ({"API_AUTH": "off", "API_TOKEN": None, "PREDICT_TOKEN": "p-token"}, {"/predict", "/invocations"}),
     ],

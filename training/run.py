@@ -87,15 +87,23 @@ def run_training(
             raise
         on_registered(ref)
         mlflow.set_tags({"model_name": ref.name, "model_version": ref.version})
-        if spec.activate:
-            _activate(registry, ref, before_activate)
+        activated = spec.activate and _activate(registry, ref, before_activate)
         # Off the path to servable: the version serves from here on; the job ends once its plots are logged
         # (a failure here fails the job, which removes the version and hands the active model back).
         on_phase("plotting")
         from training.plots import log_plots  # matplotlib is loaded by a job, not by every process
 
         log_plots(model, test_x, test_y, evaluation)
-        return {"model": ref.as_dict(), "run_id": run.info.run_id, "metrics": metrics, "activated": spec.activate}
+        return {
+            "model": ref.as_dict(),
+            "run_id": run.info.run_id,
+            "metrics": metrics,
+            "activated": activated,
+            **({} if activated or not spec.activate else {"not_activated": ROLLOUT_RUNNING}),
+        }
+
+
+ROLLOUT_RUNNING = "a rollout is running: the version is registered, not active (GET /rollout)"
 
 
 def _log_request(spec: TrainingSpec, dataset: Dataset, log_dataset: bool) -> None:
@@ -112,10 +120,14 @@ def _log_request(spec: TrainingSpec, dataset: Dataset, log_dataset: bool) -> Non
         )
 
 
-def _activate(registry: Registry, ref: ModelRef, before_activate: Callable[[ModelRef], None]) -> None:
-    """Make the new version active; if that fails, the version goes again."""
+def _activate(registry: Registry, ref: ModelRef, before_activate: Callable[[ModelRef], None]) -> bool:
+    """Make the new version active (False: a rollout runs, and it stays registered only); if that fails, the
+    version goes again."""
+    alias = registry.read_alias_state()
+    if alias.rollout is not None:
+        return False
     # Heard first, so a job that dies after this point can hand the previous model back.
-    previous = registry.get_active_model()
+    previous = alias.active
     if previous:
         before_activate(previous)
     try:
@@ -123,3 +135,4 @@ def _activate(registry: Registry, ref: ModelRef, before_activate: Callable[[Mode
     except Exception:
         registry.delete_model_version(ref)
         raise
+    return True

@@ -1,0 +1,72 @@
+"""The registry's side of rollouts: where a rollout lives in MLflow, and how it starts, steps and ends there.
+
+A mixin of `Registry` (kernel/registry.py), kept apart so that each stays one job: it uses the registry's
+client and alias names, and answers MLflow's errors as the registry's own.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kernel.refs import ModelRef
+from kernel.registry_errors import ModelNotFound, translate_errors
+from kernel.rollout_spec import REASON_TAG, ROLLOUT_TAG, STATE_TAG, RolloutSpec
+
+
+class RolloutRecords:
+    """Start, step and end a rollout in MLflow (needs `client`, `alias`, `rollout_alias` and the run methods)."""
+
+    @translate_errors
+    def start_rollout(self, spec: RolloutSpec) -> RolloutSpec:
+        """Record the rollout: its run (the spec as parameters), the rollout alias on the candidate, then the spec
+        on the candidate's model (written last: a spec is in force only once its aliases are in place)."""
+        run = self.create_run({"rollout.id": spec.id, "rollout.mode": spec.mode}, run_name=f"rollout-{spec.id}")
+        params = {key: str(value)[:500] for key, value in spec.as_dict().items() if key not in ("run_id", "step")}
+        for key, value in params.items():
+            self.client.log_param(run.info.run_id, key, value)
+        spec = RolloutSpec.from_dict({**spec.as_dict(), "run_id": run.info.run_id})
+        self.client.set_registered_model_alias(spec.candidate.name, self.rollout_alias, spec.candidate.version)
+        self.client.set_model_version_tag(spec.candidate.name, spec.candidate.version, STATE_TAG, "running")
+        self.client.set_model_version_tag(spec.candidate.name, spec.candidate.version, REASON_TAG, "started")
+        self.client.set_registered_model_tag(spec.candidate.name, ROLLOUT_TAG, spec.to_json())
+        return spec
+
+    @translate_errors
+    def save_rollout(self, spec: RolloutSpec) -> None:
+        """Rewrite the spec (a new step): every instance reads it in its next poll."""
+        self.client.set_registered_model_tag(spec.candidate.name, ROLLOUT_TAG, spec.to_json())
+        if spec.run_id:
+            self.client.log_metric(spec.run_id, "percent", spec.percent, int(time.time() * 1000), spec.step)
+
+    @translate_errors
+    def end_rollout(self, spec: RolloutSpec, state: str, reason: str) -> None:
+        """End the rollout as `state` (`promoted` first moves the active alias onto the candidate): the spec and
+        the rollout alias go, and the candidate version and the rollout's run keep the outcome and its reason."""
+        if state == "promoted":
+            self.set_active_model(spec.candidate)
+        self.client.delete_registered_model_tag(spec.candidate.name, ROLLOUT_TAG)
+        try:
+            holder = self.client.get_model_version_by_alias(spec.candidate.name, self.rollout_alias)
+            if str(holder.version) == spec.candidate.version:
+                self.client.delete_registered_model_alias(spec.candidate.name, self.rollout_alias)
+        except ModelNotFound:
+            pass
+        except Exception as exc:  # MLflow's "alias not found" is an MlflowException
+            if getattr(exc, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+        ref = spec.candidate
+        try:
+            self.client.set_model_version_tag(ref.name, ref.version, STATE_TAG, state)
+            self.client.set_model_version_tag(ref.name, ref.version, REASON_TAG, reason[:5000])
+        except Exception as exc:  # the candidate version was deleted: its outcome stays in the run
+            if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        if spec.run_id:
+            self.client.set_tag(spec.run_id, STATE_TAG, state)
+            self.client.set_tag(spec.run_id, REASON_TAG, reason[:5000])
+            self.client.set_terminated(spec.run_id, "FINISHED")
+
+    def rollout_outcome(self, ref: ModelRef) -> tuple[str | None, str | None]:
+        """How the candidate's last rollout stands (`rollout.state`, `rollout.reason`), or (None, None)."""
+        tags = self.client.get_model_version(ref.name, ref.version).tags or {}
+        return tags.get(STATE_TAG), tags.get(REASON_TAG)

@@ -1,0 +1,94 @@
+"""A rollout as it lives in MLflow: the spec every instance reads in its alias poll, and the sticky arm rule.
+
+A rollout tries a candidate version beside the stable one (the holder of `ACTIVE_ALIAS`):
+- `canary`: a share of the requests (the current step's percent) is answered by the candidate;
+- `shadow`: every answer comes from the stable version, and the candidate scores a share of the same
+  rows afterwards, off the request path, to be compared.
+
+The spec is a registered-model tag (`ROLLOUT_TAG`) on the candidate's model, and the candidate version
+carries `ROLLOUT_ALIAS`: the same search of the registered models that reads the active alias reads both.
+The arm of a request with a key (the sticky header's value) is a hash of (rollout id, key) into one of
+`BUCKETS` buckets: the same on every worker, instance and Lambda environment, with no shared state; a
+bucket under the percent goes to the candidate, so a key on the candidate at 5 % stays there at 25 %.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+
+from kernel.refs import ModelRef
+
+ROLLOUT_TAG = "serving.rollout"  # registered-model tag: the running rollout's spec (JSON)
+STATE_TAG = "rollout.state"  # model-version tags on the candidate: how its rollout ended, and why
+REASON_TAG = "rollout.reason"
+BUCKETS = 10_000
+MODES = ("canary", "shadow")
+END_STATES = ("promoted", "rolled_back", "cancelled", "overridden")
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """One rollout: its id, both versions, the mode, the steps (canary) or the shadow share, and stickiness."""
+
+    id: str
+    candidate: ModelRef
+    stable: ModelRef
+    mode: str
+    steps: tuple[int, ...] = ()
+    step: int = 0  # index into steps
+    shadow_percent: int = 0
+    sticky_header: str | None = None
+    missing: str = "stable"  # without a key: `stable` or `random`
+    started_at: str = ""
+    run_id: str | None = None  # the rollout's MLflow run
+
+    @property
+    def percent(self) -> int:
+        """The candidate's share now: the current step (canary) or the shadow share."""
+        return self.steps[self.step] if self.mode == "canary" else self.shadow_percent
+
+    @property
+    def last_step(self) -> bool:
+        return self.mode == "shadow" or self.step >= len(self.steps) - 1
+
+    def next_step(self) -> RolloutSpec:
+        return replace(self, step=min(self.step + 1, len(self.steps) - 1))
+
+    def on_candidate(self, key: str | None) -> bool:
+        """Whether a request with this sticky key (None: no key) goes to the candidate's arm."""
+        if key is None:
+            if self.missing != "random":
+                return False
+            return random.random() * 100 < self.percent  # noqa: S311 - a traffic share, not a secret
+        digest = hashlib.blake2b(f"{self.id}\0{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % BUCKETS < self.percent * (BUCKETS // 100)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["candidate"], data["stable"] = self.candidate.as_dict(), self.stable.as_dict()
+        data["steps"] = list(self.steps)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RolloutSpec:
+        """The spec; ValueError, KeyError or TypeError if it is not one."""
+        fields = {**data, "candidate": ModelRef(**data["candidate"]), "stable": ModelRef(**data["stable"])}
+        fields["steps"] = tuple(int(step) for step in data.get("steps", ()))
+        spec = cls(**fields)
+        if spec.mode not in MODES or (spec.mode == "canary" and not spec.steps):
+            raise ValueError(f"not a rollout spec: {data!r}")
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str) -> RolloutSpec | None:
+        """The spec a tag holds; None if it does not parse (a hand-edited tag is ignored, not obeyed)."""
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError):
+            return None

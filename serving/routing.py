@@ -1,0 +1,82 @@
+"""Which version answers a request while a rollout runs, and what each arm counts.
+
+- `canary`: a request whose sticky key hashes under the current percent (or, without a key, per the
+  spec's `missing` rule) is answered by the candidate. If the candidate cannot be loaded, raises, or
+  rejects rows that the stable version scores, the stable version answers (`fallback`), and it counts as
+  a candidate error: no client ever gets a candidate's failure.
+- `shadow`: the stable version answers; a share of the requests is queued for the candidate to score
+  afterwards (serving/shadow.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from kernel.rollout_spec import RolloutSpec
+from serving import rollout_metrics
+from serving.loaded_model import LoadedModel
+from serving.prediction import BadInput
+from serving.shadow import Shadow
+
+log = logging.getLogger(__name__)
+
+
+def route(
+    spec: RolloutSpec,
+    stable: LoadedModel,
+    key: str | None,
+    load_candidate: Callable[[], LoadedModel],
+    score: Callable[[LoadedModel], dict],
+    shadow: Callable[[dict], None],
+) -> tuple[LoadedModel, str, dict]:
+    """(the model that answered, the route: `stable`, `candidate` or `fallback`, the answer).
+
+    `score(model)` predicts this request's rows (BadInput for the client's own error); `shadow(answer)`
+    queues the shadow's copy.
+    """
+    if spec.mode == "canary" and spec.on_candidate(key):
+        started = time.perf_counter()
+        try:
+            candidate = load_candidate()
+            result = score(candidate)
+        except BadInput:
+            result = score(stable)  # the stable version rejects it too: the client's error (400), no fallback
+            rollout_metrics.record(spec.id, "candidate", "error")
+            log.warning("rollout %s: the candidate rejected rows the stable version scores; stable answered", spec.id)
+            return stable, "fallback", result
+        except Exception as exc:
+            log.warning("rollout %s: the candidate failed (%s); stable answered", spec.id, exc)
+            result = score(stable)
+            rollout_metrics.record(spec.id, "candidate", "error")
+            return stable, "fallback", result
+        seconds = time.perf_counter() - started
+        rollout_metrics.record(spec.id, "candidate", "ok", seconds, result["predictions"], candidate.classes)
+        return candidate, "candidate", result
+    started = time.perf_counter()
+    result = score(stable)
+    rollout_metrics.record(
+        spec.id, "stable", "ok", time.perf_counter() - started, result["predictions"], stable.classes
+    )
+    if spec.mode == "shadow":
+        sampled = spec.on_candidate(key) if key is not None else random.random() * 100 < spec.percent  # noqa: S311
+        if sampled:
+            shadow(result)
+    return stable, "stable", result
+
+
+def shadow_scorer(load: Callable[[RolloutSpec], LoadedModel], max_rows: int):
+    """The shadow thread's scoring: the candidate's answer on the queued rows, and its classes."""
+    from serving.prediction import predict
+
+    def score(spec: RolloutSpec, body: object) -> tuple[dict, tuple]:
+        candidate = load(spec)
+        return predict(candidate, body, max_rows), tuple(candidate.classes)
+
+    return score
+
+
+def new_shadow(load: Callable[[RolloutSpec], LoadedModel], size: int, max_rows: int) -> Shadow:
+    return Shadow(shadow_scorer(load, max_rows), size, max_rows)
