@@ -136,7 +136,8 @@ def start(registry: Registry, store: ModelStore, versions: Versions, request: di
     sticky = request.get("sticky") or {}
     spec = RolloutSpec(
         id=uuid.uuid4().hex[:12], candidate=ref, stable=alias.active, mode=request["mode"],
-        steps=tuple(request.get("steps") or ()), shadow_percent=request.get("shadow_percent", 100),
+        steps=tuple(request.get("steps") or ()),
+        shadow_percent=request.get("shadow_percent", 100) if request["mode"] == "shadow" else 0,
         sticky_header=sticky.get("header"), missing=sticky.get("missing", "stable"),
         started_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     )  # fmt: skip

@@ -141,7 +141,19 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
     requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30)
     # Enough rows for the drift distances (DRIFT_MIN_ROWS=50): their gauges are exported from then on.
     assert requests.post(f"{service.url}/predict", json={"records": [IRIS_ROW] * 60}, timeout=30).status_code == 200
-    text = requests.get(f"{service.url}/metrics", timeout=30).text
+    # A rollout's series exist once one runs: a second version, shadowed for a few requests.
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris", "wait": True,
+                            "model_name": DEFAULT_NAME, "activate": False}, headers=auth, timeout=300)  # fmt: skip
+    assert trained.status_code == 201, trained.text
+    shadow = {"candidate": trained.json()["model"], "mode": "shadow", "shadow_percent": 100}
+    assert requests.post(f"{service.url}/rollout", json=shadow, headers=auth, timeout=60).status_code == 201
+    try:
+        for _ in range(5):
+            assert requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30).status_code == 200
+        text = requests.get(f"{service.url}/metrics", timeout=30).text
+    finally:
+        requests.delete(f"{service.url}/rollout", headers=auth, timeout=60)
     labels: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
