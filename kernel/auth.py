@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_FILE = "api-token"
 # Rules under these need the management token: /train, /train/jobs/<id> (and whatever /train/... comes next).
-MANAGEMENT_RULES = ("/train", "/use-model", "/rollout")
+MANAGEMENT_RULES = ("/train", "/use-model", "/rollout", "/feedback")
 PREDICT_RULES = ("/predict", "/invocations")
 
 

@@ -1,7 +1,7 @@
 """Configuration: one typed, validated settings object; defaults, then the environment, then a test's overrides.
 
 Every setting is a field of `Settings` below, read from the environment variable of the same name;
-its description is the documentation (the README's table is `settings_table()`). Adding one
+its description is the documentation (the README's table is `kernel.settings_doc.settings_table()`). Adding one
 is one line here. An invalid value stops the process with one line that names the setting.
 """
 
@@ -110,13 +110,20 @@ class Settings(BaseSettings):
     CELERY_BROKER_TRANSPORT_OPTIONS: str = Field("{}", description='the broker\'s transport options as a JSON object, e.g. `{"region": "eu-west-1"}` for SQS')
     TRAIN_QUEUE: Name = Field("training", description="the queue (Redis list or SQS queue name) training jobs go through")
     TRAIN_WORKER_CONCURRENCY: Positive = Field(1, description="jobs at once per worker (`make worker`), or on this machine with `TRAIN_EXECUTOR=local`")
-    TRAIN_WARM_START: bool = Field(True, description="`TRAIN_EXECUTOR=local`: each job's process forks from a warm parent that imported the training code once (about 440 MiB resident while the service runs, started with it); `false`: each job's process starts cold and imports for about 9 s")
+    TRAIN_WARM_START: Flag = Field(True, description="`TRAIN_EXECUTOR=local`: each job's process forks from a warm parent that imported the training code once (about 440 MiB resident while the service runs, started with it); `false`: each job's process starts cold and imports for about 9 s")
     TRAIN_MAX_QUEUED: Positive = Field(20, description="jobs waiting for a worker; beyond it `/train` answers 429 with `Retry-After`")
     TRAIN_MAX_ATTEMPTS: Positive = Field(2, description="a job whose worker vanished runs again until this many attempts, then fails")
     TRAIN_TIME_LIMIT_SECONDS: Positive = Field(600, description="a job running longer is killed and marked failed")
     TRAIN_MAX_ROWS: Positive = Field(50_000, description="rows of client data (inline or CSV)")
     TRAIN_MAX_COLUMNS: Positive = Field(200, description="feature columns of client data (inline or CSV)")
     # Drift
+    PREDICTION_LOG: Flag = Field(True, description="record every answered row (id, request id, time, version, route, runtime, label, probabilities; never the inputs) in the prediction log, for `POST /feedback` and live accuracy")
+    PREDICTION_LOG_URL: str = Field("", description="the prediction log's database as a SQLAlchemy URL (`postgresql+psycopg2://user@host/db`); empty: a SQLite file beside the embedded MLflow store, else in `STATE_DIR` (never logged: it may hold a password)")
+    PREDICTION_LOG_SAMPLE: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="the share of requests recorded (0 to 1); an answer not recorded says `prediction_logged: false`, and its ids take no feedback")
+    PREDICTION_LOG_QUEUE: Positive = Field(50_000, description="rows each worker holds for the log's writer; beyond it rows are dropped and counted")
+    PREDICTION_LOG_FLUSH_SECONDS: float = Field(1.0, gt=0, le=60, allow_inf_nan=False, description="how often each worker writes its queued rows (a SIGKILL loses at most this much)")
+    FEEDBACK_MAX_ITEMS: Positive = Field(10_000, description="labels in one `POST /feedback`")
+    PERFORMANCE_MIN_LABELS: Positive = Field(50, description="labelled rows a version needs before `/performance` gives accuracy")
     DRIFT_ENABLED: Flag = Field(True, description="count each served row against its version's drift baseline (`/drift`, `model_feature_psi` in `/metrics`)")
     DRIFT_WINDOW_SECONDS: int = Field(3600, ge=60, le=604_800, description="the window `/drift` and `/metrics` compare with the baseline, in 60 slots")
     DRIFT_MIN_ROWS: int = Field(500, ge=50, description="rows a window needs before distances are given (below: `insufficient_data`)")
@@ -158,6 +165,21 @@ class Settings(BaseSettings):
         except MlflowException as exc:
             raise ValueError(exc.message) from None
         return alias
+
+    @field_validator("PREDICTION_LOG_URL")
+    @classmethod
+    def _sqlalchemy_url(cls, url: str) -> str:
+        if not url:
+            return url
+        try:
+            from sqlalchemy.engine import make_url
+        except ImportError:
+            raise ValueError("needs SQLAlchemy, which this stack does not install; set PREDICTION_LOG=off") from None
+        try:
+            make_url(url)
+        except Exception:
+            raise ValueError("not a SQLAlchemy URL, like postgresql+psycopg2://user@host:5432/db") from None
+        return url
 
     @field_validator("API_TOKEN", "PREDICT_TOKEN")
     @classmethod
@@ -264,46 +286,6 @@ def settings_or_exit() -> Settings:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def settings_table() -> str:
-    """The README's configuration table, made from the fields' types, defaults and descriptions."""
-    rows = ["| variable | default | allowed | meaning |", "| --- | --- | --- | --- |"]
-    for name, field in Settings.model_fields.items():
-        default = field.default
-        if name == "LOG_FORMAT":
-            default = "json"  # `text` on a terminal (the description says so)
-        if name == "MLFLOW_TRACKING_URI":
-            default = "sqlite:///<project>/.mlflow/mlflow.db"
-        shown = (
-            "unset" if default in (None, "") else f"`{str(default).lower() if isinstance(default, bool) else default}`"
-        )
-        rows.append(f"| `{name}` | {shown} | {_allowed(name, field)} | {field.description} |")
-    return "\n".join(rows)
-
-
-def _allowed(name: str, field) -> str:
-    """What a field takes, in words, from its type and bounds."""
-    if field.annotation is bool:
-        return "true/false, 1/0, yes/no, on/off"
-    if "Literal" in str(field.annotation):
-        return ", ".join(f"`{value}`" for value in field.annotation.__args__)
-    if name == "LOG_LEVEL":
-        return "`debug`, `info`, `warning`, `error`, `critical`"
-    if "SecretStr" in str(field.annotation):
-        return "text (secret: never logged)"
-    if "tuple" in str(field.annotation):
-        return "names"
-    bounds = {
-        kind: getattr(m, kind)
-        for m in field.metadata
-        for kind in ("ge", "gt", "le")
-        if getattr(m, kind, None) is not None
-    }
-    kind = {int: "integer", float: "number"}.get(field.annotation, "text")
-    if "ge" in bounds and "le" in bounds:
-        return f"{kind} {bounds['ge']} to {bounds['le']}"
-    return " ".join([kind, *(f"{'≥' if k == 'ge' else '>'} {v}" for k, v in bounds.items())])
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

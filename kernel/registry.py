@@ -157,6 +157,11 @@ class Registry(RolloutRecords):
         return ModelRef(mv.name, str(mv.version))
 
     @translate_errors
+    def get_version_metrics(self, name: str, version: str) -> dict:
+        """The version's hold-out metrics from training (its `metrics` tag); ModelNotFound if not registered."""
+        return _json_or_empty((self.client.get_model_version(name, str(version)).tags or {}).get("metrics"))
+
+    @translate_errors
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelRef:
         """The version an alias points to; ModelNotFound if the model or alias does not exist."""
         mv = self.client.get_model_version_by_alias(name, alias)

@@ -42,8 +42,10 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     @app.get("/health")
     def health():
-        """Liveness: 200 while the process runs."""
-        return {"status": "ok", "role": settings.APP_ROLE}
+        """Liveness: 200 while the process runs; the prediction log says if it is degraded, and why."""
+        prediction_log = app.extensions.get("prediction_log")
+        return {"status": "ok", "role": settings.APP_ROLE,
+                **({"prediction_log": prediction_log.health()} if prediction_log is not None else {})}  # fmt: skip
 
     if settings.APP_ROLE in ("all", "inference"):
         import serving

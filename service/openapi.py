@@ -17,7 +17,16 @@ _JSON = "application/json"
 RESPONSE_SCHEMAS = {
     "Health": {
         "type": "object",
-        "properties": {"status": {"type": "string"}, "role": {"type": "string"}},
+        "properties": {
+            "status": {"type": "string"},
+            "role": {"type": "string"},
+            "prediction_log": {
+                "type": "object",
+                "description": "`ok`, `off`, `starting` or `degraded` (rows are dropped and counted), with the reason",
+                "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+                "required": ["status"],
+            },
+        },
         "required": ["status"],
     },
 }

@@ -19,9 +19,10 @@ def init_app(
     `bootstrap` trains the default model when the registry is empty (the composition root passes it
     for the `all` role). The store's `catch_up` is offered to the other half as `app.extensions["catch_up"]`.
     """
-    from serving import api_doc, drift_views, rollout_views, views
+    from serving import api_doc, drift_views, feedback_views, rollout_views, views
     from serving.drift import DriftMonitor
     from serving.model_store import ModelStore
+    from serving.prediction_log import PredictionLog
     from serving.routing import new_shadow
     from serving.versions import Versions
 
@@ -37,16 +38,19 @@ def init_app(
     app.extensions["versions"] = Versions(store, settings.ACTIVE_POLL_SECONDS)
     app.extensions["catch_up"] = store.catch_up
     app.extensions["drift"] = DriftMonitor(settings)
+    app.extensions["prediction_log"] = prediction_log = PredictionLog(settings)
+    prediction_log.start(settings)
     app.extensions["shadow"] = new_shadow(
         lambda spec: app.extensions["versions"].by_version(spec.candidate.name, spec.candidate.version),
         settings.SHADOW_QUEUE, settings.SHADOW_MAX_ROWS,
     )  # fmt: skip
     app.extensions.setdefault("metrics_collectors", []).append(drift_views.DriftCollector(app))
     app.extensions.setdefault("openapi_extenders", []).extend(
-        [api_doc.document, drift_views.document, rollout_views.document]
+        [api_doc.document, drift_views.document, rollout_views.document, feedback_views.document]
     )
     app.register_blueprint(views.bp)
     app.register_blueprint(drift_views.bp)
     app.register_blueprint(rollout_views.bp)
+    app.register_blueprint(feedback_views.bp)
     if settings.START_MODEL_STORE:
         store.start(watch=settings.WATCH_REGISTRY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from kernel.auth import require_token
 from kernel.config import current_settings
@@ -91,6 +91,7 @@ def predict_view():
     )  # fmt: skip
     note_model(model.ref)
     count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
+    current_app.extensions["prediction_log"].record(g.request_id, model, route, result)
     return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route, "X-Rollout-Id": spec.id}
 
 
@@ -115,6 +116,7 @@ def answer(model: LoadedModel, route: str):
     note_model(model.ref)
     result = score(model, scoring_body(model), route)
     count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
+    current_app.extensions["prediction_log"].record(g.request_id, model, route, result)
     return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route}
 
 

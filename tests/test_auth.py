@@ -245,7 +245,9 @@ def test_openapi_declares_the_token_on_exactly_the_management_endpoints(client):
     for path in ("/train", "/train/jobs/{job_id}", "/use-model", "/rollout", "/rollout/promote"):
         assert path in paths
     for path, operations in paths.items():
-        management = path in ("/use-model", "/train", "/rollout") or path.startswith(("/train/", "/rollout/"))
+        management = path in ("/use-model", "/train", "/rollout", "/feedback") or path.startswith(
+            ("/train/", "/rollout/")
+        )
         for method, operation in operations.items():
             assert (operation.get("security") == [{"bearer": []}]) == management, (method, path)
             if management:
@@ -264,6 +266,7 @@ def test_openapi_declares_the_token_on_exactly_the_management_endpoints(client):
                 "/rollout",
                 "/rollout/promote",
                 "/rollout/rollback",
+                "/feedback",
                 "/predict",
                 "/invocations",
             },

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from kernel.config import ConfigError, Settings, load_settings, settings_table
+from kernel.config import ConfigError, Settings, load_settings
+from kernel.settings_doc import settings_table
 from service import create_app
 from tests.conftest import ROOT
 from tests.servers import BIN
@@ -118,7 +119,7 @@ def test_every_setting_is_documented_and_the_readme_table_is_generated():
     for name, field in Settings.model_fields.items():
         assert field.description, name
     readme = (ROOT / "README.md").read_text()
-    assert settings_table() in readme, "README's table differs: paste kernel.config.settings_table()"
+    assert settings_table() in readme, "README's table differs: paste kernel.settings_doc.settings_table()"
 
 
 def _start(command: list[str], **env) -> subprocess.CompletedProcess:

@@ -1,0 +1,192 @@
+"""The prediction log: every answered row gets an id, and is recorded off the request path.
+
+A request adds its rows to this process's bounded queue and returns; a writer thread inserts them in
+batches (every `PREDICTION_LOG_FLUSH_SECONDS`, or sooner past `BATCH_ROWS`). Nothing here can fail or
+slow a prediction: a full queue, or a database that is down or full, drops rows and counts them
+(`prediction_log_dropped_total{reason}`), and `/health` says the log is degraded, and why. A graceful
+stop flushes the queue (atexit); a SIGKILL loses at most one flush interval's rows.
+
+Ids: 16 random hex digits per request (from the OS's random source) and the row's index in hex: unique
+across workers and instances without coordination, and cheap for a 10,000-row batch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from kernel.config import Settings
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 500
+LOGGED = Counter("prediction_log_rows_total", "Rows written to the prediction log")
+DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log dropped, by reason", ["reason"])
+for _reason in ("queue_full", "database"):
+    DROPPED.labels(_reason)
+_STOP = object()
+
+
+class PredictionLog:
+    """This process's queue and writer thread (started on first use, and again after a fork)."""
+
+    def __init__(self, settings: Settings):
+        self.enabled = settings.PREDICTION_LOG
+        self.sample = settings.PREDICTION_LOG_SAMPLE
+        self.capacity = settings.PREDICTION_LOG_QUEUE
+        self.flush_seconds = settings.PREDICTION_LOG_FLUSH_SECONDS
+        self.url = ""
+        self.status, self.reason = ("starting", "") if self.enabled else ("off", "PREDICTION_LOG=off")
+        self._queue: queue.Queue | None = None
+        self._rows = 0  # rows waiting (approximate: updated without a lock)
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.engine = None
+
+    # ---- start -------------------------------------------------------------------------------------------
+    def start(self, settings: Settings) -> None:
+        """Create or migrate the schema once; a database that cannot be reached leaves the log degraded."""
+        if not self.enabled:
+            return
+        try:
+            from kernel.locks import file_lock
+            from kernel.prediction_db import database_url, make_engine, migrate
+
+            self.url = database_url(settings)
+            engine = make_engine(self.url)
+            with file_lock(Path(settings.STATE_DIR) / "prediction-log-migrate.lock"):
+                migrate(engine)
+            engine.dispose()
+            self._set("ok", "")
+        except ImportError as exc:
+            self._set("degraded", f"SQLAlchemy is not installed here ({exc.name}); set PREDICTION_LOG=off")
+        except Exception as exc:
+            self._set("degraded", f"the prediction log's database cannot be used: {_short(exc)}")
+        atexit.register(self.flush)
+
+    def health(self) -> dict:
+        return {"status": self.status, **({"reason": self.reason} if self.reason else {})}
+
+    # ---- the request path ----------------------------------------------------------------------------------
+    def record(self, request_id: str, model, route: str, result: dict) -> None:
+        """Give the answer its `prediction_ids`, and queue its rows (never raises, never waits)."""
+        if not self.enabled:
+            return
+        rows = len(result["predictions"])
+        prefix = os.urandom(8).hex()
+        ids = [f"{prefix}{index:x}" for index in range(rows)]
+        result["prediction_ids"] = ids
+        if self.sample < 1.0 and random.random() >= self.sample:  # noqa: S311 - a sample, not a secret
+            result["prediction_logged"] = False  # these ids cannot take feedback
+            return
+        if self._pid != os.getpid():
+            self._start_thread()
+        if self._rows + rows > self.capacity:
+            DROPPED.labels("queue_full").inc(rows)
+            result["prediction_logged"] = False
+            return
+        self._rows += rows
+        item = (ids, request_id, datetime.now(UTC).replace(tzinfo=None), model.ref.name, model.ref.version, route,
+                result["model"]["runtime"], result["predictions"], result.get("probabilities"))  # fmt: skip
+        self._queue.put_nowait(item)  # type: ignore[union-attr] - unbounded: the row count bounds it
+
+    # ---- the writer --------------------------------------------------------------------------------------
+    def _start_thread(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue, self._rows, self.engine = queue.Queue(), 0, None  # nothing of the parent's is used
+            self._thread = threading.Thread(target=self._run, args=(self._queue,), name="prediction-log", daemon=True)
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def _run(self, work: queue.Queue) -> None:
+        batch: list = []
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            try:
+                item = work.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                self._write(batch)
+                return
+            if item is not None:
+                batch.append(item)
+            if batch and (time.monotonic() >= deadline or sum(len(i[0]) for i in batch) >= BATCH_ROWS):
+                self._write(batch)
+                batch = []
+            if time.monotonic() >= deadline:
+                deadline = time.monotonic() + self.flush_seconds
+
+    def _write(self, batch: list) -> None:
+        rows = [_row(*item) for item in batch]
+        flat = [row for group in rows for row in group]
+        self._rows -= len(flat)
+        if not flat:
+            return
+        try:
+            if self.engine is None:
+                from kernel.prediction_db import make_engine
+
+                self.engine = make_engine(self.url)
+            from kernel.prediction_db import predictions
+
+            with self.engine.begin() as connection:
+                connection.execute(predictions.insert(), flat)
+            LOGGED.inc(len(flat))
+            if self.status != "ok":
+                self._set("ok", "")
+        except Exception as exc:  # down, full, locked: drop, count, say so; the next batch tries again
+            DROPPED.labels("database").inc(len(flat))
+            self._set("degraded", f"writing to the prediction log failed: {_short(exc)}")
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the writer (at exit: a graceful stop loses nothing)."""
+        thread = self._thread
+        if self._pid != os.getpid() or thread is None or not thread.is_alive():
+            return
+        self._queue.put(_STOP)  # type: ignore[union-attr]
+        thread.join(timeout)
+        self._pid = 0  # a later record starts a new writer
+
+    def _set(self, status: str, reason: str) -> None:
+        if status != self.status or reason != self.reason:
+            (log.info if status == "ok" else log.warning)(
+                "prediction log: %s%s", status, f" ({reason})" if reason else ""
+            )
+        self.status, self.reason = status, reason
+
+
+def _row(ids, request_id, created_at, model, version, route, runtime, labels, probabilities) -> list[dict]:
+    return [
+        {
+            "id": ids[index],
+            "request_id": request_id[:64],
+            "created_at": created_at,
+            "model": model,
+            "version": version,
+            "route": route,
+            "runtime": runtime,
+            "prediction": str(label)[:256],
+            "probabilities": json.dumps(probabilities[index]) if probabilities else None,
+        }  # fmt: skip
+        for index, label in enumerate(labels)
+    ]
+
+
+def _short(exc: Exception) -> str:
+    """The error's first line (drivers do not put the password in it)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
