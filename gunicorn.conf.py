@@ -118,11 +118,17 @@ def child_exit(server, worker):
 def worker_exit(server, worker):
     # A worker leaves without Python's finalisation: ONNX Runtime, loaded by the master before the fork,
     # hangs or aborts when its globals are torn down in a forked child (microsoft/onnxruntime#31961).
-    # The worker has finished its requests by now; only flushing is left, and the exit code is kept.
+    # The worker has finished its requests by now; only flushing is left (the app's exit hooks: the
+    # prediction log's queue), and the exit code is kept.
     import logging
     import sys
 
     error = sys.exc_info()[1]
+    for hook in server.app.wsgi().extensions.get("exit_hooks", []):
+        try:
+            hook()
+        except Exception:
+            logging.getLogger(__name__).exception("an exit hook failed")
     code = error.code if isinstance(error, SystemExit) else (1 if error else 0)
     logging.shutdown()
     sys.stdout.flush()

@@ -40,6 +40,7 @@ def init_app(
     app.extensions["drift"] = DriftMonitor(settings)
     app.extensions["prediction_log"] = prediction_log = PredictionLog(settings)
     prediction_log.start(settings)
+    app.extensions.setdefault("exit_hooks", []).append(prediction_log.flush)  # gunicorn's worker_exit skips atexit
     app.extensions["shadow"] = new_shadow(
         lambda spec: app.extensions["versions"].by_version(spec.candidate.name, spec.candidate.version),
         settings.SHADOW_QUEUE, settings.SHADOW_MAX_ROWS,

@@ -1,0 +1,100 @@
+"""The prediction log under gunicorn (2 workers, as `make serve`), on the SQLite default and on PostgreSQL:
+every answered row of a graceful stop is in the table, and a SIGKILLed worker loses at most one flush."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from tests.conftest import AUTH, IRIS_ROW
+from tests.servers import Service, create_database, drop_database, require_postgres
+
+pytestmark = pytest.mark.drill
+
+FLUSH_SECONDS = 0.5
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'predictions.db'}"
+        return
+    require_postgres()
+    name = create_database()
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    drop_database(name)
+
+
+def count(url: str, where: str = "1=1") -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text(f"SELECT count(*) FROM predictions WHERE {where}")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_a_graceful_stop_loses_no_row_and_a_killed_worker_at_most_one_flush(tmp_path, database):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREDICTION_LOG_URL": database,
+           "PREDICTION_LOG_FLUSH_SECONDS": str(FLUSH_SECONDS)}  # fmt: skip
+    service = Service(env, tmp_path, workers=2).start()
+    sessions = [requests.Session() for _ in range(4)]
+    try:
+        ids, pids = [], set()
+        for index in range(400):
+            answer = sessions[index % 4].post(f"{service.url}/predict", json={"records": [IRIS_ROW] * 2}, timeout=30)
+            assert answer.status_code == 200
+            ids += answer.json()["prediction_ids"]
+            pids.add(answer.headers["X-Worker-Pid"])
+        assert len(pids) == 2, "one worker answered everything"
+        # Labels for some of them, through the service: they are applied once the rows are written.
+        deadline = time.monotonic() + 30
+        while count(database) < 800:
+            assert time.monotonic() < deadline, service.log_tail()
+            time.sleep(0.1)
+        applied = requests.post(f"{service.url}/feedback", headers=AUTH, timeout=30,
+                                json={"feedback": [{"prediction_id": i, "label": "setosa"} for i in ids[:100]]})  # fmt: skip
+        assert applied.json()["accepted"] == 100, applied.text
+        assert requests.get(f"{service.url}/health", timeout=10).json()["prediction_log"] == {"status": "ok"}
+
+        # SIGKILL one worker right after a burst it answered: what it loses is at most what it answered within
+        # one flush interval (plus the time a write takes) before the kill.
+        victim = sorted(pids)[0]
+        before = count(database)
+        answered = []
+        for index in range(300):
+            answer = sessions[index % 4].post(f"{service.url}/predict", json=IRIS_ROW, timeout=30)
+            assert answer.status_code == 200
+            answered.append((answer.headers["X-Worker-Pid"], time.monotonic()))
+            time.sleep(0.01)  # spread over seconds: most rows are older than one flush interval
+        killed_at = time.monotonic()
+        os.kill(int(victim), signal.SIGKILL)
+        deadline = time.monotonic() + 30  # the survivor's writer flushes all of its rows
+        survivor_rows = sum(pid != victim for pid, _ in answered)
+        while count(database) < before + survivor_rows:
+            assert time.monotonic() < deadline, service.log_tail()
+            time.sleep(0.1)
+        time.sleep(FLUSH_SECONDS)
+        lost = before + len(answered) - count(database)
+        recent = sum(pid == victim and at >= killed_at - FLUSH_SECONDS - 0.5 for pid, at in answered)
+        print(f"\nSIGKILL of a worker: {lost} of its {len(answered) - survivor_rows} rows lost; it answered "
+              f"{recent} in the last flush interval ({FLUSH_SECONDS} s) and 0.5 s")  # fmt: skip
+        assert 0 <= lost <= recent, (lost, recent)
+
+        # A graceful stop: every row answered since is in the table.
+        for session in sessions:
+            session.close()
+        service.wait_for_workers(60)
+        before = count(database)
+        for _ in range(300):
+            assert requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30).status_code == 200
+        service.stop()
+        assert count(database) == before + 300
+        assert count(database, "label IS NOT NULL") == 100
+    finally:
+        service.stop()
