@@ -25,7 +25,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from kernel.config import Settings
+from kernel.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class PredictionLog:
                 migrate(engine)
             engine.dispose()
             self._set("ok", "")
-        except ImportError as exc:
-            self._set("degraded", f"SQLAlchemy is not installed here ({exc.name}); set PREDICTION_LOG=off")
+        except ImportError as exc:  # the Lambda packages (mlflow-skinny): a clear stop, not a silent loss
+            raise ConfigError(f"PREDICTION_LOG=on needs SQLAlchemy and alembic, which this stack does not install "
+                              f"({exc.name}); set PREDICTION_LOG=off") from None  # fmt: skip
         except Exception as exc:
             self._set("degraded", f"the prediction log's database cannot be used: {_short(exc)}")
         atexit.register(self.flush)

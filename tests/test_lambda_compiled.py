@@ -135,7 +135,8 @@ def test_compiled_version_answers_api_gateway_events(api, task_dir, s3, tracking
     assert set(body["probabilities"][0]) == {"setosa", "versicolor", "virginica"}
     assert len(json.loads(batch["body"])["predictions"]) == 2
     assert json.loads(bad["body"])["error"] == "invalid_input"
-    assert json.loads(health["body"]) == {"status": "ok", "role": "inference"}
+    assert json.loads(health["body"]) == {"status": "ok", "role": "inference",
+                                         "prediction_log": {"status": "off", "reason": "PREDICTION_LOG=off"}}  # fmt: skip
     assert json.loads(ready["body"])["model"]["runtime"] == "onnx"
     # Drift counts in this one process (numpy only: the package has no pandas or scipy); the 400 is not counted.
     drift = json.loads(drift["body"])

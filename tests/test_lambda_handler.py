@@ -145,7 +145,8 @@ def test_handler_answers_api_gateway_events(api, built_package, s3, tracking_ser
     assert bad_body["error"] == "invalid_input"
     assert set(bad_body["example"]) == set(IRIS_ROW)
     assert malformed["statusCode"] == 400
-    assert json.loads(health["body"]) == {"status": "ok", "role": "inference"}
+    assert json.loads(health["body"]) == {"status": "ok", "role": "inference",
+                                         "prediction_log": {"status": "off", "reason": "PREDICTION_LOG=off"}}  # fmt: skip
     assert ref(json.loads(ready["body"])["model"]) == {"name": "iris-RandomForestClassifier", "version": "1"}
     assert train["statusCode"] == 404  # the inference role has no training endpoint
     # API_TOKEN arrived through remote_env from S3: that token is accepted, another is not. (Without it the
