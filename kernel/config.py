@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     MAX_BATCH_ROWS: Positive = Field(50_000, description="rows per `/predict`")
     SERVING_RUNTIME: Literal["auto", "sklearn"] = Field("auto", description="`auto`: versions with a verified ONNX form are served by ONNX Runtime, the others by scikit-learn; `sklearn`: every version by scikit-learn")
     # Who may call
-    API_TOKEN: SecretStr | None = Field(None, description="the token `/train`, `/train/jobs/*` and `/use-model` require; when unset, one is generated into `STATE_DIR/api-token` (mode 0600) on first start and `make token` prints it")
+    API_TOKEN: SecretStr | None = Field(None, description="the token `/train`, `/train/jobs/*`, `/use-model`, `/rollout*` and `/feedback` require; when unset, one is generated into `STATE_DIR/api-token` (mode 0600) on first start and `make token` prints it")
     API_AUTH: Flag = Field(True, description="`off` opens `/train`, `/train/jobs/*` and `/use-model` to anyone who can reach the service (the log warns at every start)")
     PREDICT_TOKEN: SecretStr | None = Field(None, description="when set, `/predict` and `/invocations` require it too")
     ALLOWED_HOSTS: HostList = Field(None, description="Host header names answered (any port), comma-separated, `*` for any; default: `localhost,127.0.0.1,[::1]` when `HOST` is a loopback address, any otherwise")

@@ -120,8 +120,11 @@ def document(spec) -> None:
     spec.path("/feedback", operations={"post": operation})
     window = {"name": "window", "in": "query", "required": False, "description": "7d, 12h or 900s: 1h to 366d",
               "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,6}[smhd]$", "default": "7d"}}  # fmt: skip
-    path = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}},
-            {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}}]  # fmt: skip
+    model = current_app.extensions["model_store"].get()  # the served version as defaults: what Postman fills in
+    defaults = ({"default": model.ref.name}, {"default": model.ref.version}) if model else ({}, {})
+    path = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, **defaults[0]}},
+            {"name": "version", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[0-9]{1,18}$", **defaults[1]}}]  # fmt: skip
     performance = {
         "summary": "Live accuracy of a version from the labels that came back, beside its hold-out metrics",
         "parameters": [*path, window],
