@@ -48,6 +48,18 @@ class PredictResponse(Schema):
         fields.Dict(keys=fields.String(), values=fields.Float()),
         metadata={"example": [{"setosa": 1.0, "versicolor": 0.0, "virginica": 0.0}]},
     )
+    prediction_ids = fields.List(
+        fields.String(),
+        metadata={
+            "example": ["80b6346ef95f428b0"],
+            "description": "one per row, for POST /feedback (the prediction log)",
+        },
+    )
+    prediction_logged = fields.Boolean(
+        metadata={
+            "description": "false when this request was not recorded (PREDICTION_LOG_SAMPLE): its ids take no feedback"
+        }
+    )
 
 
 class ModelEntry(Schema):
