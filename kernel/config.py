@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     PREDICTION_LOG_SAMPLE: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="the share of requests recorded (0 to 1); an answer not recorded says `prediction_logged: false`, and its ids take no feedback")
     PREDICTION_LOG_QUEUE: Positive = Field(50_000, description="rows each worker holds for the log's writer; beyond it rows are dropped and counted")
     PREDICTION_LOG_FLUSH_SECONDS: float = Field(1.0, gt=0, le=60, allow_inf_nan=False, description="how often each worker writes its queued rows (a SIGKILL loses at most this much)")
+    PREDICTION_LOG_RETENTION_DAYS: Positive = Field(30, description="logged rows older than this are deleted, in small batches, by one process per machine (at most every 10 minutes)")
     FEEDBACK_MAX_ITEMS: Positive = Field(10_000, description="labels in one `POST /feedback`")
     PERFORMANCE_MIN_LABELS: Positive = Field(50, description="labelled rows a version needs before `/performance` gives accuracy")
     DRIFT_ENABLED: Flag = Field(True, description="count each served row against its version's drift baseline (`/drift`, `model_feature_psi` in `/metrics`)")

@@ -68,6 +68,21 @@ def _connect_timeout(url: str) -> dict:
     return {"connect_timeout": 5} if url.startswith("postgresql") else {}
 
 
+def delete_older_than(engine: sa.Engine, cutoff, batch: int = 1000) -> int:
+    """Delete the rows predicted before `cutoff` in batches of `batch` (short transactions: writers never wait
+    long); returns how many went."""
+    deleted = 0
+    while True:
+        oldest = sa.select(predictions.c.id).where(predictions.c.created_at < cutoff).limit(batch)
+        with engine.begin() as connection:
+            gone = connection.execute(
+                sa.delete(predictions).where(predictions.c.id.in_(oldest.scalar_subquery()))
+            ).rowcount
+        deleted += gone
+        if gone < batch:
+            return deleted
+
+
 def migrate(engine: sa.Engine) -> None:
     """Create or upgrade the schema to the newest revision (alembic, under `VERSION_TABLE`)."""
     from alembic import command

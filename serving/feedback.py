@@ -20,7 +20,7 @@ from kernel.prediction_db import predictions
 
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MIN_WINDOW, MAX_WINDOW = 3600, 366 * 86400
+MIN_WINDOW = 3600
 CHUNK = 500  # ids per query: under every backend's parameter limit
 
 
@@ -55,14 +55,14 @@ def feedback_schema(max_items: int) -> Schema:
     return FeedbackRequest()
 
 
-def parse_window(text: str) -> int:
-    """`7d`, `12h`, `900s` as seconds, from 1 hour to a year; ValueError otherwise."""
+def parse_window(text: str, retention_days: int) -> int:
+    """`7d`, `12h`, `900s` as seconds, from 1 hour to the retention; ValueError otherwise."""
     match = _WINDOW.match(text or "")
     if not match:
         raise ValueError("A window like 7d, 12h or 900s.")
     seconds = int(match.group(1)) * _UNITS[match.group(2)]
-    if not MIN_WINDOW <= seconds <= MAX_WINDOW:
-        raise ValueError("A window from 1h to 366d.")
+    if not MIN_WINDOW <= seconds <= max(retention_days * 86400, MIN_WINDOW):
+        raise ValueError(f"A window from 1h to {retention_days}d (PREDICTION_LOG_RETENTION_DAYS).")
     return seconds
 
 

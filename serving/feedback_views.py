@@ -71,7 +71,7 @@ def version_performance(name: str, version: str):
     if unknown:
         raise APIError(400, "invalid_request", f"Unknown query parameter: {', '.join(sorted(unknown))}.")
     try:
-        seconds = parse_window(request.args.get("window", "7d"))
+        seconds = parse_window(request.args.get("window", "7d"), current_settings().PREDICTION_LOG_RETENTION_DAYS)
     except ValueError as exc:
         raise APIError(400, "invalid_request", f"window: {exc}") from exc
     registry = current_app.extensions["registry"]
@@ -118,7 +118,7 @@ def document(spec) -> None:
         },
     }
     spec.path("/feedback", operations={"post": operation})
-    window = {"name": "window", "in": "query", "required": False, "description": "7d, 12h or 900s: 1h to 366d",
+    window = {"name": "window", "in": "query", "required": False, "description": "7d, 12h or 900s: 1h to PREDICTION_LOG_RETENTION_DAYS",
               "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,6}[smhd]$", "default": "7d"}}  # fmt: skip
     model = current_app.extensions["model_store"].get()  # the served version as defaults: what Postman fills in
     defaults = ({"default": model.ref.name}, {"default": model.ref.version}) if model else ({}, {})

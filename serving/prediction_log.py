@@ -20,16 +20,18 @@ import queue
 import random
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prometheus_client import Counter
 
 from kernel.config import ConfigError, Settings
+from kernel.locks import KeptLock, file_lock
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 500
+RETENTION_SECONDS = 600  # how often the machine's retention turn comes
 LOGGED = Counter("prediction_log_rows_total", "Rows written to the prediction log")
 DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log dropped, by reason", ["reason"])
 for _reason in ("queue_full", "database"):
@@ -45,6 +47,9 @@ class PredictionLog:
         self.sample = settings.PREDICTION_LOG_SAMPLE
         self.capacity = settings.PREDICTION_LOG_QUEUE
         self.flush_seconds = settings.PREDICTION_LOG_FLUSH_SECONDS
+        self.retention_days = settings.PREDICTION_LOG_RETENTION_DAYS
+        self.retention_lock = KeptLock(Path(settings.STATE_DIR) / "prediction-log-retention.lock")
+        self._next_retention = 0.0
         self.url = ""
         self.status, self.reason = ("starting", "") if self.enabled else ("off", "PREDICTION_LOG=off")
         self._queue: queue.Queue | None = None
@@ -60,7 +65,6 @@ class PredictionLog:
         if not self.enabled:
             return
         try:
-            from kernel.locks import file_lock
             from kernel.prediction_db import database_url, make_engine, migrate
 
             self.url = database_url(settings)
@@ -130,6 +134,7 @@ class PredictionLog:
                 batch = []
             if time.monotonic() >= deadline:
                 deadline = time.monotonic() + self.flush_seconds
+                self._apply_retention()
 
     def _write(self, batch: list) -> None:
         rows = [_row(*item) for item in batch]
@@ -152,6 +157,23 @@ class PredictionLog:
         except Exception as exc:  # down, full, locked: drop, count, say so; the next batch tries again
             DROPPED.labels("database").inc(len(flat))
             self._set("degraded", f"writing to the prediction log failed: {_short(exc)}")
+
+    def _apply_retention(self) -> None:
+        """At most every RETENTION_SECONDS, in the one process of the machine holding the lock: old rows go."""
+        if time.monotonic() < self._next_retention or self.status != "ok" or self.engine is None:
+            return
+        self._next_retention = time.monotonic() + RETENTION_SECONDS
+        if not self.retention_lock.held():
+            return
+        from kernel.prediction_db import delete_older_than
+
+        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=self.retention_days)
+        try:
+            deleted = delete_older_than(self.engine, cutoff)
+            if deleted:
+                log.info("prediction log: deleted %d rows older than %d days", deleted, self.retention_days)
+        except Exception as exc:  # the next turn tries again
+            log.warning("prediction log: retention failed: %s", _short(exc))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer (at exit: a graceful stop loses nothing)."""

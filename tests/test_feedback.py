@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -158,7 +159,7 @@ def test_bad_feedback_is_rejected_naming_the_field_and_changes_nothing(app_confi
 def test_performance_needs_a_good_window_a_version_and_enough_labels(log_app):
     client = client_of(log_app)
     client.post("/predict", json=IRIS_ROW)
-    for window in ("7", "30m", "0h", "400d", "1w", ""):
+    for window in ("7", "30m", "0h", "31d", "1w", ""):
         answer = client.get(f"{PERFORMANCE}?window={window}")
         assert answer.status_code == 400 and "window" in answer.get_json()["message"], window
     assert client.get(f"{PERFORMANCE}?size=1").status_code == 400
@@ -166,6 +167,25 @@ def test_performance_needs_a_good_window_a_version_and_enough_labels(log_app):
     answer = client.get(f"{PERFORMANCE}?window=12h").get_json()
     assert answer["status"] == "insufficient_labels" and "PERFORMANCE_MIN_LABELS" in answer["message"]
     assert "accuracy" not in answer
+
+
+def test_rows_older_than_the_retention_are_deleted_and_newer_ones_kept(log_app):
+    client = client_of(log_app)
+    kept = client.post("/predict", json={"records": rows(3, 5)}).get_json()["prediction_ids"]
+    prediction_log = log_app.extensions["prediction_log"]
+    prediction_log.flush()
+    engine = sa.create_engine(log_app.config["db_url"])
+    with engine.begin() as connection:  # 2,500 rows predicted 31 days ago: over two batches of 1,000
+        connection.execute(sa.text(
+            "INSERT INTO predictions (id, request_id, created_at, model, version, route, runtime, prediction) "
+            "VALUES (:id, 'old', :at, 'm', '1', 'active', 'onnx', 'setosa')"),
+            [{"id": f"old{i}", "at": datetime.now(UTC).replace(tzinfo=None) - timedelta(days=31)} for i in range(2500)])  # fmt: skip
+    prediction_log._next_retention = 0  # its turn now, rather than in 10 minutes
+    prediction_log._apply_retention()
+    with engine.connect() as connection:
+        left = {row.id for row in connection.execute(sa.text("SELECT id FROM predictions"))}
+    engine.dispose()
+    assert left == set(kept)
 
 
 def test_with_the_log_off_answers_carry_no_ids_and_feedback_says_so(app_config, store):
