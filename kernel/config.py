@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     PREDICTION_LOG_QUEUE: Positive = Field(50_000, description="rows each worker holds for the log's writer; beyond it rows are dropped and counted")
     PREDICTION_LOG_FLUSH_SECONDS: float = Field(1.0, gt=0, le=60, allow_inf_nan=False, description="how often each worker writes its queued rows (a SIGKILL loses at most this much)")
     PREDICTION_LOG_RETENTION_DAYS: Positive = Field(30, description="logged rows older than this are deleted, in small batches, by one process per machine (at most every 10 minutes)")
+    PERFORMANCE_REFRESH_SECONDS: Positive = Field(60, description="how often one process per machine computes live accuracy per version from the log for `/metrics` (never per scrape)")
+    PERFORMANCE_WINDOW_HOURS: Positive = Field(24, description="the window of `/metrics`' live accuracy: labelled rows predicted within it")
     FEEDBACK_MAX_ITEMS: Positive = Field(10_000, description="labels in one `POST /feedback`")
     PERFORMANCE_MIN_LABELS: Positive = Field(50, description="labelled rows a version needs before `/performance` gives accuracy")
     DRIFT_ENABLED: Flag = Field(True, description="count each served row against its version's drift baseline (`/drift`, `model_feature_psi` in `/metrics`)")

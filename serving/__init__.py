@@ -21,6 +21,7 @@ def init_app(
     """
     from serving import api_doc, drift_views, feedback_views, rollout_views, views
     from serving.drift import DriftMonitor
+    from serving.live_performance import LivePerformanceCollector
     from serving.model_store import ModelStore
     from serving.prediction_log import PredictionLog
     from serving.routing import new_shadow
@@ -40,6 +41,8 @@ def init_app(
     app.extensions["drift"] = DriftMonitor(settings)
     app.extensions["prediction_log"] = prediction_log = PredictionLog(settings)
     prediction_log.start(settings)
+    prediction_log.holdout_of = registry.get_version_metrics
+    app.extensions.setdefault("metrics_collectors", []).append(LivePerformanceCollector(Path(settings.STATE_DIR)))
     app.extensions.setdefault("exit_hooks", []).append(prediction_log.flush)  # gunicorn's worker_exit skips atexit
     app.extensions["shadow"] = new_shadow(
         lambda spec: app.extensions["versions"].by_version(spec.candidate.name, spec.candidate.version),

@@ -20,6 +20,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -50,6 +51,11 @@ class PredictionLog:
         self.retention_days = settings.PREDICTION_LOG_RETENTION_DAYS
         self.retention_lock = KeptLock(Path(settings.STATE_DIR) / "prediction-log-retention.lock")
         self._next_retention = 0.0
+        self.refresh_seconds = settings.PERFORMANCE_REFRESH_SECONDS
+        self.window_seconds = settings.PERFORMANCE_WINDOW_HOURS * 3600
+        self.state_dir = Path(settings.STATE_DIR)
+        self.holdout_of: Callable[[str, str], dict] = lambda name, version: {}
+        self._next_refresh = 0.0
         self.url = ""
         self.status, self.reason = ("starting", "") if self.enabled else ("off", "PREDICTION_LOG=off")
         self._queue: queue.Queue | None = None
@@ -135,6 +141,7 @@ class PredictionLog:
             if time.monotonic() >= deadline:
                 deadline = time.monotonic() + self.flush_seconds
                 self._apply_retention()
+                self._refresh_performance()
 
     def _write(self, batch: list) -> None:
         rows = [_row(*item) for item in batch]
@@ -174,6 +181,21 @@ class PredictionLog:
                 log.info("prediction log: deleted %d rows older than %d days", deleted, self.retention_days)
         except Exception as exc:  # the next turn tries again
             log.warning("prediction log: retention failed: %s", _short(exc))
+
+    def _refresh_performance(self) -> None:
+        """At most every `refresh_seconds`, in the process holding the machine's lock: live accuracy per version
+        into the snapshot `/metrics` reads (serving/live_performance.py)."""
+        if time.monotonic() < self._next_refresh or self.status != "ok" or self.engine is None:
+            return
+        self._next_refresh = time.monotonic() + self.refresh_seconds
+        if not self.retention_lock.held():
+            return
+        from serving.live_performance import compute, write_snapshot
+
+        try:
+            write_snapshot(self.state_dir, compute(self.engine, self.window_seconds, self.holdout_of))
+        except Exception as exc:  # the next turn tries again
+            log.warning("prediction log: live accuracy failed: %s", _short(exc))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer (at exit: a graceful stop loses nothing)."""

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 from kernel.config import ConfigError
@@ -104,6 +105,16 @@ def test_live_accuracy_equals_scikit_learns_on_the_same_labels(log_app):
     }
     assert figures["holdout"]["accuracy"] > 0.8
     assert 0 <= figures["label_lag_seconds"]["p50"] <= figures["label_lag_seconds"]["p90"] < 600
+    # The same figures in /metrics, once this machine's refresh has run (every PERFORMANCE_REFRESH_SECONDS).
+    prediction_log = log_app.extensions["prediction_log"]
+    prediction_log._next_refresh = 0
+    prediction_log._refresh_performance()
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))}
+    ours = {s.name: s.value for name in ("model_live_accuracy", "model_labelled_rows", "model_holdout_accuracy",
+            "model_live_f1_macro") for s in families[name].samples if s.labels["model"] == DEFAULT_NAME}  # fmt: skip
+    assert ours["model_live_accuracy"] == pytest.approx(accuracy_score(truth, guessed))
+    assert ours["model_live_f1_macro"] == pytest.approx(f1_score(truth, guessed, average="macro"))
+    assert ours["model_labelled_rows"] == 150 and ours["model_holdout_accuracy"] == figures["holdout"]["accuracy"]
 
 
 def test_feedback_says_what_it_did_with_each_item(log_app):

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 
 import pytest
@@ -25,7 +26,7 @@ TOKEN = "observability-test-token-" + uuid.uuid4().hex
 def service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("observability")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "API_TOKEN": TOKEN, "LOG_FORMAT": "json",
-           "DRIFT_MIN_ROWS": "50"}  # fmt: skip
+           "DRIFT_MIN_ROWS": "50", "PREDICTION_LOG_FLUSH_SECONDS": "0.2", "PERFORMANCE_REFRESH_SECONDS": "1"}  # fmt: skip
     service = Service(env, folder, workers=2).start()
     yield service
     service.stop()
@@ -140,7 +141,16 @@ def test_queries_are_parsed_as_expected():
 def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
     requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30)
     # Enough rows for the drift distances (DRIFT_MIN_ROWS=50): their gauges are exported from then on.
-    assert requests.post(f"{service.url}/predict", json={"records": [IRIS_ROW] * 60}, timeout=30).status_code == 200
+    batch = requests.post(f"{service.url}/predict", json={"records": [IRIS_ROW] * 60}, timeout=30)
+    assert batch.status_code == 200
+    # Live accuracy is exported once labels came back and the machine's refresh ran (every second here).
+    labels = [{"prediction_id": i, "label": "setosa"} for i in batch.json()["prediction_ids"]]
+    deadline = time.monotonic() + 60
+    while "model_live_accuracy{" not in requests.get(f"{service.url}/metrics", timeout=30).text:
+        requests.post(f"{service.url}/feedback", json={"feedback": labels}, headers={"Authorization": f"Bearer {TOKEN}"},
+                      timeout=30)  # fmt: skip
+        assert time.monotonic() < deadline, service.log_tail()
+        time.sleep(0.5)
     # A rollout's series exist once one runs: a second version, shadowed for a few requests.
     auth = {"Authorization": f"Bearer {TOKEN}"}
     trained = requests.post(f"{service.url}/train", json={"estimator": "GaussianNB", "dataset": "iris", "wait": True,
