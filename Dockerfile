@@ -123,6 +123,8 @@ COPY docker/entrypoint.sh docker/precompile.py docker/
 RUN chmod 0755 docker/entrypoint.sh \
     && mkdir /tmp/precompile && PYTHONDONTWRITEBYTECODE= HOME=/tmp/precompile TMPDIR=/tmp/precompile python3 docker/precompile.py \
     && rm -rf /tmp/precompile
-ENV APP_ROLE=inference
+# The prediction log needs SQLAlchemy, alembic and a database driver (about 31 MB): over this image's 350 MB
+# budget, so it is off here, as on Lambda. The full image has it; so does this one with those packages added.
+ENV APP_ROLE=inference PREDICTION_LOG=off
 VOLUME /data
 USER ${RUN_AS}
