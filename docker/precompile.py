@@ -16,6 +16,8 @@ import sys
 sys.dont_write_bytecode = False  # PYTHONDONTWRITEBYTECODE=1 is the image's setting for run time
 sys.path.insert(0, "/app")
 PACKAGES = ("kernel", "service", "serving", "training")
+# The prediction log's packages, not in the inference image (PREDICTION_LOG=off there): its modules are skipped.
+OPTIONAL = ("sqlalchemy", "alembic")
 EXTRA = (
     "gunicorn.app.wsgiapp",
     "gunicorn.workers.gthread",
@@ -46,7 +48,11 @@ def main() -> None:
         for info in pkgutil.walk_packages(package.__path__, name + "."):
             if name == "training" and info.name.endswith("__main__"):
                 continue
-            importlib.import_module(info.name)
+            try:
+                importlib.import_module(info.name)
+            except ModuleNotFoundError as exc:
+                if exc.name not in OPTIONAL:
+                    raise  # compile_dir above has still written its bytecode
     for name in EXTRA:
         importlib.import_module(name)
     print(f"precompile: {len(sys.modules)} modules imported and compiled")
