@@ -146,7 +146,11 @@ def test_inference_image_serves_a_compiled_version_and_sagemakers_contract(tool,
         "runtime": "onnx",
     }
     health = requests.get(f"{url}/health", timeout=10)
-    assert health.json() == {"status": "ok", "role": "inference", "prediction_log": {"status": "off", "reason": "PREDICTION_LOG=off"}}
+    assert health.json() == {
+        "status": "ok",
+        "role": "inference",
+        "prediction_log": {"status": "off", "reason": "PREDICTION_LOG=off"},
+    }
     ready = requests.get(f"{url}/ready", timeout=10)
     assert ready.status_code == 200 and ready.json()["model"]["runtime"] == "onnx"
     # A version without a compiled form cannot be served by this image: refused with the reason; the active one stays.
