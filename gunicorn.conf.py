@@ -124,7 +124,11 @@ def worker_exit(server, worker):
     import sys
 
     error = sys.exc_info()[1]
-    for hook in server.app.wsgi().extensions.get("exit_hooks", []):
+    try:
+        hooks = server.app.wsgi().extensions.get("exit_hooks", [])
+    except Exception:  # the app never loaded in this worker: nothing of it to flush
+        hooks = []
+    for hook in hooks:
         try:
             hook()
         except Exception:
