@@ -280,3 +280,19 @@ def test_rollouts_of_what_cannot_be_a_candidate(rollout_app, versions, wine_tree
     assert client.post("/rollout", json={"candidate": versions[1].as_dict(), "mode": "shadow"},
                        headers={"Authorization": "Bearer wrong"}).status_code == 401  # fmt: skip
     assert client.get("/rollout").get_json() == {"state": "none"}
+
+
+def test_a_job_that_would_activate_registers_only_while_a_rollout_runs(rollout_app, versions, store):
+    from training.datasets import load_builtin
+    from training.run import run_training
+    from training.spec import TrainingSpec
+
+    client = client_of(rollout_app)
+    start(client, versions)
+    result = run_training(store["registry"], TrainingSpec("GaussianNB", {}, model_name=NAME, activate=True),
+                          load_builtin("iris"))  # fmt: skip
+    assert result["activated"] is False and "rollout" in result["not_activated"]
+    mlflow = mlflow_client(store["uri"])
+    assert str(mlflow.get_model_version_by_alias(NAME, "active").version) == versions[0].version
+    assert mlflow.get_model_version(NAME, result["model"]["version"]) is not None
+    assert client.get("/rollout").get_json()["state"] == "running"
