@@ -24,11 +24,7 @@ def _engine():
     log = current_app.extensions["prediction_log"]
     if not log.enabled:
         raise APIError(409, "prediction_log_off", "The prediction log is off (PREDICTION_LOG=off): nothing to label.")
-    if log.engine is None:
-        from kernel.prediction_db import make_engine
-
-        log.engine = make_engine(log.url)
-    return log.engine
+    return log.database()
 
 
 def _classes(name: str, version: str) -> list[str]:

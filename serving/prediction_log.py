@@ -63,7 +63,7 @@ class PredictionLog:
         self._pid = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.engine = None
+        self._engine, self._engine_pid = None, 0
 
     # ---- start -------------------------------------------------------------------------------------------
     def start(self, settings: Settings) -> None:
@@ -85,6 +85,15 @@ class PredictionLog:
         except Exception as exc:
             self._set("degraded", f"the prediction log's database cannot be used: {_short(exc)}")
         atexit.register(self.flush)
+
+    def database(self):
+        """This process's engine for the log: made on first use, and again after a fork (a pool is never shared)."""
+        with self._lock:
+            if self._engine_pid != os.getpid():
+                from kernel.prediction_db import make_engine
+
+                self._engine, self._engine_pid = make_engine(self.url), os.getpid()
+            return self._engine
 
     def health(self) -> dict:
         return {"status": self.status, **({"reason": self.reason} if self.reason else {})}
@@ -117,7 +126,7 @@ class PredictionLog:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            self._queue, self._rows, self.engine = queue.Queue(), 0, None  # nothing of the parent's is used
+            self._queue, self._rows = queue.Queue(), 0  # nothing of the parent's is used
             self._thread = threading.Thread(target=self._run, args=(self._queue,), name="prediction-log", daemon=True)
             self._thread.start()
             self._pid = os.getpid()
@@ -150,13 +159,9 @@ class PredictionLog:
         if not flat:
             return
         try:
-            if self.engine is None:
-                from kernel.prediction_db import make_engine
-
-                self.engine = make_engine(self.url)
             from kernel.prediction_db import predictions
 
-            with self.engine.begin() as connection:
+            with self.database().begin() as connection:
                 connection.execute(predictions.insert(), flat)
             LOGGED.inc(len(flat))
             if self.status != "ok":
@@ -167,7 +172,7 @@ class PredictionLog:
 
     def _apply_retention(self) -> None:
         """At most every RETENTION_SECONDS, in the one process of the machine holding the lock: old rows go."""
-        if time.monotonic() < self._next_retention or self.status != "ok" or self.engine is None:
+        if time.monotonic() < self._next_retention or self.status != "ok":
             return
         self._next_retention = time.monotonic() + RETENTION_SECONDS
         if not self.retention_lock.held():
@@ -176,7 +181,7 @@ class PredictionLog:
 
         cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=self.retention_days)
         try:
-            deleted = delete_older_than(self.engine, cutoff)
+            deleted = delete_older_than(self.database(), cutoff)
             if deleted:
                 log.info("prediction log: deleted %d rows older than %d days", deleted, self.retention_days)
         except Exception as exc:  # the next turn tries again
@@ -185,7 +190,7 @@ class PredictionLog:
     def _refresh_performance(self) -> None:
         """At most every `refresh_seconds`, in the process holding the machine's lock: live accuracy per version
         into the snapshot `/metrics` reads (serving/live_performance.py)."""
-        if time.monotonic() < self._next_refresh or self.status != "ok" or self.engine is None:
+        if time.monotonic() < self._next_refresh or self.status != "ok":
             return
         self._next_refresh = time.monotonic() + self.refresh_seconds
         if not self.retention_lock.held():
@@ -193,7 +198,7 @@ class PredictionLog:
         from serving.live_performance import compute, write_snapshot
 
         try:
-            write_snapshot(self.state_dir, compute(self.engine, self.window_seconds, self.holdout_of))
+            write_snapshot(self.state_dir, compute(self.database(), self.window_seconds, self.holdout_of))
         except Exception as exc:  # the next turn tries again
             log.warning("prediction log: live accuracy failed: %s", _short(exc))
 

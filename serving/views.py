@@ -83,16 +83,18 @@ def predict_view():
         return answer(stable, "active")
     body = scoring_body(stable)
     key = request.headers.get(spec.sticky_header) if spec.sticky_header else None
-    model, route, result = routing.route(
-        spec, stable, key,
-        lambda: versions().by_version(spec.candidate.name, spec.candidate.version),
-        lambda model: score(model, body, "active" if model is stable else "candidate"),
-        lambda result: shadow().submit(spec, body, len(result["predictions"]), result),
-    )  # fmt: skip
-    note_model(model.ref)
-    count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
-    current_app.extensions["prediction_log"].record(g.request_id, model, route, result)
-    return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route, "X-Rollout-Id": spec.id}
+    rows = current_settings().MAX_BATCH_ROWS
+    observe = current_app.extensions["drift"].observe  # the stable arm is the active version: drift counts it
+    try:
+        model, route, result = routing.route(
+            spec, stable, key,
+            lambda: versions().by_version(spec.candidate.name, spec.candidate.version),
+            lambda model: predict(model, body, rows, observe if model is stable else None),
+            lambda result: shadow().submit(spec, body, len(result["predictions"]), result),
+        )  # fmt: skip
+    except BadInput as exc:  # rows that neither version takes: the client's own error, with the stable example
+        raise bad_input(exc, stable, "active") from exc
+    return answered(model, route, result, {"X-Rollout-Id": spec.id})
 
 
 @bp.post("/models/<name>/versions/<version>/predict")
@@ -114,21 +116,28 @@ def predict_alias(name: str, alias: str):
 def answer(model: LoadedModel, route: str):
     """Predict with `model` on this request's body; the answer says which version and route answered."""
     note_model(model.ref)
-    result = score(model, scoring_body(model), route)
-    count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
-    current_app.extensions["prediction_log"].record(g.request_id, model, route, result)
-    return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route}
-
-
-def score(model: LoadedModel, body, route: str) -> dict:
-    """The prediction; a client's bad rows are a 400 with the version's example."""
     try:
         # Drift counts what the active version serves, not by-URL tries or a candidate's share.
         observe = current_app.extensions["drift"].observe if route == "active" else None
-        return predict(model, body, current_settings().MAX_BATCH_ROWS, observe)
+        result = predict(model, scoring_body(model), current_settings().MAX_BATCH_ROWS, observe)
     except BadInput as exc:
-        headers = {"X-Model-Version": model.ref.version, "X-Model-Route": route}
-        raise APIError(400, "invalid_input", exc.message, headers, errors=exc.errors, example=model.example) from exc
+        raise bad_input(exc, model, route) from exc
+    return answered(model, route, result)
+
+
+def bad_input(exc: BadInput, model: LoadedModel, route: str) -> APIError:
+    """A client's bad rows: a 400 with the version's example."""
+    headers = {"X-Model-Version": model.ref.version, "X-Model-Route": route}
+    return APIError(400, "invalid_input", exc.message, headers, errors=exc.errors, example=model.example)
+
+
+def answered(model: LoadedModel, route: str, result: dict, headers: dict | None = None):
+    """What every answered prediction does: the version in the log line and metrics, the rows in the prediction
+    log (their ids into the answer), and the headers that say which version and route answered."""
+    note_model(model.ref)
+    count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
+    current_app.extensions["prediction_log"].record(g.request_id, model, route, result)
+    return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route, **(headers or {})}
 
 
 @bp.get("/models")
