@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-from kernel.refs import ModelRef
 from kernel.registry_errors import ModelNotFound, translate_errors
 from kernel.rollout_spec import REASON_TAG, ROLLOUT_TAG, STATE_TAG, RolloutSpec
 
@@ -65,8 +64,3 @@ class RolloutRecords:
             self.client.set_tag(spec.run_id, STATE_TAG, state)
             self.client.set_tag(spec.run_id, REASON_TAG, reason[:5000])
             self.client.set_terminated(spec.run_id, "FINISHED")
-
-    def rollout_outcome(self, ref: ModelRef) -> tuple[str | None, str | None]:
-        """How the candidate's last rollout stands (`rollout.state`, `rollout.reason`), or (None, None)."""
-        tags = self.client.get_model_version(ref.name, ref.version).tags or {}
-        return tags.get(STATE_TAG), tags.get(REASON_TAG)

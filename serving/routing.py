@@ -18,7 +18,7 @@ from collections.abc import Callable
 from kernel.rollout_spec import RolloutSpec
 from serving import rollout_metrics
 from serving.loaded_model import LoadedModel
-from serving.prediction import BadInput
+from serving.prediction import BadInput, predict
 from serving.shadow import Shadow
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,6 @@ def route(
 
 def shadow_scorer(load: Callable[[RolloutSpec], LoadedModel], max_rows: int):
     """The shadow thread's scoring: the candidate's answer on the queued rows, and its classes."""
-    from serving.prediction import predict
 
     def score(spec: RolloutSpec, body: object) -> tuple[dict, tuple]:
         candidate = load(spec)

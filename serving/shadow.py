@@ -56,7 +56,7 @@ class Shadow:
             return False
 
     def drain(self, timeout: float = 10.0) -> None:
-        """Wait until the queue is empty and its last item scored (tests, and the Lambda handler's inline mode)."""
+        """Wait until the queue is empty and its last item scored (for tests: the queue is drained in the background)."""
         if self._queue is not None and self._pid == os.getpid():
             deadline = time.monotonic() + timeout
             while self._queue.unfinished_tasks and time.monotonic() < deadline:
