@@ -54,18 +54,19 @@ def _flag(value: object) -> object:
     raise ValueError("not a boolean")
 
 
-def _host_list(value: object) -> object:
-    """ALLOWED_HOSTS from the environment: comma-separated names, '*' for any."""
+def _comma_list(value: object) -> object:
+    """A list of names from the environment: comma-separated (ALLOWED_HOSTS: '*' for any)."""
     if isinstance(value, str):
         return tuple(name.strip() for name in value.split(",") if name.strip())
     return value
 
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
+NameList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)]
 Count = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(ge=1)]
 Name = Annotated[str, Field(min_length=1)]
-HostList = Annotated[tuple[str, ...] | None, NoDecode, BeforeValidator(_host_list)]
+HostList = Annotated[tuple[str, ...] | None, NoDecode, BeforeValidator(_comma_list)]
 LogLevel = Annotated[
     Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(lambda v: str(v).strip().lower())
 ]
@@ -117,7 +118,9 @@ class Settings(BaseSettings):
     TRAIN_MAX_ROWS: Positive = Field(50_000, description="rows of client data (inline or CSV)")
     TRAIN_MAX_COLUMNS: Positive = Field(200, description="feature columns of client data (inline or CSV)")
     # Drift
-    PREDICTION_LOG: Flag = Field(True, description="record every answered row (id, request id, time, version, route, runtime, label, probabilities; never the inputs) in the prediction log, for `POST /feedback` and live accuracy")
+    PREDICTION_LOG: Flag = Field(True, description="record every answered row (id, request id, time, version, route, runtime, label, probabilities, whether a value was outside the training range; the inputs only with `PREDICTION_LOG_INPUTS`) in the prediction log, for `POST /feedback` and live accuracy")
+    PREDICTION_LOG_INPUTS: Flag = Field(False, description="also record each row's validated feature values (what `python -m serving.drift report` and retraining from labelled traffic need). Off by default: request bodies are never logged, and turning it on stores what clients send (personal data included) for `PREDICTION_LOG_RETENTION_DAYS`")
+    PREDICTION_LOG_EXCLUDE: NameList = Field((), description="features never stored with `PREDICTION_LOG_INPUTS=true`, comma-separated (the rest of the row still is)")
     PREDICTION_LOG_URL: str = Field("", description="the prediction log's database as a SQLAlchemy URL (`postgresql+psycopg2://user@host/db`); empty: a SQLite file beside the embedded MLflow store, else in `STATE_DIR` (never logged: it may hold a password)")
     PREDICTION_LOG_SAMPLE: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="the share of requests recorded (0 to 1); an answer not recorded says `prediction_logged: false`, and its ids take no feedback")
     PREDICTION_LOG_QUEUE: Positive = Field(50_000, description="rows each worker holds for the log's writer; beyond it rows are dropped and counted")

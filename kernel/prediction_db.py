@@ -6,8 +6,10 @@ The service creates and migrates the schema itself at start, with alembic as MLf
 version table (`prediction_log_version`), so the log may share a database with MLflow's tables.
 
 A row is one answered row: its id, the request's id, the time, the version and route that answered,
-the runtime, the predicted label and the probabilities; `label` and `labelled_at` once ground truth
-comes back (POST /feedback). Feature values are never stored here.
+the runtime, the predicted label and the probabilities, and whether any value was outside the training range
+(null for a version without a drift baseline); `label` and `labelled_at` once ground truth comes back
+(POST /feedback). Feature values (`inputs`, a JSON object) only with `PREDICTION_LOG_INPUTS=true`, less the
+features `PREDICTION_LOG_EXCLUDE` names.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ predictions = sa.Table(
     sa.Column("probabilities", sa.Text(), nullable=True),  # JSON: {class: probability}
     sa.Column("label", sa.String(256), nullable=True),  # the ground truth, from POST /feedback
     sa.Column("labelled_at", sa.DateTime(), nullable=True),
+    sa.Column("inputs", sa.Text(), nullable=True),  # JSON: {feature: value}, only with PREDICTION_LOG_INPUTS
+    sa.Column("out_of_range", sa.Boolean(), nullable=True),  # a value outside the training min/max
     sa.Index("ix_predictions_version_time", "model", "version", "created_at"),
     sa.Index("ix_predictions_labelled", "model", "version", "labelled_at"),
 )

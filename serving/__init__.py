@@ -46,7 +46,7 @@ def init_app(
     app.extensions.setdefault("exit_hooks", []).append(prediction_log.flush)  # gunicorn's worker_exit skips atexit
     app.extensions["shadow"] = new_shadow(
         lambda spec: app.extensions["versions"].by_version(spec.candidate.name, spec.candidate.version),
-        settings.SHADOW_QUEUE, settings.SHADOW_MAX_ROWS,
+        settings.SHADOW_QUEUE, settings.SHADOW_MAX_ROWS, app.extensions["drift"].observe,
     )  # fmt: skip
     app.extensions.setdefault("metrics_collectors", []).append(drift_views.DriftCollector(app))
     app.extensions.setdefault("openapi_extenders", []).extend(

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from kernel.drift_format import Baseline
-from serving.drift_counts import VersionCounts, merged, row_cells, small_cells
+from serving.drift_counts import VersionCounts, counts_key, merged, row_cells, small_cells
 
 SMALL_BATCH = 32  # up to this many rows, plain Python counts faster than numpy's per-call setup
 
@@ -100,7 +100,7 @@ class DriftMonitor:
         self.min_rows = settings.DRIFT_MIN_ROWS
         self.limits = (settings.DRIFT_PSI_WARN, settings.DRIFT_PSI_ALERT)
         self.folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-        self._counts: dict[tuple[str, int], VersionCounts] = {}
+        self._counts: dict[tuple[str, int], VersionCounts] = {}  # (counts_key, pid)
         self._lock = threading.Lock()
         # On Lambda (one process per environment) the counts also go to CloudWatch as EMF lines.
         self.emitter = None
@@ -113,14 +113,14 @@ class DriftMonitor:
     def scope(self) -> str:
         return "instance" if self.folder else "process"
 
-    def _for(self, baseline: Baseline) -> VersionCounts:
-        key = (baseline.sha256, os.getpid())  # a forked worker makes its own file
+    def _for(self, model) -> VersionCounts:
+        key = (counts_key(model.baseline, model.ref.name, model.ref.version), os.getpid())  # a fork: its own file
         counts = self._counts.get(key)
         if counts is None:
             with self._lock:
                 counts = self._counts.get(key)
                 if counts is None:
-                    counts = self._counts[key] = VersionCounts(baseline, self.slot_seconds, self.folder)
+                    counts = self._counts[key] = VersionCounts(model.baseline, self.slot_seconds, self.folder, key[0])
         return counts
 
     def observe(self, model, columns: dict, labels: list) -> None:
@@ -129,21 +129,30 @@ class DriftMonitor:
         if not self.enabled or baseline is None:
             return
         if len(labels) <= SMALL_BATCH:
-            self._for(baseline).add(small_cells(baseline, columns, labels), len(labels))
+            self._for(model).add(small_cells(baseline, columns, labels), len(labels))
         else:
-            self._for(baseline).add(*row_cells(baseline, columns, labels, self.max_rows))
+            self._for(model).add(*row_cells(baseline, columns, labels, self.max_rows))
         if self.emitter is not None:
             self.emitter.maybe_emit([model])
 
-    def version_counts(self, model, window: int) -> tuple[dict, int, np.ndarray | None]:
+    def version_counts(self, model, window: int, route: str = "stable") -> tuple[dict, int, np.ndarray | None]:
         """A served version's /drift entry, with the merged rows and cell counts it was computed from."""
-        entry = {"name": model.ref.name, "version": model.ref.version, "route": "stable"}
+        entry = {"name": model.ref.name, "version": model.ref.version, "route": route}
         if model.baseline is None:
             return {**entry, "rows": 0, "status": "no_baseline", "reason": model.baseline_reason}, 0, None
         baseline = model.baseline
-        local = self._counts.get((baseline.sha256, os.getpid()))
-        rows, live = merged(baseline, window, self.slot_seconds, self.folder, local)
+        key = counts_key(baseline, model.ref.name, model.ref.version)
+        local = self._counts.get((key, os.getpid()))
+        rows, live = merged(baseline, window, self.slot_seconds, self.folder, local, key=key)
         return {**entry, **report(baseline, rows, live, self.min_rows, *self.limits)}, rows, live
 
-    def version_report(self, model, window: int) -> dict:
-        return self.version_counts(model, window)[0]
+    def version_report(self, model, window: int, route: str = "stable") -> dict:
+        return self.version_counts(model, window, route)[0]
+
+
+if __name__ == "__main__":  # python -m serving.drift report ... (serving/drift_report.py)
+    import sys
+
+    from serving.drift_report import main
+
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 Each process keeps, per served version, an int64 array of SLOTS time slots, each holding the slot's number
 (time // slot length), its rows, and one count per cell of the baseline (`kernel.drift_format`). With
-PROMETHEUS_MULTIPROC_DIR (gunicorn) the array is a memory-mapped file, `drift_<sha256[:12]>_<pid>.counts`,
+PROMETHEUS_MULTIPROC_DIR (gunicorn) the array is a memory-mapped file, `drift_<key>_<pid>.counts` (the key
+names the baseline and the version: two versions sharing a baseline still count apart),
 so a write is a memory write under a lock, with no system call, and a reader (any worker) sums every
 process's file, dead workers' included (their counts were real), as Prometheus does for counters. The
 suffix is not `.db`, so Prometheus's collector skips these files; gunicorn's `on_starting` clears them with
@@ -11,6 +12,7 @@ the rest. Without the folder (Lambda, one process) the arrays stay in memory.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -108,14 +110,15 @@ def row_cells(baseline: Baseline, columns: dict, labels: list, max_rows: int) ->
 class VersionCounts:
     """This process's slots for one version's baseline (a file under `folder`, or memory)."""
 
-    def __init__(self, baseline: Baseline, slot_seconds: float, folder: str | None):
+    def __init__(self, baseline: Baseline, slot_seconds: float, folder: str | None, key: str | None = None):
         self.baseline = baseline
+        self.key = key or baseline.sha256[:12]
         self.slot_seconds = slot_seconds
         self.lock = threading.Lock()
         shape = (SLOTS, _HEADER + baseline.cells)
         self.path = None  # this process's file: a reader never deletes it, however long it has been idle
         if folder:
-            path = self.path = Path(folder) / f"drift_{baseline.sha256[:12]}_{os.getpid()}.counts"
+            path = self.path = Path(folder) / f"drift_{self.key}_{os.getpid()}.counts"
             self.slots = np.memmap(path, dtype=np.int64, mode="r+" if path.exists() else "w+", shape=shape)
         else:
             self.slots = np.zeros(shape, dtype=np.int64)
@@ -140,9 +143,16 @@ class VersionCounts:
                 self.slots[number % SLOTS, _HEADER:] += np.bincount(cells, minlength=self.baseline.cells)
 
 
+def counts_key(baseline: Baseline, name: str, version: str) -> str:
+    """The count files' key for one version and its baseline."""
+    tag = hashlib.blake2b(f"{name}\0{version}".encode(), digest_size=4).hexdigest()
+    return f"{baseline.sha256[:12]}-{tag}"
+
+
 def merged(baseline: Baseline, window_seconds: float, slot_seconds: float, folder: str | None, local=None,
-           now: float | None = None) -> tuple[int, np.ndarray]:  # fmt: skip
-    """The rows and cell counts of the last `window_seconds`, summed over every process's slots for the baseline.
+           now: float | None = None, key: str | None = None) -> tuple[int, np.ndarray]:  # fmt: skip
+    """The rows and cell counts of the last `window_seconds`, summed over every process's slots for the key
+    (by default the baseline's own: `counts_key` for one version's).
 
     `local` is this process's own VersionCounts (read from memory when there is no folder). Files whose newest
     slot is older than the whole ring are deleted.
@@ -151,7 +161,7 @@ def merged(baseline: Baseline, window_seconds: float, slot_seconds: float, folde
     oldest = current - max(1, int(np.ceil(window_seconds / slot_seconds))) + 1
     sources = []
     if folder:
-        for path in Path(folder).glob(f"drift_{baseline.sha256[:12]}_*.counts"):
+        for path in Path(folder).glob(f"drift_{key or baseline.sha256[:12]}_*.counts"):
             try:
                 slots = np.fromfile(path, dtype=np.int64).reshape(SLOTS, _HEADER + baseline.cells)
             except (OSError, ValueError):

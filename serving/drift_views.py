@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, current_app, request
 from marshmallow import Schema, ValidationError, fields, validate
 from prometheus_client.core import GaugeMetricFamily
@@ -10,6 +12,7 @@ from kernel.config import current_settings
 from kernel.errors import APIError
 
 bp = Blueprint("drift", __name__)
+log = logging.getLogger(__name__)
 LEVELS = ("ok", "warn", "alert")
 
 
@@ -19,10 +22,23 @@ class DriftQuery(Schema):
     version = fields.String(validate=validate.Length(min=1))
 
 
-def served_models() -> list:
-    """The versions this process serves: the active one (a rollout's candidate joins it once there is one)."""
-    model = current_app.extensions["model_store"].get()
-    return [] if model is None else [model]
+def served_models() -> list[tuple]:
+    """(model, route) for each version this process serves: the active one (`stable`) and, while a rollout
+    runs, its candidate (`candidate`; left out while it cannot be loaded: its requests fall back to stable)."""
+    store = current_app.extensions["model_store"]
+    model = store.get()
+    if model is None:
+        return []
+    served = [(model, "stable")]
+    spec = store.rollout
+    if spec is not None and spec.stable == model.ref:
+        try:
+            candidate = current_app.extensions["versions"].by_version(spec.candidate.name, spec.candidate.version)
+        except Exception:  # noqa: BLE001 - the candidate's failure shows in GET /rollout, not here
+            log.warning("drift: rollout %s's candidate cannot be loaded", spec.id)
+        else:
+            served.append((candidate, "candidate"))
+    return served
 
 
 def drift_report(window: int | None, name: str | None = None, version: str | None = None) -> dict:
@@ -31,12 +47,12 @@ def drift_report(window: int | None, name: str | None = None, version: str | Non
     monitor = current_app.extensions["drift"]
     models = served_models()
     if name is not None or version is not None:
-        models = [m for m in models if name in (None, m.ref.name) and version in (None, m.ref.version)]
+        models = [(m, r) for m, r in models if name in (None, m.ref.name) and version in (None, m.ref.version)]
         if not models:
             raise APIError(404, "not_served", "Drift is counted for the active version and a rollout's candidate "
                            f"only; {name or ''} version {version or '?'} is not served here. GET /ready names it.")  # fmt: skip
     return {"window_seconds": window, "scope": monitor.scope, "enabled": monitor.enabled,
-            "models": [monitor.version_report(model, window) for model in models]}  # fmt: skip
+            "models": [monitor.version_report(model, window, route) for model, route in models]}  # fmt: skip
 
 
 @bp.get("/drift")
@@ -105,7 +121,7 @@ def document(spec) -> None:
     window = {"name": "window", "in": "query", "required": False,
               "example": limit, "schema": {"type": "integer", "minimum": 60, "maximum": limit, "default": limit}}  # fmt: skip
     served = served_models()
-    examples = {"name": served[0].ref.name, "version": served[0].ref.version} if served else {}
+    examples = {"name": served[0][0].ref.name, "version": served[0][0].ref.version} if served else {}
     # Without them, every served version. The active version as the schema's default: what Postman fills in.
     names = [{"name": key, "in": "query", "required": False,
               "schema": {"type": "string", "minLength": 1, **({"default": examples[key]} if examples else {})}}

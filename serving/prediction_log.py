@@ -6,6 +6,10 @@ slow a prediction: a full queue, or a database that is down or full, drops rows 
 (`prediction_log_dropped_total{reason}`), and `/health` says the log is degraded, and why. A graceful
 stop flushes the queue (atexit); a SIGKILL loses at most one flush interval's rows.
 
+Each row also says whether a value was outside its version's training range (the drift baseline's min and
+max), and, only with PREDICTION_LOG_INPUTS, holds the validated feature values (less PREDICTION_LOG_EXCLUDE):
+both computed by the writer, off the request path.
+
 Ids: 16 random hex digits per request (from the OS's random source) and the row's index in hex: unique
 across workers and instances without coordination, and cheap for a 10,000-row batch.
 """
@@ -45,6 +49,8 @@ class PredictionLog:
 
     def __init__(self, settings: Settings):
         self.enabled = settings.PREDICTION_LOG
+        self.inputs = settings.PREDICTION_LOG_INPUTS
+        self.exclude = frozenset(settings.PREDICTION_LOG_EXCLUDE)
         self.sample = settings.PREDICTION_LOG_SAMPLE
         self.capacity = settings.PREDICTION_LOG_QUEUE
         self.flush_seconds = settings.PREDICTION_LOG_FLUSH_SECONDS
@@ -99,8 +105,11 @@ class PredictionLog:
         return {"status": self.status, **({"reason": self.reason} if self.reason else {})}
 
     # ---- the request path ----------------------------------------------------------------------------------
-    def record(self, request_id: str, model, route: str, result: dict) -> None:
-        """Give the answer its `prediction_ids`, and queue its rows (never raises, never waits)."""
+    def record(self, request_id: str, model, route: str, result: dict, columns: dict | None = None) -> None:
+        """Give the answer its `prediction_ids`, and queue its rows (never raises, never waits).
+
+        `columns` are the validated rows (feature -> values): the writer stores them (PREDICTION_LOG_INPUTS) and
+        flags rows outside the training range; nothing of them is copied here."""
         if not self.enabled:
             return
         rows = len(result["predictions"])
@@ -118,7 +127,8 @@ class PredictionLog:
             return
         self._rows += rows
         item = (ids, request_id, datetime.now(UTC).replace(tzinfo=None), model.ref.name, model.ref.version, route,
-                result["model"]["runtime"], result["predictions"], result.get("probabilities"))  # fmt: skip
+                result["model"]["runtime"], result["predictions"], result.get("probabilities"),
+                columns, model.baseline)  # fmt: skip
         self._queue.put_nowait(item)  # type: ignore[union-attr] - unbounded: the row count bounds it
 
     # ---- the writer --------------------------------------------------------------------------------------
@@ -153,7 +163,7 @@ class PredictionLog:
                 self._refresh_performance()
 
     def _write(self, batch: list) -> None:
-        rows = [_row(*item) for item in batch]
+        rows = [_row(*item[:9], self._inputs(item[9]), out_of_range(item[10], item[9], len(item[0]))) for item in batch]
         flat = [row for group in rows for row in group]
         self._rows -= len(flat)
         if not flat:
@@ -218,8 +228,34 @@ class PredictionLog:
             )
         self.status, self.reason = status, reason
 
+    def _inputs(self, columns: dict | None) -> list[str] | None:
+        """Each row's stored inputs (JSON), when PREDICTION_LOG_INPUTS is on, without the excluded features."""
+        if not self.inputs or not columns:
+            return None
+        kept = [name for name in columns if name not in self.exclude]
+        return [json.dumps(dict(zip(kept, values)), default=str) for values in zip(*(columns[n] for n in kept))]
 
-def _row(ids, request_id, created_at, model, version, route, runtime, labels, probabilities) -> list[dict]:
+
+def out_of_range(baseline, columns: dict | None, rows: int) -> list | None:
+    """Per row: whether a numeric value was below the training minimum or above its maximum (as float32, as the
+    drift counter compares), or None without a baseline or the rows' values."""
+    if baseline is None or not columns:
+        return None
+    import numpy as np
+
+    flagged = np.zeros(rows, dtype=bool)
+    for cells in baseline.features:
+        values = columns.get(cells.name)
+        if cells.kind != "number" or values is None or len(values) != rows:
+            continue
+        array = np.array(values, dtype=np.float32)  # None: NaN, never out of range
+        with np.errstate(invalid="ignore"):
+            flagged |= (array < np.float32(cells.low)) | (array > np.float32(cells.high))
+    return flagged.tolist()
+
+
+def _row(ids, request_id, created_at, model, version, route, runtime, labels, probabilities, inputs=None,
+         flags=None) -> list[dict]:  # fmt: skip
     return [
         {
             "id": ids[index],
@@ -231,6 +267,8 @@ def _row(ids, request_id, created_at, model, version, route, runtime, labels, pr
             "runtime": runtime,
             "prediction": str(label)[:256],
             "probabilities": json.dumps(probabilities[index]) if probabilities else None,
+            "inputs": inputs[index] if inputs else None,
+            "out_of_range": flags[index] if flags is not None else None,
         }  # fmt: skip
         for index, label in enumerate(labels)
     ]

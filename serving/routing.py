@@ -67,15 +67,16 @@ def route(
     return stable, "stable", result
 
 
-def shadow_scorer(load: Callable[[RolloutSpec], LoadedModel], max_rows: int):
-    """The shadow thread's scoring: the candidate's answer on the queued rows, and its classes."""
+def shadow_scorer(load: Callable[[RolloutSpec], LoadedModel], max_rows: int, observe=None):
+    """The shadow thread's scoring: the candidate's answer on the queued rows, and its classes. `observe` (the
+    drift counter) hears the candidate's rows: its drift entry covers the shadowed share."""
 
     def score(spec: RolloutSpec, body: object) -> tuple[dict, tuple]:
         candidate = load(spec)
-        return predict(candidate, body, max_rows), tuple(candidate.classes)
+        return predict(candidate, body, max_rows, observe), tuple(candidate.classes)
 
     return score
 
 
-def new_shadow(load: Callable[[RolloutSpec], LoadedModel], size: int, max_rows: int) -> Shadow:
-    return Shadow(shadow_scorer(load, max_rows), size, max_rows)
+def new_shadow(load: Callable[[RolloutSpec], LoadedModel], size: int, max_rows: int, observe=None) -> Shadow:
+    return Shadow(shadow_scorer(load, max_rows, observe), size, max_rows)

@@ -84,12 +84,12 @@ def predict_view():
     body = scoring_body(stable)
     key = request.headers.get(spec.sticky_header) if spec.sticky_header else None
     rows = current_settings().MAX_BATCH_ROWS
-    observe = current_app.extensions["drift"].observe  # the stable arm is the active version: drift counts it
+    observe = observer(count_drift=True)  # both arms, each against its own baseline
     try:
         model, route, result = routing.route(
             spec, stable, key,
             lambda: versions().by_version(spec.candidate.name, spec.candidate.version),
-            lambda model: predict(model, body, rows, observe if model is stable else None),
+            lambda model: predict(model, body, rows, observe),
             lambda result: shadow().submit(spec, body, len(result["predictions"]), result),
         )  # fmt: skip
     except BadInput as exc:  # rows that neither version takes: the client's own error, with the stable example
@@ -117,12 +117,25 @@ def answer(model: LoadedModel, route: str):
     """Predict with `model` on this request's body; the answer says which version and route answered."""
     note_model(model.ref)
     try:
-        # Drift counts what the active version serves, not by-URL tries or a candidate's share.
-        observe = current_app.extensions["drift"].observe if route == "active" else None
+        # Drift counts what the active version serves, not by-URL tries.
+        observe = observer(count_drift=route == "active")
         result = predict(model, scoring_body(model), current_settings().MAX_BATCH_ROWS, observe)
     except BadInput as exc:
         raise bad_input(exc, model, route) from exc
     return answered(model, route, result)
+
+
+def observer(count_drift: bool):
+    """predict()'s observer for this request: it keeps the validated columns for the prediction log (the inputs
+    and the out-of-range flag of each row), and counts the rows for drift where the route counts."""
+    drift = current_app.extensions["drift"].observe if count_drift else None
+
+    def observe(model: LoadedModel, columns: dict, labels: list) -> None:
+        g.scored_columns = columns
+        if drift is not None:
+            drift(model, columns, labels)
+
+    return observe
 
 
 def bad_input(exc: BadInput, model: LoadedModel, route: str) -> APIError:
@@ -136,7 +149,7 @@ def answered(model: LoadedModel, route: str, result: dict, headers: dict | None 
     log (their ids into the answer), and the headers that say which version and route answered."""
     note_model(model.ref)
     count_predictions(model.ref.name, model.ref.version, len(result["predictions"]))
-    current_app.extensions["prediction_log"].record(g.request_id, model, route, result)
+    current_app.extensions["prediction_log"].record(g.request_id, model, route, result, g.get("scored_columns"))
     return result, 200, {"X-Model-Version": model.ref.version, "X-Model-Route": route, **(headers or {})}
 
 

@@ -3,6 +3,7 @@ serving/feedback.py): ids on every answer, rows recorded, labels applied, and fi
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from datetime import UTC, datetime, timedelta
@@ -68,8 +69,12 @@ def test_every_answered_row_gets_an_id_and_is_recorded_without_its_inputs(log_ap
     assert recorded[by_url[0]].route == "version"
     engine = sa.create_engine(log_app.config["db_url"])  # no column holds a feature's value
     columns = {column["name"] for column in sa.inspect(engine).get_columns("predictions")}
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT inputs, out_of_range FROM predictions")).all()
     engine.dispose()
     assert not columns & set(IRIS_ROW)
+    assert {inputs for inputs, _ in stored} == {None}  # PREDICTION_LOG_INPUTS is off by default
+    assert {flag for _, flag in stored} == {0, 1}  # the out-of-range flag is kept either way
 
 
 def test_live_accuracy_equals_scikit_learns_on_the_same_labels(log_app):
@@ -251,3 +256,56 @@ def test_a_sample_of_zero_records_nothing_and_says_so(app_config, store, tmp_pat
         assert connection.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 0
     engine.dispose()
     app.extensions["model_store"].stop()
+
+
+def test_inputs_are_stored_only_when_asked_and_a_report_from_them_equals_drift(app_config, store, tmp_path, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    from serving.drift_report import drift_from_log, main
+
+    store["registry"].set_active_model(store["default"])
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    settings = {**app_config, "PREDICTION_LOG_URL": url, "PREDICTION_LOG_FLUSH_SECONDS": 0.1, "DRIFT_MIN_ROWS": 50,
+                "PREDICTION_LOG_INPUTS": True, "PREDICTION_LOG_EXCLUDE": "sepal_width_cm"}  # fmt: skip
+    app = create_app(settings)
+    try:
+        client = client_of(app)
+        sent = {}
+        for index in range(25):
+            body = {"records": rows(1 + index % 40, 500 + index)}
+            answer = client.post("/predict", json=body).get_json()
+            sent.update(zip(answer["prediction_ids"], body["records"]))
+        model = app.extensions["model_store"].get()
+        app.extensions["prediction_log"].flush()
+        engine = sa.create_engine(url)
+        with engine.connect() as connection:
+            stored = {
+                row.id: row for row in connection.execute(sa.text("SELECT id, inputs, out_of_range FROM predictions"))
+            }
+        assert set(stored) == set(sent)
+        limits = {cells.name: (cells.low, cells.high) for cells in model.baseline.features}
+        for prediction_id, row in sent.items():
+            kept = {name: value for name, value in row.items() if name != "sepal_width_cm"}
+            assert json.loads(stored[prediction_id].inputs) == kept
+            outside = any(not limits[n][0] <= v <= limits[n][1] for n, v in row.items())
+            assert bool(stored[prediction_id].out_of_range) is outside
+        assert 0 < sum(bool(row.out_of_range) for row in stored.values()) < len(stored)
+        live = client.get("/drift").get_json()["models"][0]
+        name, version = model.ref.name, model.ref.version
+        offline = drift_from_log(engine, model.baseline, name, version, min_rows=50)
+        engine.dispose()
+    finally:
+        app.extensions["model_store"].stop()
+    assert offline["rows"] == live["rows"] == len(sent) and offline["not_logged"] == ["sepal_width_cm"]
+    features = {f["name"]: f for f in live["features"]}
+    assert {f["name"] for f in offline["features"]} == set(features) - {"sepal_width_cm"}
+    for feature in offline["features"]:
+        for key in ("psi", "js", "noise"):
+            assert abs(feature[key] - features[feature["name"]][key]) < 1e-9, (feature, key)
+    for key in ("psi", "js"):
+        assert abs(offline["prediction"][key] - live["prediction"][key]) < 1e-9
+    # The command line: the baseline from the registry, the database and limits from the settings.
+    for key, value in {**settings, "PREDICTION_LOG_INPUTS": "true"}.items():
+        monkeypatch.setenv(key, str(value))
+    assert main(["report", "--model", name, "--version", version]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["features"] == offline["features"] and printed["scope"] == "prediction_log"

@@ -220,9 +220,35 @@ def test_a_shadow_answers_as_without_it_and_counts_agreement(rollout_app, versio
     shadow = client.get("/rollout").get_json()["shadow"]
     assert shadow["rows"] == 180
     assert shadow["agreement"] == pytest.approx(expected / 180)
+    # Drift: the stable version counted every row it answered, the candidate the rows it scored in the shadow.
+    drift = {entry["route"]: entry for entry in client.get("/drift").get_json()["models"]}
+    assert (drift["stable"]["version"], drift["stable"]["rows"]) == ("1", len(requests) * 3 * 2)
+    assert (drift["candidate"]["version"], drift["candidate"]["rows"]) == ("2", 180)
     # A batch over SHADOW_MAX_ROWS (50 here) is not shadowed: dropped and counted.
     assert client.post("/predict", json={"records": rows(51)}).status_code == 200
     assert client.get("/rollout").get_json()["arms"]["shadow"]["dropped"] == 1
+
+
+def test_drift_counts_each_arm_of_a_canary_against_its_own_baseline(rollout_app, versions):
+    client = client_of(rollout_app)
+    start(client, versions)
+    client.post("/rollout/promote")  # 50 %
+    routes = arms(client, [f"user-{i}" for i in range(300)], rows(1)[0])
+    answered = {arm: sum(route == arm for route in routes.values()) for arm in ("stable", "candidate")}
+    assert min(answered.values()) > 100
+    entries = client.get("/drift?window=600").get_json()["models"]
+    assert {(e["route"], e["name"], e["version"], e["rows"]) for e in entries} == {
+        ("stable", NAME, "1", answered["stable"]), ("candidate", NAME, "2", answered["candidate"])}  # fmt: skip
+    [candidate] = client.get(f"/drift?name={NAME}&version=2").get_json()["models"]
+    assert candidate["route"] == "candidate" and candidate["status"] == "insufficient_data"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f'model_drift_rows{{model="{NAME}",version="2"}} {answered["candidate"]}.0' in metrics
+    # A by-URL answer is not counted; once the rollout ends, the candidate is no longer served here.
+    assert client.post(f"/models/{NAME}/versions/2/predict", json=rows(1)[0]).status_code == 200
+    assert client.get(f"/drift?name={NAME}&version=2").get_json()["models"][0]["rows"] == answered["candidate"]
+    assert client.delete("/rollout").status_code == 200
+    assert [e["version"] for e in client.get("/drift").get_json()["models"]] == ["1"]
+    assert client.get(f"/drift?name={NAME}&version=2").status_code == 404
 
 
 def test_an_alias_moved_by_hand_ends_the_rollout_as_overridden(rollout_app, versions, store):
