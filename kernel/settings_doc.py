@@ -15,7 +15,9 @@ def settings_table() -> str:
         if name == "MLFLOW_TRACKING_URI":
             default = "sqlite:///<project>/.mlflow/mlflow.db"
         shown = (
-            "unset" if default in (None, "", ()) else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+            "unset"
+            if default in (None, "", ())
+            else f"`{str(default).lower() if isinstance(default, bool) else default}`"
         )
         rows.append(f"| `{name}` | {shown} | {_allowed(name, field)} | {field.description} |")
     return "\n".join(rows)

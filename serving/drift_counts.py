@@ -55,10 +55,14 @@ def _keyed_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) -
         values = [values[i] for i in picked]
     other, missing = cells.size - 2, cells.size - 1  # booleans have no `other`: an unknown key cannot occur
     lookup = cells.values
-    keys = (text_key(value) for value in values)
-    return cells.offset + np.fromiter(
-        (missing if key is None else lookup.get(key, other) for key in keys), dtype=np.int64, count=len(values)
-    )
+    # Each distinct value is keyed once (a batch repeats few values); then every row's cell by one C-level lookup.
+    # The type is part of the value, so 1 and True stay apart as text_key keeps them.
+    typed = list(zip(map(type, values), values))
+    cell = {}
+    for pair in set(typed):
+        key = text_key(pair[1])
+        cell[pair] = missing if key is None else lookup.get(key, other)
+    return cells.offset + np.fromiter(map(cell.__getitem__, typed), dtype=np.int64, count=len(values))
 
 
 def small_cells(baseline: Baseline, columns: dict, labels: list) -> list[int]:

@@ -49,7 +49,17 @@ def _number(column: pd.Series) -> dict:
 
 
 def _keyed(column: pd.Series, kind: str) -> dict:
-    keys = Counter(text_key(value) for value in column.tolist())
+    # Counted by distinct value first, then keyed: text_key once per distinct value, not per row. A column of
+    # one type is counted by pandas; a mixed one with the type as part of the value, so 1, 1.0 and True stay
+    # apart as text_key keeps them.
+    if pd.api.types.infer_dtype(column, skipna=True) in ("string", "boolean"):
+        distinct = column.value_counts(dropna=False).items()
+    else:
+        values = column.tolist()
+        distinct = ((value, count) for (_, value), count in Counter(zip(map(type, values), values)).items())
+    keys: Counter = Counter()
+    for value, count in distinct:
+        keys[text_key(value)] += int(count)
     missing = keys.pop(None, 0)
     if kind == "boolean":
         return {"kind": kind, "values": {k: keys.get(k, 0) for k in ("true", "false")}, "missing": missing}
