@@ -100,7 +100,7 @@ class DriftMonitor:
         self.min_rows = settings.DRIFT_MIN_ROWS
         self.limits = (settings.DRIFT_PSI_WARN, settings.DRIFT_PSI_ALERT)
         self.folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-        self._counts: dict[tuple, VersionCounts] = {}  # (baseline sha256, version, pid)
+        self._counts: dict[tuple, VersionCounts] = {}  # (baseline sha256, name, version, pid)
         self._lock = threading.Lock()
         # On Lambda (one process per environment) the counts also go to CloudWatch as EMF lines.
         self.emitter = None
@@ -114,7 +114,7 @@ class DriftMonitor:
         return "instance" if self.folder else "process"
 
     def _for(self, model) -> VersionCounts:
-        key = (model.baseline.sha256, model.ref, os.getpid())  # a forked worker makes its own file
+        key = (model.baseline.sha256, model.ref.name, model.ref.version, os.getpid())  # a fork: its own file
         counts = self._counts.get(key)
         if counts is None:
             with self._lock:
@@ -142,7 +142,7 @@ class DriftMonitor:
         if model.baseline is None:
             return {**entry, "rows": 0, "status": "no_baseline", "reason": model.baseline_reason}, 0, None
         baseline = model.baseline
-        local = self._counts.get((baseline.sha256, model.ref, os.getpid()))
+        local = self._counts.get((baseline.sha256, model.ref.name, model.ref.version, os.getpid()))
         key = counts_key(baseline, model.ref.name, model.ref.version)
         rows, live = merged(baseline, window, self.slot_seconds, self.folder, local, key=key)
         return {**entry, **report(baseline, rows, live, self.min_rows, *self.limits)}, rows, live
