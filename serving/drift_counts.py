@@ -18,6 +18,7 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +29,18 @@ SLOTS = 60
 _HEADER = 2  # per slot: its number, its rows
 
 
-def _sampled(n_rows: int, max_rows: int) -> np.ndarray | None:
-    """Evenly spaced row indices when a batch has more rows than are counted; None: every row."""
+def _sampled(n_rows: int, max_rows: int):
+    """A picker of evenly spaced rows (a sequence -> a tuple of them) when a batch has more rows than are
+    counted; None: every row."""
     if n_rows <= max_rows:
         return None
-    return np.linspace(0, n_rows - 1, max_rows).round().astype(np.int64)
+    getter = itemgetter(*np.linspace(0, n_rows - 1, max_rows).round().astype(np.int64).tolist())
+    return getter if max_rows > 1 else lambda sequence: (getter(sequence),)  # one index: itemgetter gives no tuple
 
 
-def _number_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) -> list[np.ndarray]:
+def _number_cells(cells: FeatureCells, values: list, picked) -> list[np.ndarray]:
     if picked is not None:
-        values = [values[i] for i in picked]
+        values = picked(values)
     array = np.array(values, dtype=np.float32)  # None: NaN
     bins = number_bins(array, cells.edges)
     found = [cells.offset + np.where(bins < 0, cells.size - 1, bins)]
@@ -50,9 +53,9 @@ def _number_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) 
     return found
 
 
-def _keyed_cells(cells: FeatureCells, values: list, picked: np.ndarray | None) -> np.ndarray:
+def _keyed_cells(cells: FeatureCells, values: list, picked) -> np.ndarray:
     if picked is not None:
-        values = [values[i] for i in picked]
+        values = picked(values)
     other, missing = cells.size - 2, cells.size - 1  # booleans have no `other`: an unknown key cannot occur
     lookup = cells.values
     # Each distinct value is keyed once (a batch repeats few values); then every row's cell by one C-level lookup.
@@ -105,10 +108,10 @@ def row_cells(baseline: Baseline, columns: dict, labels: list, max_rows: int) ->
         else:
             found.append(_keyed_cells(cells, values, picked))
     classes = baseline.class_cells
-    chosen = labels if picked is None else [labels[i] for i in picked]
+    chosen = labels if picked is None else picked(labels)
     predicted = [classes.get(str(label)) for label in chosen]
     found.append(np.fromiter((c for c in predicted if c is not None), dtype=np.int64))
-    return np.concatenate(found), n_rows if picked is None else len(picked)
+    return np.concatenate(found), n_rows if picked is None else len(chosen)
 
 
 class VersionCounts:

@@ -94,7 +94,7 @@ def merge(lines, baseline_text: bytes, min_rows: int = 500, warn: float = 0.1, a
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.drift_emf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m serving.drift", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     merging = commands.add_parser("merge", help="sum raw drift count lines (CloudWatch Logs export) for one baseline")
     merging.add_argument("--baseline", required=True, help="the version's extra_files/baseline.json")

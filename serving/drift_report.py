@@ -102,6 +102,11 @@ def _baseline(args, settings) -> Baseline:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:  # the Lambda environments' raw count lines (serving/drift_emf.py)
+        from serving.drift_emf import main as merge_main
+
+        return merge_main(argv)
     parser = argparse.ArgumentParser(prog="python -m serving.drift", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     reporting = commands.add_parser("report", help="/drift's JSON for a version's rows in the prediction log")
@@ -111,13 +116,8 @@ def main(argv=None) -> int:
     reporting.add_argument("--until", type=_time, help="ISO time, excluded")
     reporting.add_argument("--baseline", help="the version's extra_files/baseline.json (default: from the registry)")
     reporting.add_argument("--route", action="append", help=f"routes to count (default: {', '.join(COUNTED_ROUTES)})")
-    merging = commands.add_parser("merge", help="sum raw drift count lines (CloudWatch Logs export), as drift_emf")
-    merging.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_parser("merge", help="sum raw drift count lines (CloudWatch Logs export): merge --help")
     args = parser.parse_args(argv)
-    if args.command == "merge":
-        from serving.drift_emf import main as merge_main
-
-        return merge_main(["merge", *args.rest])
     from kernel.config import settings_or_exit
     from kernel.prediction_db import database_url, make_engine
 

@@ -220,10 +220,10 @@ def test_lambda_environments_emit_emf_lines_that_merge(baseline, baseline_text, 
     merged_entry = drift_emf.merge(logs, baseline_text)
     assert merged_entry["environments"] == 3 and merged_entry["rows"] == 1200
     assert {f["name"]: f["level"] for f in merged_entry["features"]}["age"] == "alert"
-    # The CLI reads an export of the log group, other lines included.
+    # The CLI (`python -m serving.drift merge`) reads an export of the log group, other lines included.
+    from serving.drift_report import main
+
     out = io.StringIO()
     monkeypatch.setattr("sys.stdout", out)
-    assert (
-        drift_emf.main(["merge", "--baseline", str(tmp_path / "baseline.json"), str(tmp_path / "cloudwatch.log")]) == 0
-    )
+    assert main(["merge", "--baseline", str(tmp_path / "baseline.json"), str(tmp_path / "cloudwatch.log")]) == 0
     assert json.loads(out.getvalue()) == json.loads(json.dumps(merged_entry))

@@ -1,12 +1,16 @@
-"""What drift counting costs under load: one-row /predict and a 10,000-row request, DRIFT_ENABLED on against off.
+"""What a setting costs under load: one-row /predict and a 10,000-row request, with it against without it.
 
 The service as `make bench` starts it (gunicorn with gunicorn.conf.py, 2 workers, compiled LogisticRegression on
-iris, a temporary store), started afresh for each run, with runs alternating on/off/off/on so a drifting machine
-weighs on both sides alike. Each run: a 3 s warm-up, then `wrk -t2 -c16` for `--seconds` (p50, p99, req/s and the
-server's CPU time per request), then the median of 20 POSTs of a 10,000-row batch. The medians over runs are
-compared; the budget (issue 18) is at most +3 % on p50 and on CPU per request, at most +5 % on the batch.
+iris, a temporary store; no warm parent of training jobs), started afresh for each run, with runs alternating
+with/without/without/with so a drifting machine weighs on both sides alike. Each run: a 3 s warm-up, then
+`wrk -t2 -c16` for `--seconds` (p50, p99, req/s and the server's CPU time per request), then the median of 20 POSTs
+of a 10,000-row batch. The medians over runs are compared with the budget given:
 
-    .venv/bin/python scripts/bench_drift.py [--pairs 2] [--seconds 8]
+    # drift counting (issue 18): at most +3 % on p50 and CPU per request, +5 % on the batch
+    .venv/bin/python scripts/bench_settings.py --with DRIFT_ENABLED=true --without DRIFT_ENABLED=false --budget 3,3,5
+    # the prediction log (issue 17): under 5 % (inputs off), 8 % (inputs on); the batch under 10 %
+    .venv/bin/python scripts/bench_settings.py --with PREDICTION_LOG=on --without PREDICTION_LOG=off --budget 5,5,10
+    .venv/bin/python scripts/bench_settings.py --with PREDICTION_LOG_INPUTS=true --without PREDICTION_LOG=off --budget 8,8,10
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts import bench_serving as bench  # noqa: E402
 
-BUDGET = {"p50_ms": 3.0, "server_cpu_ms_per_request": 3.0, "batch_ms": 5.0}
+KEYS = ("p50_ms", "server_cpu_ms_per_request", "batch_ms")  # what --budget gives, in this order
+
+
+def settings(pairs: list[str]) -> dict:
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 def one_run(processes, args, folder: Path, tracking_uri: str, enabled: bool, index: int, body: bytes, batch: bytes):
-    os.environ["DRIFT_ENABLED"] = "true" if enabled else "false"
-    label = f"{'on' if enabled else 'off'}-{index}"
+    for key in {*settings(args.with_), *settings(args.without)}:
+        os.environ.pop(key, None)
+    os.environ.update(settings(args.with_ if enabled else args.without))
+    os.environ["TRAIN_WARM_START"] = "false"  # no warm parent of jobs warming up beside the measured load
+    label = f"{'with' if enabled else 'without'}-{index}"
     with open(folder / f"{label}.log", "wb") as log:
         port = bench.free_port()
         process = bench.start_ours(processes, folder, tracking_uri, label, port, log)
@@ -47,17 +58,23 @@ def one_run(processes, args, folder: Path, tracking_uri: str, enabled: bool, ind
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=2, help="on/off pairs, in the order on, off, off, on, ...")
+    parser.add_argument("--with", dest="with_", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--without", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--budget", default="3,3,5", help="most % added to p50, CPU per request, the batch")
+    parser.add_argument("--pairs", type=int, default=2, help="with/without pairs: with, without, without, with, ...")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--wrk", default="wrk")
     args = parser.parse_args()
+    if not args.with_ and not args.without:
+        args.with_, args.without = ["DRIFT_ENABLED=true"], ["DRIFT_ENABLED=false"]
+    budget = dict(zip(KEYS, (float(v) for v in args.budget.split(",")), strict=True))
     if not bench.shutil.which(args.wrk):
         print("bench_drift needs wrk: apt-get install wrk (or brew install wrk)", file=sys.stderr)
         return 1
-    folder = Path(tempfile.mkdtemp(prefix="bench-drift-"))
+    folder = Path(tempfile.mkdtemp(prefix="bench-settings-"))
     tracking_uri = f"sqlite:///{folder}/mlflow.db"
     registry, refs = bench.register_models(tracking_uri)
     registry.set_active_model(refs["LogisticRegression"])
@@ -70,24 +87,25 @@ def main() -> int:
         for index, enabled in enumerate(order):
             warm = one_run(processes, args, folder, tracking_uri, enabled, index, body, batch)
             runs[enabled].append(warm)
-            print(f"[bench-drift] drift {'on ' if enabled else 'off'}: {bench.summary(warm)}, "
+            print(f"[bench-settings] {'with   ' if enabled else 'without'}: {bench.summary(warm)}, "
                   f"10,000 rows {warm['batch_ms']:.1f} ms; /drift counted {warm['drift_rows']} rows", flush=True)  # fmt: skip
     finally:
         processes.stop_all()
     info = bench.machine(args)
     print(f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), commit {info['commit']}, {info['date']}, load average "
           f"at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}; command: "
-          f".venv/bin/python scripts/bench_drift.py --pairs {args.pairs} --seconds {args.seconds:g}\n")  # fmt: skip
-    print("| measure | drift off (median of runs) | drift on | change | budget | met |")
+          f".venv/bin/python scripts/bench_settings.py {' '.join(sys.argv[1:])}\n")  # fmt: skip
+    print(f"| measure | without: {' '.join(args.without)} (median of {len(runs[False])} runs) | "
+          f"with: {' '.join(args.with_)} | change | budget | met |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- |")
     for key, name in (("p50_ms", "one-row p50"), ("p99_ms", "one-row p99"), ("requests_per_s", "one-row req/s"),
                       ("server_cpu_ms_per_request", "server CPU per request"), ("batch_ms", "10,000-row request")):  # fmt: skip
         off = statistics.median(run[key] for run in runs[False])
         on = statistics.median(run[key] for run in runs[True])
         change = (on / off - 1) * 100
-        budget = BUDGET.get(key)
-        met = "" if budget is None else ("yes" if change <= budget else "no")
-        shown = "" if budget is None else f"+{budget:g} %"
+        limit = budget.get(key)
+        met = "" if limit is None else ("yes" if change <= limit else "no")
+        shown = "" if limit is None else f"+{limit:g} %"
         print(f"| {name} | {off:.3f} | {on:.3f} | {change:+.1f} % | {shown} | {met} |")
     return 0
 
