@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 TOKEN_FILE = "api-token"
 # Rules under these need the management token: /train, /train/jobs/<id> (and whatever /train/... comes next).
 MANAGEMENT_RULES = ("/train", "/use-model", "/rollout", "/feedback")
+FEEDBACK_RULE = "/feedback"  # also takes FEEDBACK_TOKEN, when set: a labelling team needs no management token
 PREDICT_RULES = ("/predict", "/invocations")
 
 
@@ -34,6 +35,15 @@ class Tokens:
 
     management: str | None = field(repr=False)
     predict: str | None = field(repr=False)
+    feedback: str | None = field(default=None, repr=False)
+
+    def for_rule(self, path: str) -> tuple[str, ...] | None:
+        """The tokens any one of which opens the management endpoint at `path`; None: it is open."""
+        if self.management is None:
+            return None
+        if path == FEEDBACK_RULE and self.feedback is not None:
+            return (self.management, self.feedback)
+        return (self.management,)
 
 
 def token_file(settings: Settings) -> Path:
@@ -114,7 +124,8 @@ def management_token(settings: Settings) -> str | None:
 def init_app(app: Flask, settings: Settings) -> None:
     """Resolve the tokens once at start and check every request's Host and token before its view runs."""
     predict = settings.PREDICT_TOKEN.get_secret_value() if settings.PREDICT_TOKEN else None
-    app.extensions["auth"] = Tokens(management_token(settings), predict)
+    feedback = settings.FEEDBACK_TOKEN.get_secret_value() if settings.FEEDBACK_TOKEN else None
+    app.extensions["auth"] = Tokens(management_token(settings), predict, feedback)
     allowed = settings.allowed_hosts()
     if allowed is not None:
         app.before_request(functools.partial(check_host, frozenset(allowed)))
@@ -148,7 +159,7 @@ def check_token() -> None:
         return
     tokens: Tokens = current_app.extensions["auth"]
     if _is_management(rule.rule):
-        _require(tokens.management, "the service's API token (`make token` prints it)")
+        _require_management(tokens, rule.rule)
     elif rule.rule in PREDICT_RULES:
         _require(tokens.predict, "PREDICT_TOKEN")
 
@@ -164,12 +175,23 @@ def needs_token(path: str, tokens: Tokens) -> bool:
     return path in PREDICT_RULES and tokens.predict is not None
 
 
-def _require(token: str | None, which: str) -> None:
+def _require_management(tokens: Tokens, path: str) -> None:
+    accepted = tokens.for_rule(path)
+    if accepted is None:
+        return
+    which = "the service's API token (`make token` prints it)"
+    _require(accepted, which if len(accepted) == 1 else f"{which} or FEEDBACK_TOKEN")
+
+
+def _require(token: str | tuple[str, ...] | None, which: str) -> None:
+    """The request's bearer token must equal `token` (or one of them); every one is compared, in constant time."""
     if token is None:
         return
     given = request.headers.get("Authorization", "")
     scheme, _, credentials = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), token.encode()):
+    sent = credentials.strip().encode()
+    matches = [hmac.compare_digest(sent, each.encode()) for each in ((token,) if isinstance(token, str) else token)]
+    if scheme.lower() != "bearer" or not any(matches):
         raise APIError(
             401,
             "unauthorized",
@@ -183,7 +205,7 @@ def require_token(view):
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
-        _require(current_app.extensions["auth"].management, "the service's API token (`make token` prints it)")
+        _require_management(current_app.extensions["auth"], request.url_rule.rule if request.url_rule else "")
         return view(*args, **kwargs)
 
     return wrapper

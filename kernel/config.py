@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     # Who may call
     API_TOKEN: SecretStr | None = Field(None, description="the token `/train`, `/train/jobs/*`, `/use-model`, `/rollout*` and `/feedback` require; when unset, one is generated into `STATE_DIR/api-token` (mode 0600) on first start and `make token` prints it")
     API_AUTH: Flag = Field(True, description="`off` opens `/train`, `/train/jobs/*` and `/use-model` to anyone who can reach the service (the log warns at every start)")
+    FEEDBACK_TOKEN: SecretStr | None = Field(None, description="when set, `POST /feedback` also takes this token (a labelling team's), besides the management token; it opens nothing else")
     PREDICT_TOKEN: SecretStr | None = Field(None, description="when set, `/predict` and `/invocations` require it too")
     ALLOWED_HOSTS: HostList = Field(None, description="Host header names answered (any port), comma-separated, `*` for any; default: `localhost,127.0.0.1,[::1]` when `HOST` is a loopback address, any otherwise")
     # Training
@@ -127,6 +128,7 @@ class Settings(BaseSettings):
     PREDICTION_LOG_FLUSH_SECONDS: float = Field(1.0, gt=0, le=60, allow_inf_nan=False, description="how often each worker writes its queued rows (a SIGKILL loses at most this much)")
     PREDICTION_LOG_RETENTION_DAYS: Positive = Field(30, description="logged rows older than this are deleted, in small batches, by one process per machine (at most every 10 minutes)")
     PERFORMANCE_REFRESH_SECONDS: Positive = Field(60, description="how often one process per machine computes live accuracy per version from the log for `/metrics` (never per scrape)")
+    PERFORMANCE_LOG_SECONDS: Positive = Field(300, description="how often that process also logs each version's `live_accuracy`, `live_f1_macro` and `labelled_rows` as metrics on its MLflow training run (the time as the step)")
     PERFORMANCE_WINDOW_HOURS: Positive = Field(24, description="the window of `/metrics`' live accuracy: labelled rows predicted within it")
     FEEDBACK_MAX_ITEMS: Positive = Field(10_000, description="labels in one `POST /feedback`")
     PERFORMANCE_MIN_LABELS: Positive = Field(50, description="labelled rows a version needs before `/performance` gives accuracy")
@@ -187,7 +189,7 @@ class Settings(BaseSettings):
             raise ValueError("not a SQLAlchemy URL, like postgresql+psycopg2://user@host:5432/db") from None
         return url
 
-    @field_validator("API_TOKEN", "PREDICT_TOKEN")
+    @field_validator("API_TOKEN", "PREDICT_TOKEN", "FEEDBACK_TOKEN")
     @classmethod
     def _no_blank_token(cls, token: SecretStr | None) -> SecretStr | None:
         value = token.get_secret_value() if token is not None else None

@@ -162,6 +162,16 @@ class Registry(RolloutRecords):
         return _json_or_empty((self.client.get_model_version(name, str(version)).tags or {}).get("metrics"))
 
     @translate_errors
+    def log_live_metrics(self, name: str, version: str, figures: dict[str, float], when: float) -> None:
+        """Live figures (`live_accuracy`, ...) as metrics on the version's training run, the time (seconds) as the
+        step: the MLflow UI charts them beside the run's offline metrics."""
+        from mlflow.entities import Metric
+
+        run_id = self.client.get_model_version(name, str(version)).run_id
+        metrics = [Metric(key, float(value), int(when * 1000), int(when)) for key, value in figures.items()]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    @translate_errors
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelRef:
         """The version an alias points to; ModelNotFound if the model or alias does not exist."""
         mv = self.client.get_model_version_by_alias(name, alias)

@@ -20,7 +20,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     watcher (tests drive it by hand). An invalid setting raises ConfigError before anything starts.
     """
     settings = load_settings(test_config)
-    secrets = tuple(t.get_secret_value() for t in (settings.API_TOKEN, settings.PREDICT_TOKEN) if t is not None)
+    tokens = (settings.API_TOKEN, settings.PREDICT_TOKEN, settings.FEEDBACK_TOKEN)
+    secrets = tuple(t.get_secret_value() for t in tokens if t is not None)
     configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL, secrets=secrets)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_CONTENT_LENGTH  # Flask's own limit; the rest is `settings`

@@ -42,6 +42,7 @@ def init_app(
     app.extensions["prediction_log"] = prediction_log = PredictionLog(settings)
     prediction_log.start(settings)
     prediction_log.holdout_of = registry.get_version_metrics
+    prediction_log.log_live = registry.log_live_metrics
     app.extensions.setdefault("metrics_collectors", []).append(LivePerformanceCollector(Path(settings.STATE_DIR)))
     app.extensions.setdefault("exit_hooks", []).append(prediction_log.flush)  # gunicorn's worker_exit skips atexit
     app.extensions["shadow"] = new_shadow(

@@ -61,7 +61,10 @@ class PredictionLog:
         self.window_seconds = settings.PERFORMANCE_WINDOW_HOURS * 3600
         self.state_dir = Path(settings.STATE_DIR)
         self.holdout_of: Callable[[str, str], dict] = lambda name, version: {}
-        self._next_refresh = 0.0
+        # Live figures onto each version's MLflow run: (name, version, figures, time); set by the composition root.
+        self.log_live: Callable[[str, str, dict, float], None] | None = None
+        self.log_seconds = settings.PERFORMANCE_LOG_SECONDS
+        self._next_refresh = self._next_log = 0.0
         self.url = ""
         self.status, self.reason = ("starting", "") if self.enabled else ("off", "PREDICTION_LOG=off")
         self._queue: queue.Queue | None = None
@@ -208,9 +211,26 @@ class PredictionLog:
         from serving.live_performance import compute, write_snapshot
 
         try:
-            write_snapshot(self.state_dir, compute(self.database(), self.window_seconds, self.holdout_of))
+            versions = compute(self.database(), self.window_seconds, self.holdout_of)
+            write_snapshot(self.state_dir, versions)
         except Exception as exc:  # the next turn tries again
             log.warning("prediction log: live accuracy failed: %s", _short(exc))
+            return
+        if self.log_live is not None and time.monotonic() >= self._next_log:
+            self._next_log = time.monotonic() + self.log_seconds
+            self._log_to_mlflow(versions)
+
+    def _log_to_mlflow(self, versions: list[dict]) -> None:
+        """`live_accuracy`, `live_f1_macro` and `labelled_rows` on each version's training run, now as the step."""
+        now = time.time()
+        for entry in versions:
+            figures = {"live_accuracy": entry["accuracy"], "live_f1_macro": entry["f1_macro"],
+                       "labelled_rows": entry["labelled_rows"]}  # fmt: skip
+            try:
+                self.log_live(entry["model"], entry["version"], figures, now)  # type: ignore[misc]
+            except Exception as exc:  # MLflow away, or the version deleted: the next turn tries again
+                log.warning("prediction log: live accuracy of %s version %s not logged to MLflow: %s",
+                            entry["model"], entry["version"], _short(exc))  # fmt: skip
 
     def flush(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer (at exit: a graceful stop loses nothing)."""

@@ -88,6 +88,23 @@ def test_predict_token_when_set(store, app_config, method, path, body):
         assert client.get(open_path).status_code == 200
 
 
+def test_feedback_token_opens_feedback_only(store, app_config):
+    client = create_app({**app_config, "FEEDBACK_TOKEN": "f-token"}).test_client()
+    feedback = {"feedback": [{"prediction_id": "unknown-id", "label": "setosa"}]}
+    for token, status in (("f-token", 200), (TOKEN, 200), ("nope", 401), (None, 401)):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        answer = client.post("/feedback", json=feedback, headers=headers)
+        assert answer.status_code == status, (token, answer.get_json())
+        if status == 200:
+            assert answer.get_json()["unknown_ids"] == ["unknown-id"]
+    assert "FEEDBACK_TOKEN" in client.post("/feedback", json=feedback).get_json()["message"]
+    # It opens nothing else.
+    headers = {"Authorization": "Bearer f-token"}
+    assert client.post("/use-model", json=USE_MODEL, headers=headers).status_code == 401
+    assert client.get("/rollout", headers=headers).status_code == 401
+    assert client.post("/train", json={"estimator": "SVC", "dataset": "iris"}, headers=headers).status_code == 401
+
+
 def test_generated_token_is_private_logged_once_with_its_path(store, open_config, caplog):
     with caplog.at_level(logging.INFO):
         first = create_app(open_config)
@@ -107,13 +124,16 @@ def test_generated_token_is_private_logged_once_with_its_path(store, open_config
 
 def test_a_given_token_is_never_logged(store, app_config, caplog):
     with caplog.at_level(logging.DEBUG):
-        app = create_app({**app_config, "PREDICT_TOKEN": "p-secret-token"})
+        app = create_app({**app_config, "PREDICT_TOKEN": "p-secret-token", "FEEDBACK_TOKEN": "f-secret-token"})
         client = app.test_client()
         client.post("/use-model", json=USE_MODEL, headers={"Authorization": "Bearer nope"})
         client.post("/use-model", json=USE_MODEL, headers={"Authorization": f"Bearer {TOKEN}"})
         client.post("/predict", json=IRIS_ROW)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert TOKEN not in text and "p-secret-token" not in text
+    assert TOKEN not in text and "p-secret-token" not in text and "f-secret-token" not in text
+    assert "f-secret-token" not in repr(app.extensions["auth"]) and "f-secret-token" not in str(
+        app.extensions["settings"]
+    )
     assert TOKEN not in repr(app.config) and TOKEN not in str(app.extensions["settings"])
     assert TOKEN not in repr(app.extensions["auth"])
 

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from kernel.config import Settings
+from kernel.drift_format import BASELINE_TAG
 from tests.conftest import ROOT, free_port, mlflow_client, ref
 from tests.servers import LoggedProcess, Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
@@ -242,6 +243,10 @@ def test_read_your_writes_after_an_async_job(cluster):
         answer = requests.post(f"{api.url}/predict", json=example, timeout=30, headers={"Connection": "close"})
         assert answer.status_code == 200, answer.text
         assert ref(answer.json()["model"]) == ref(job["result"]["model"])
+    # The Celery worker registered the version with its drift baseline, and the instance counts against it.
+    [version] = versions_of(cluster["stack"], job_id)
+    [drift] = requests.get(f"{api.url}/drift", timeout=30).json()["models"]
+    assert drift["version"] == str(version.version) and drift["baseline"]["sha256"] == version.tags[BASELINE_TAG]
 
 
 def predict_example(api: Service) -> requests.Response:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import AUTH, TOKEN
+from kernel.drift_format import BASELINE_TAG
+from tests.conftest import AUTH, TOKEN, mlflow_client
 from tests.servers import Service
 from tests.test_drift import generate
 
@@ -78,6 +79,9 @@ def test_no_drift_counted_exactly_across_both_workers(service):
     assert len(pids) == 2, f"one worker answered every batch: {pids}"
     entry = drift_of(service)
     assert entry["rows"] == sent == 2_000 and entry["status"] == "ok", entry
+    # The local job registered the baseline the instance counts against (`/train`'s path).
+    tags = mlflow_client(service.env["MLFLOW_TRACKING_URI"]).get_model_version("drift-lr", entry["version"]).tags
+    assert entry["baseline"]["sha256"] == tags[BASELINE_TAG]
     assert all(f["psi"] < 0.1 for f in entry["features"]) and entry["prediction"]["psi"] < 0.1
     text = requests.get(f"{service.url}/metrics", timeout=30).text
     version = entry["version"]

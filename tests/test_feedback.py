@@ -120,6 +120,15 @@ def test_live_accuracy_equals_scikit_learns_on_the_same_labels(log_app):
     assert ours["model_live_accuracy"] == pytest.approx(accuracy_score(truth, guessed))
     assert ours["model_live_f1_macro"] == pytest.approx(f1_score(truth, guessed, average="macro"))
     assert ours["model_labelled_rows"] == 150 and ours["model_holdout_accuracy"] == figures["holdout"]["accuracy"]
+    # And on the version's MLflow run, where data scientists look: the same figures, the time as the step.
+    registry = log_app.extensions["registry"]
+    run_id = registry.client.get_model_version(DEFAULT_NAME, "1").run_id
+    logged = {key: registry.client.get_metric_history(run_id, key)[-1]
+              for key in ("live_accuracy", "live_f1_macro", "labelled_rows")}  # fmt: skip
+    assert logged["live_accuracy"].value == pytest.approx(ours["model_live_accuracy"])
+    assert logged["live_f1_macro"].value == pytest.approx(ours["model_live_f1_macro"])
+    assert logged["labelled_rows"].value == 150
+    assert abs(logged["live_accuracy"].step - time.time()) < 120
 
 
 def test_feedback_says_what_it_did_with_each_item(log_app):
