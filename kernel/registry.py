@@ -162,6 +162,11 @@ class Registry(RolloutRecords):
         return _json_or_empty((self.client.get_model_version(name, str(version)).tags or {}).get("metrics"))
 
     @translate_errors
+    def version_run(self, name: str, version: str) -> Run:
+        """The run that registered the version (its training job's); ModelNotFound if not registered."""
+        return self.client.get_run(self.client.get_model_version(name, str(version)).run_id)
+
+    @translate_errors
     def log_live_metrics(self, name: str, version: str, figures: dict[str, float], when: float) -> None:
         """Live figures (`live_accuracy`, ...) as metrics on the version's training run, the time (seconds) as the
         step: the MLflow UI charts them beside the run's offline metrics."""

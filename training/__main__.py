@@ -2,6 +2,7 @@
 
     python -m training --estimator SVC --params '{"C": 2.0}' --dataset wine
     python -m training --estimator RandomForestClassifier --csv data.csv --target label --model-name churn
+    python -m training replay --model churn --candidate 4 --since 2026-12-01   (training/replay.py)
 
 It validates like POST /train, trains, registers a new version in MLFLOW_TRACKING_URI, activates it
 unless --no-activate, and prints the result as JSON. Exit code 0 on success, 2 on a bad request,
@@ -18,6 +19,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["replay"]:  # python -m training replay --model NAME --candidate VERSION (training/replay.py)
+        from training.replay import main as replay
+
+        return replay(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m training", description="Train and register one model.")
     parser.add_argument("--estimator", required=True, help="e.g. RandomForestClassifier, SVC, LogisticRegression")
     parser.add_argument("--params", default="{}", help="hyperparameters as a JSON object")

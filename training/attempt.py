@@ -218,7 +218,8 @@ def load_job_dataset(registry: Registry, job_id: str, reference: dict) -> Datase
     payload = json.loads(registry.load_run_text(job_id, reference["artifact"]))
     features = typed_features(pd.DataFrame(payload["rows"], columns=payload["columns"]))
     labels = pd.Series(payload["labels"], name="target")
-    return Dataset(reference["name"], features, labels, reference["source"], reference["digest"])
+    return Dataset(reference["name"], features, labels, reference["source"], reference["digest"],
+                   reference.get("details", {}))  # fmt: skip
 
 
 def is_time_limit(exc: BaseException) -> bool:

@@ -42,8 +42,9 @@ class Dataset:
     name: str
     features: pd.DataFrame
     labels: pd.Series
-    source: str  # "builtin", "inline" or "csv"
+    source: str  # "builtin", "inline", "csv" or "feedback"
     digest: str = field(default="")
+    details: dict = field(default_factory=dict)  # more to record with it (a feedback dataset's counts and query)
 
     def describe(self) -> dict:
         """The dataset's reference for the run: name, source, content hash, shape and columns."""
@@ -55,6 +56,7 @@ class Dataset:
             "dataset_columns": int(self.features.shape[1]),
             "feature_names": list(self.features.columns),
             "classes": [str(label) for label in sorted(self.labels.unique(), key=str)],
+            **self.details,
         }
 
 

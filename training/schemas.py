@@ -30,6 +30,21 @@ class JSONObject(fields.Field):
         return value
 
 
+class DatasetSource(fields.Field):
+    """`dataset`: a built-in dataset's name, or an object naming labelled traffic (training/feedback_data.py)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            if value not in BUILTIN_DATASETS:
+                raise ValidationError(f"Unknown dataset; one of: {', '.join(sorted(BUILTIN_DATASETS))}.")
+            return value
+        if isinstance(value, dict):
+            from training.feedback_data import FeedbackSource
+
+            return FeedbackSource().load(value)
+        raise ValidationError("A built-in dataset's name, or a feedback source object.")
+
+
 class TrainRequest(Schema):
     """Estimator, its hyperparameters, and exactly one data source: `dataset`, `data` or a CSV `file`."""
 
@@ -42,10 +57,11 @@ class TrainRequest(Schema):
         metadata={"example": "RandomForestClassifier"},
     )
     params = JSONObject(load_default=dict, metadata={"example": {"n_estimators": 200, "max_depth": 8}})
-    dataset = fields.String(
-        validate=validate.OneOf(sorted(BUILTIN_DATASETS), error="Unknown dataset; one of: {choices}."),
-        metadata={"example": "wine"},
-    )
+    dataset = DatasetSource(
+        metadata={"example": "wine", "description": "A built-in dataset's name, or `{\"source\": \"feedback\", "
+                  "\"model\": NAME, \"since\": ISO time, \"include_training_data\": false}`: the model's labelled "
+                  "traffic from the prediction log (its inputs recorded: PREDICTION_LOG_INPUTS)"},
+    )  # fmt: skip
     data = fields.List(fields.Dict(), metadata={"description": "Rows with the target column, instead of `dataset`."})
     target = fields.String(metadata={"description": "The column of `data` or of the CSV file holding the labels."})
     model_name = fields.String(validate=MODEL_NAME, metadata={"example": "wine-forest"})
@@ -95,17 +111,22 @@ class TrainingRequest:
     wait: bool = False
 
 
-def parse_train_request(body: dict, limits: dict, upload: tuple | None = None) -> TrainingRequest:
+def parse_train_request(body: dict, limits: dict, upload: tuple | None = None, feedback=None) -> TrainingRequest:
     """Turn a /train body (or the CLI's arguments) into a training spec and its dataset.
 
-    `upload` is a CSV file (bytes or a binary stream) and its name. `limits` has `max_rows` and `max_columns`. Raises
+    `upload` is a CSV file (bytes or a binary stream) and its name. `limits` has `max_rows` and `max_columns`.
+    `feedback(source, limits)` reads a feedback source's rows (None: this caller cannot, and says so). Raises
     InvalidTrainingRequest; every check of the request happens here, once.
     """
     schema = TrainRequest()
     schema.context_sources = ("file",) if upload is not None else ()
     try:
         parsed = schema.load(body)
-        if "dataset" in parsed:
+        if isinstance(parsed.get("dataset"), dict):
+            if feedback is None:
+                raise DatasetError({"dataset": "a feedback source needs the service's prediction log: POST /train"})
+            dataset = feedback(parsed["dataset"], limits)
+        elif "dataset" in parsed:
             dataset = parsed["dataset"]  # travels by name; the job loads it
         elif upload is not None:
             dataset = from_csv(upload[0], parsed["target"], limits, upload[1] or "upload.csv")
@@ -115,5 +136,7 @@ def parse_train_request(body: dict, limits: dict, upload: tuple | None = None) -
         raise InvalidTrainingRequest(exc.messages) from exc
     except DatasetError as exc:
         raise InvalidTrainingRequest(exc.errors, f"The data cannot be trained on: {exc}") from exc
-    spec = TrainingSpec(parsed["estimator"], parsed["params"], parsed.get("model_name"), parsed["activate"])
+    # Retrained on a model's own traffic: a new version of that model, unless the request names another.
+    name = parsed.get("model_name") or (parsed["dataset"]["model"] if isinstance(parsed.get("dataset"), dict) else None)
+    spec = TrainingSpec(parsed["estimator"], parsed["params"], name, parsed["activate"])
     return TrainingRequest(spec, dataset, parsed["wait"])

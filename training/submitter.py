@@ -98,7 +98,8 @@ def create_job(registry: Registry, spec: TrainingSpec, dataset: str | Dataset, m
     if isinstance(dataset, str):
         reference, attach = {"builtin": name}, None
     else:
-        reference = {"artifact": DATASET_ARTIFACT, "name": name, "source": dataset.source, "digest": dataset.digest}
+        reference = {"artifact": DATASET_ARTIFACT, "name": name, "source": dataset.source, "digest": dataset.digest,
+                     **({"details": dataset.details} if dataset.details else {})}  # fmt: skip
         attach = functools.partial(_attach_dataset, registry, dataset)
     request = {"estimator": spec.estimator, "params": spec.params, "model_name": spec.model_name,
                "activate": spec.activate, "dataset": name}  # fmt: skip

@@ -45,11 +45,32 @@ def read_train_request() -> TrainingRequest:
     settings = current_settings()
     limits = {"max_rows": settings.TRAIN_MAX_ROWS, "max_columns": settings.TRAIN_MAX_COLUMNS}
     try:
-        return parse_train_request(body, limits, upload)
+        return parse_train_request(body, limits, upload, feedback_reader(settings))
     except InvalidTrainingRequest as exc:
         raise APIError(
             400, "invalid_training_request", exc.message, errors=exc.errors, example=EXAMPLE_REQUEST
         ) from exc
+
+
+def feedback_reader(settings):
+    """How a feedback source's rows are read: from the service's prediction log, once, as the request is accepted."""
+
+    def read(source: dict, limits: dict):
+        from training.datasets import DatasetError
+        from training.feedback_data import feedback_dataset
+
+        if not settings.PREDICTION_LOG:
+            raise DatasetError({"dataset": "the prediction log is off (PREDICTION_LOG=off): no labelled traffic"})
+        from kernel.prediction_db import database_url, make_engine
+
+        engine = make_engine(database_url(settings))
+        try:
+            return feedback_dataset(source, engine, current_app.extensions["registry"], limits,
+                                    settings.PERFORMANCE_MIN_LABELS)  # fmt: skip
+        finally:
+            engine.dispose()
+
+    return read
 
 
 def _catch_up(job: dict) -> None:
