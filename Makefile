@@ -23,7 +23,7 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench bench-train soak clean package upload-project lambda-deploy lambda-update image image-base image-wheels
+.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench bench-train bench-costs soak clean package upload-project lambda-deploy lambda-update image image-base image-wheels
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -108,6 +108,11 @@ bench-train: setup ## POST→succeeded of a small training job (local executor) 
 
 bench: setup ## This service against `mlflow models serve` with wrk, in one run (BENCH_SECONDS=3 shortens it)
 	$(BIN)/python scripts/bench_serving.py
+
+bench-costs: setup ## What drift counting and the prediction log cost under load: each on against off, alternating runs
+	$(BIN)/python scripts/bench_settings.py --with DRIFT_ENABLED=true --without DRIFT_ENABLED=false --budget 3,3,5
+	$(BIN)/python scripts/bench_settings.py --with PREDICTION_LOG=on --without PREDICTION_LOG=off --budget 5,5,10
+	$(BIN)/python scripts/bench_settings.py --with PREDICTION_LOG_INPUTS=true --without PREDICTION_LOG=off --budget 8,8,10
 
 soak: setup ## Ten minutes (SOAK_MINUTES) of mixed load, swaps and training on gunicorn; prints failures, p50/p99, RSS
 	$(BIN)/python scripts/soak.py

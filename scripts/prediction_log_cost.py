@@ -31,7 +31,7 @@ def main() -> None:
                               "PREDICTION_LOG_QUEUE": 10_000_000})  # fmt: skip
     log = PredictionLog(settings)
     log.start(settings)
-    model = SimpleNamespace(ref=SimpleNamespace(name="iris", version="1"))
+    model = SimpleNamespace(ref=SimpleNamespace(name="iris", version="1"), baseline=None)
     for rows, calls in ((1, 20_000), (10_000, 20)):
         answers = [answer(rows) for _ in range(calls)]
         started = time.thread_time()  # this thread only: the writer thread's inserts are not the request's

@@ -17,17 +17,17 @@ across workers and instances without coordination, and cheap for a 10,000-row ba
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
-import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 from prometheus_client import Counter
 
 from kernel.config import ConfigError, Settings
@@ -35,13 +35,13 @@ from kernel.locks import KeptLock, file_lock
 
 log = logging.getLogger(__name__)
 
-BATCH_ROWS = 500
+BATCH_ROWS = 1_000  # rows per insert (one transaction)
+WAKE_ROWS = 10_000  # pending rows that wake the writer before its tick
 RETENTION_SECONDS = 600  # how often the machine's retention turn comes
 LOGGED = Counter("prediction_log_rows_total", "Rows written to the prediction log")
 DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log dropped, by reason", ["reason"])
 for _reason in ("queue_full", "database"):
     DROPPED.labels(_reason)
-_STOP = object()
 
 
 class PredictionLog:
@@ -67,8 +67,10 @@ class PredictionLog:
         self._next_refresh = self._next_log = 0.0
         self.url = ""
         self.status, self.reason = ("starting", "") if self.enabled else ("off", "PREDICTION_LOG=off")
-        self._queue: queue.Queue | None = None
+        self._pending: deque = deque()  # (ids, request id, ...) per answered request, oldest first
         self._rows = 0  # rows waiting (approximate: updated without a lock)
+        self._wake = threading.Event()
+        self._stopping = False
         self._pid = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -129,41 +131,46 @@ class PredictionLog:
             result["prediction_logged"] = False
             return
         self._rows += rows
+        if self._rows >= WAKE_ROWS:
+            self._wake.set()  # a large backlog: written now, not at the next tick
         item = (ids, request_id, datetime.now(UTC).replace(tzinfo=None), model.ref.name, model.ref.version, route,
                 result["model"]["runtime"], result["predictions"], result.get("probabilities"),
                 columns, model.baseline)  # fmt: skip
-        self._queue.put_nowait(item)  # type: ignore[union-attr] - unbounded: the row count bounds it
+        self._pending.append(item)  # unbounded: the row count bounds it
 
     # ---- the writer --------------------------------------------------------------------------------------
     def _start_thread(self) -> None:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            self._queue, self._rows = queue.Queue(), 0  # nothing of the parent's is used
-            self._thread = threading.Thread(target=self._run, args=(self._queue,), name="prediction-log", daemon=True)
+            # Nothing of the parent's is used. A deque, not a Queue: an append wakes no thread, so the writer
+            # never takes the GIL from the request threads between its ticks (a Queue woke it on every request).
+            self._pending, self._rows, self._wake, self._stopping = deque(), 0, threading.Event(), False
+            self._thread = threading.Thread(
+                target=self._run, args=(self._pending, self._wake), name="prediction-log", daemon=True
+            )
             self._thread.start()
             self._pid = os.getpid()
 
-    def _run(self, work: queue.Queue) -> None:
-        batch: list = []
-        deadline = time.monotonic() + self.flush_seconds
+    def _run(self, pending: deque, wake: threading.Event) -> None:
+        """Every flush interval (sooner past WAKE_ROWS, or at a stop): write what is pending, in batches."""
         while True:
-            try:
-                item = work.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                self._write(batch)
-                return
-            if item is not None:
+            wake.wait(self.flush_seconds)
+            wake.clear()
+            stopping = self._stopping
+            batch, rows = [], 0
+            while pending:
+                item = pending.popleft()
                 batch.append(item)
-            if batch and (time.monotonic() >= deadline or sum(len(i[0]) for i in batch) >= BATCH_ROWS):
-                self._write(batch)
-                batch = []
-            if time.monotonic() >= deadline:
-                deadline = time.monotonic() + self.flush_seconds
-                self._apply_retention()
-                self._refresh_performance()
+                rows += len(item[0])
+                if rows >= BATCH_ROWS:
+                    self._write(batch)
+                    batch, rows = [], 0
+            self._write(batch)
+            if stopping:
+                return
+            self._apply_retention()
+            self._refresh_performance()
 
     def _write(self, batch: list) -> None:
         rows = [_row(*item[:9], self._inputs(item[9]), out_of_range(item[10], item[9], len(item[0]))) for item in batch]
@@ -237,7 +244,8 @@ class PredictionLog:
         thread = self._thread
         if self._pid != os.getpid() or thread is None or not thread.is_alive():
             return
-        self._queue.put(_STOP)  # type: ignore[union-attr]
+        self._stopping = True
+        self._wake.set()
         thread.join(timeout)
         self._pid = 0  # a later record starts a new writer
 
@@ -253,7 +261,9 @@ class PredictionLog:
         if not self.inputs or not columns:
             return None
         kept = [name for name in columns if name not in self.exclude]
-        return [json.dumps(dict(zip(kept, values)), default=str) for values in zip(*(columns[n] for n in kept))]
+        return [
+            orjson.dumps(dict(zip(kept, values)), default=str).decode() for values in zip(*(columns[n] for n in kept))
+        ]
 
 
 def out_of_range(baseline, columns: dict | None, rows: int) -> list | None:
@@ -286,7 +296,7 @@ def _row(ids, request_id, created_at, model, version, route, runtime, labels, pr
             "route": route,
             "runtime": runtime,
             "prediction": str(label)[:256],
-            "probabilities": json.dumps(probabilities[index]) if probabilities else None,
+            "probabilities": orjson.dumps(probabilities[index]).decode() if probabilities else None,
             "inputs": inputs[index] if inputs else None,
             "out_of_range": flags[index] if flags is not None else None,
         }  # fmt: skip

@@ -98,3 +98,64 @@ def test_a_graceful_stop_loses_no_row_and_a_killed_worker_at_most_one_flush(tmp_
         assert count(database, "label IS NOT NULL") == 100
     finally:
         service.stop()
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    line = next((line for line in text.splitlines() if line.startswith(f"{name}{{{wanted}}}")), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_postgresql_stopped_mid_load_fails_no_prediction_and_logging_resumes_without_a_restart(tmp_path):
+    from tests.tcp_proxy import TcpProxy
+
+    require_postgres()
+    name = create_database()
+    proxy = TcpProxy(5432)  # the service reaches PostgreSQL only through it: cutting it stops the database for them
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{proxy.port}/{name}"
+    direct = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREDICTION_LOG_URL": url,
+           "PREDICTION_LOG_FLUSH_SECONDS": str(FLUSH_SECONDS)}  # fmt: skip
+    service = Service(env, tmp_path, workers=2).start()
+
+    def load(seconds: float) -> int:
+        """Predictions on fresh connections (both workers answer, both queue rows), every one a 200."""
+        sent, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            answer = requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30, headers={"Connection": "close"})
+            assert answer.status_code == 200, (answer.status_code, answer.text, service.log_tail())
+            sent += 1
+        return sent
+
+    try:
+        load(1.0)
+        deadline = time.monotonic() + 30
+        while count(direct) == 0:
+            assert time.monotonic() < deadline, service.log_tail()
+            time.sleep(0.1)
+        proxy.cut()
+        load(3 * FLUSH_SECONDS + 1.0)  # every prediction answered while the database is away
+        deadline = time.monotonic() + 30
+        while (health := requests.get(f"{service.url}/health", timeout=10).json())["prediction_log"]["status"] == "ok":
+            assert time.monotonic() < deadline, service.log_tail()
+            load(FLUSH_SECONDS)
+        assert (
+            health["prediction_log"]["status"] == "degraded" and "prediction log" in health["prediction_log"]["reason"]
+        )
+        assert requests.get(f"{service.url}/ready", timeout=10).status_code == 200
+        metrics = requests.get(f"{service.url}/metrics", timeout=10).text
+        assert metric_value(metrics, "prediction_log_dropped_total", reason="database") > 0, service.log_tail()
+        # The database is back: logging resumes in the same processes (no restart), and /health says ok again.
+        proxy.restore()
+        written = count(direct)
+        deadline = time.monotonic() + 60
+        while count(direct) == written or (
+            requests.get(f"{service.url}/health", timeout=10).json()["prediction_log"]["status"] != "ok"
+        ):
+            assert time.monotonic() < deadline, service.log_tail()
+            load(FLUSH_SECONDS)
+        assert service.process.poll() is None
+    finally:
+        service.stop()
+        proxy.close()
+        drop_database(name)
