@@ -2,7 +2,7 @@
 
 Run: PYTHONPATH=. .venv/bin/python scripts/feedback_scale.py [--rows 1000000] [--labelled 100000]
 
-`predictions` (kernel.prediction_db, made by `migrate`) gets --rows rows of one model/version over the last 24 h,
+`predictions` (made by `migrate`) gets --rows rows of one model/version over the last 24 h, appended in time order
 in requests of 10 rows (ids as serving/prediction_log.py makes them); --labelled of them carry a label (80 % equal
 to the prediction) and labelled_at 1 min to 6 h later. SQLite: a temporary file, executemany in one transaction,
 no ANALYZE (the service runs none). PostgreSQL (127.0.0.1:5432, user postgres): a fresh database, dropped at the
@@ -60,7 +60,8 @@ def make_rows(rows: int, labelled: int, seed: int = 17) -> tuple[list[tuple], li
     now = np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us")
     prefixes = [f"{value:016x}" for value in rng.integers(0, 2**63, rows // 10 + 1)]
     ids = [f"{prefixes[i // 10]}{i % 10:x}" for i in range(rows)]
-    created = now - rng.integers(0, 86_400_000_000, rows).astype("timedelta64[us]")
+    ages = np.sort(rng.integers(0, 86_400_000_000, rows // 10 + 1))[::-1].astype("timedelta64[us]")
+    created = (now - ages)[np.arange(rows) // 10]  # appended in time order, as the log writer does
     answered = np.minimum(created + rng.integers(60_000_000, 21_600_000_000, rows).astype("timedelta64[us]"), now)
     predicted = rng.integers(0, 3, rows)
     truth = np.where(rng.random(rows) < 0.8, predicted, rng.integers(0, 3, rows))
