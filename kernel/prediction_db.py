@@ -65,7 +65,10 @@ def make_engine(url: str) -> sa.Engine:
             connection.execute("PRAGMA synchronous=NORMAL")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, connect_args=_connect_timeout(url))
+    # psycopg2 batches only INSERTs by default: 10,000 feedback UPDATEs were one round trip each (2.1 s).
+    batched = {"executemany_mode": "values_plus_batch"} if sa.make_url(url).get_driver_name() == "psycopg2" else {}
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, connect_args=_connect_timeout(url),
+                            **batched)  # fmt: skip
 
 
 def _connect_timeout(url: str) -> dict:

@@ -77,6 +77,9 @@ def drift_from_log(engine, baseline: Baseline, name: str, version: str, since=No
     rows, counts, without, not_logged = count_rows(baseline, logged_rows(engine, name, version, since, until, routes))
     entry = report(baseline, rows, counts, min_rows, warn, alert)
     entry["features"] = [f for f in entry["features"] if f["name"] not in not_logged]
+    if "prediction" in entry:  # the status of what was logged: a feature never logged reads as all missing
+        levels = {f["level"] for f in entry["features"]} | {entry["prediction"]["level"]}
+        entry["status"] = "alert" if "alert" in levels else "warn" if "warn" in levels else "ok"
     period = {"since": since.isoformat() if since else None, "until": until.isoformat() if until else None}
     return {"name": name, "version": str(version), "scope": "prediction_log", "routes": list(routes), **period,
             **entry, "rows_without_inputs": without, "not_logged": sorted(not_logged)}  # fmt: skip

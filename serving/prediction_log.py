@@ -40,7 +40,7 @@ WAKE_ROWS = 10_000  # pending rows that wake the writer before its tick
 RETENTION_SECONDS = 600  # how often the machine's retention turn comes
 LOGGED = Counter("prediction_log_rows_total", "Rows written to the prediction log")
 DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log dropped, by reason", ["reason"])
-for _reason in ("queue_full", "database"):
+for _reason in ("queue_full", "database", "unwritable"):
     DROPPED.labels(_reason)
 
 
@@ -64,6 +64,7 @@ class PredictionLog:
         # Live figures onto each version's MLflow run: (name, version, figures, time); set by the composition root.
         self.log_live: Callable[[str, str, dict, float], None] | None = None
         self.log_seconds = settings.PERFORMANCE_LOG_SECONDS
+        self.min_labels = settings.PERFORMANCE_MIN_LABELS
         self._next_refresh = self._next_log = 0.0
         self.url = ""
         self.status, self.reason = ("starting", "") if self.enabled else ("off", "PREDICTION_LOG=off")
@@ -131,7 +132,7 @@ class PredictionLog:
             result["prediction_logged"] = False
             return
         self._rows += rows
-        if self._rows >= WAKE_ROWS:
+        if self._rows >= min(WAKE_ROWS, self.capacity // 2):
             self._wake.set()  # a large backlog: written now, not at the next tick
         item = (ids, request_id, datetime.now(UTC).replace(tzinfo=None), model.ref.name, model.ref.version, route,
                 result["model"]["runtime"], result["predictions"], result.get("probabilities"),
@@ -173,9 +174,15 @@ class PredictionLog:
             self._refresh_performance()
 
     def _write(self, batch: list) -> None:
-        rows = [_row(*item[:9], self._inputs(item[9]), out_of_range(item[10], item[9], len(item[0]))) for item in batch]
+        self._rows -= sum(len(item[0]) for item in batch)
+        try:
+            rows = [_row(*item[:9], self._inputs(item[9]), out_of_range(item[10], item[9], len(item[0])))
+                    for item in batch]  # fmt: skip
+        except Exception as exc:  # never the writer's end: the batch is dropped, counted and logged
+            DROPPED.labels("unwritable").inc(sum(len(item[0]) for item in batch))
+            log.exception("prediction log: a batch could not be prepared: %s", _short(exc))
+            return
         flat = [row for group in rows for row in group]
-        self._rows -= len(flat)
         if not flat:
             return
         try:
@@ -231,6 +238,8 @@ class PredictionLog:
         """`live_accuracy`, `live_f1_macro` and `labelled_rows` on each version's training run, now as the step."""
         now = time.time()
         for entry in versions:
+            if entry["labelled_rows"] < self.min_labels:  # a figure of a few labels is noise, not accuracy
+                continue
             figures = {"live_accuracy": entry["accuracy"], "live_f1_macro": entry["f1_macro"],
                        "labelled_rows": entry["labelled_rows"]}  # fmt: skip
             try:
@@ -238,6 +247,7 @@ class PredictionLog:
             except Exception as exc:  # MLflow away, or the version deleted: the next turn tries again
                 log.warning("prediction log: live accuracy of %s version %s not logged to MLflow: %s",
                             entry["model"], entry["version"], _short(exc))  # fmt: skip
+                return  # the rest waits for the next turn: the writer is not held by an unreachable server
 
     def flush(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer (at exit: a graceful stop loses nothing)."""

@@ -305,6 +305,8 @@ def test_inputs_are_stored_only_when_asked_and_a_report_from_them_equals_drift(a
     finally:
         app.extensions["model_store"].stop()
     assert offline["rows"] == live["rows"] == len(sent) and offline["not_logged"] == ["sepal_width_cm"]
+    levels = {f["level"] for f in offline["features"]} | {offline["prediction"]["level"]}  # the logged ones only
+    assert offline["status"] == ("alert" if "alert" in levels else "warn" if "warn" in levels else "ok")
     features = {f["name"]: f for f in live["features"]}
     assert {f["name"] for f in offline["features"]} == set(features) - {"sepal_width_cm"}
     for feature in offline["features"]:

@@ -118,3 +118,14 @@ def test_bad_feedback_sources_are_400_and_register_nothing(loop_app, store, data
     assert answer.status_code == 400 and answer.get_json()["error"] == "invalid_training_request"
     assert field_text in json.dumps(answer.get_json()["errors"])
     assert len(store["registry"].search_model_versions()) == before
+
+
+def test_feedback_labels_come_back_as_the_type_of_the_models_classes():
+    from training.datasets import DatasetError
+    from training.feedback_data import typed_labels
+
+    assert typed_labels(["0", "1", "1"], "long") == [0, 1, 1]
+    assert typed_labels(["true", "False"], "boolean") == [True, False]
+    assert typed_labels(["setosa"], "string") == ["setosa"]
+    with pytest.raises(DatasetError, match="'yes' is not a long"):
+        typed_labels(["1", "yes"], "long")

@@ -34,25 +34,61 @@ class FeedbackSource(Schema):
     include_training_data = fields.Boolean(load_default=False)
 
 
-def labelled_rows(engine, model: str, since: datetime | None) -> tuple[list[tuple[dict, str, str]], int]:
-    """(inputs, label, version) of the model's labelled rows that kept their inputs, and how many did not."""
+def labelled_rows(engine, model: str, since: datetime | None, max_rows: int) -> tuple[list[tuple[dict, str, str]], int]:
+    """(inputs, label, version) of the model's newest labelled rows that kept their inputs (at most `max_rows` + 1:
+    one more says there are too many), and how many labelled rows did not keep them."""
     import sqlalchemy as sa
 
     from kernel.prediction_db import predictions as table
 
-    query = sa.select(table.c.inputs, table.c.label, table.c.version).where(
-        table.c.model == model, table.c.label.is_not(None)
-    )
+    labelled = [table.c.model == model, table.c.label.is_not(None)]
     if since is not None:
-        query = query.where(table.c.created_at >= since.astimezone(UTC).replace(tzinfo=None))
-    kept, without = [], 0
+        labelled.append(table.c.created_at >= since.astimezone(UTC).replace(tzinfo=None))
+    query = sa.select(table.c.inputs, table.c.label, table.c.version).where(*labelled, table.c.inputs.is_not(None))
+    count = sa.select(sa.func.count()).select_from(table).where(*labelled, table.c.inputs.is_(None))
     with engine.connect() as connection:
-        for row in connection.execute(query.order_by(table.c.created_at)):
-            if row.inputs is None:
-                without += 1
-            else:
-                kept.append((json.loads(row.inputs), row.label, row.version))
-    return kept, without
+        without = connection.execute(count).scalar_one()
+        found = connection.execute(query.order_by(table.c.created_at.desc()).limit(max_rows + 1)).all()
+    return [(json.loads(row.inputs), row.label, row.version) for row in reversed(found)], without
+
+
+def served_schema(registry, model: str, version: str) -> tuple[list[str], str]:
+    """The version's feature names and its labels' type (`long`, `double`, `boolean`, `string`), from its
+    signature: feedback labels arrive as text and are turned back into that type."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from kernel.refs import ModelRef
+
+    with tempfile.TemporaryDirectory(prefix="feedback-") as folder:
+        path = registry.download_model_version(ModelRef(model, str(version)), Path(folder))
+        signature = yaml.safe_load((path / "MLmodel").read_text()).get("signature") or {}
+    inputs = [column["name"] for column in json.loads(signature.get("inputs") or "[]")]
+    outputs = json.loads(signature.get("outputs") or "[]")
+    return inputs, (outputs[0].get("type") or "string") if outputs else "string"
+
+
+def typed_labels(labels: list[str], kind: str) -> list:
+    """Text labels as the served version's type; DatasetError naming one that is not of it."""
+    cast = {"long": int, "integer": int, "double": float, "float": float,
+            "boolean": lambda text: {"true": True, "false": False}[text.lower()]}.get(kind)  # fmt: skip
+    if cast is None:
+        return labels
+    try:
+        return [cast(label) for label in labels]
+    except (ValueError, KeyError):
+        bad = next(label for label in labels if not _castable(cast, label))
+        raise DatasetError({"dataset": f"the label {bad!r} is not a {kind}, the type of the model's classes"}) from None
+
+
+def _castable(cast, label: str) -> bool:
+    try:
+        cast(label)
+        return True
+    except (ValueError, KeyError):
+        return False
 
 
 def training_frame(registry, model: str, version: str) -> pd.DataFrame:
@@ -74,17 +110,26 @@ def training_frame(registry, model: str, version: str) -> pd.DataFrame:
 def feedback_dataset(source: dict, engine, registry, limits: dict, min_rows: int) -> Dataset:
     """The dataset a feedback source names; DatasetError (a 400) with the counts when there is too little."""
     model, since = source["model"], source.get("since")
-    rows, without = labelled_rows(engine, model, since)
+    rows, without = labelled_rows(engine, model, since, limits["max_rows"])
+    if len(rows) > limits["max_rows"]:
+        raise DatasetError({"dataset": f"more than {limits['max_rows']} labelled rows of {model}: give a later "
+                                       "`since` (TRAIN_MAX_ROWS)"})  # fmt: skip
     if len(rows) < min_rows:
         hint = " Turn on PREDICTION_LOG_INPUTS so that answered rows keep their inputs." if without else ""
         raise DatasetError({"dataset": f"{len(rows)} labelled rows of {model} with their inputs"
                                        f"{' since ' + since.isoformat() if since else ''} ({without} more labelled "
                                        f"without inputs); at least {min_rows} are needed (PERFORMANCE_MIN_LABELS).{hint}"})  # fmt: skip
+    version = Counter(version for _, _, version in rows).most_common(1)[0][0]  # the one most of them corrected
+    features, kind = served_schema(registry, model, version)
     frame = pd.DataFrame.from_records([inputs for inputs, _, _ in rows])
-    frame[TARGET] = [label for _, label, _ in rows]
+    missing = sorted(set(features) - set(frame.columns))
+    if missing:
+        raise DatasetError({"dataset": f"the logged inputs lack features {model} version {version} takes: {missing} "
+                                       "(PREDICTION_LOG_EXCLUDE keeps them out of the log)"})  # fmt: skip
+    frame = frame[features] if features else frame
+    frame[TARGET] = typed_labels([label for _, label, _ in rows], kind)
     training_rows = 0
     if source.get("include_training_data"):
-        version = Counter(version for _, _, version in rows).most_common(1)[0][0]
         original = training_frame(registry, model, version)
         training_rows = len(original)
         frame = pd.concat([original, frame], ignore_index=True)

@@ -69,7 +69,10 @@ def replay(rows: list, pipeline) -> dict:
     missing = sorted(set(needed) - set(frame.columns))
     if missing:
         raise ReplayError(f"the candidate needs features the log does not hold: {missing} (PREDICTION_LOG_EXCLUDE?)")
-    replayed = [str(label) for label in pipeline.predict(typed_features(frame[needed]))]
+    try:
+        replayed = [str(label) for label in pipeline.predict(typed_features(frame[needed]))]
+    except Exception as exc:  # rows the candidate cannot score (another feature set's values, say)
+        raise ReplayError(f"the candidate cannot score the logged rows: {exc}") from exc
     served = [prediction for _, _, prediction, _ in rows]
     labelled = [(index, label) for index, (_, _, _, label) in enumerate(rows) if label is not None]
     answer = {"rows": len(rows), "served_versions": dict(Counter(version for _, version, _, _ in rows)),
@@ -104,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(database_url(settings))
     try:
         rows = logged_rows(engine, args.model, args.candidate, args.since, args.until)
-        result = replay(rows, load_pipeline(registry_from_settings(settings), args.model, args.candidate))
+        try:
+            pipeline = load_pipeline(registry_from_settings(settings), args.model, args.candidate)
+        except Exception as exc:  # not registered, no skops file, the registry away
+            raise ReplayError(f"{args.model} version {args.candidate} cannot be loaded: {exc}") from exc
+        result = replay(rows, pipeline)
     except ReplayError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
