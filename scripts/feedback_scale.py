@@ -96,12 +96,20 @@ def fill(engine: sa.Engine, rows: list[tuple]) -> None:
 
 
 def statements(since: datetime) -> list[tuple[str, sa.Select]]:
-    """The two statements serving.feedback.performance runs, with the same WHERE."""
+    """The three statements serving.feedback.performance runs, with the same WHERE."""
+    from serving.feedback import LAG_ROWS
+
     where = sa.and_(predictions.c.model == MODEL, predictions.c.version == VERSION, predictions.c.created_at >= since)
+    labelled = sa.and_(where, predictions.c.label.is_not(None))
     count = sa.select(sa.func.count()).select_from(predictions).where(where)
-    labelled = sa.select(predictions.c.prediction, predictions.c.label, predictions.c.created_at,
-                         predictions.c.labelled_at).where(where, predictions.c.label.is_not(None))  # fmt: skip
-    return [("count", count), ("labelled rows", labelled)]
+    pairs = (
+        sa.select(predictions.c.label, predictions.c.prediction, sa.func.count())
+        .where(labelled)
+        .group_by(predictions.c.label, predictions.c.prediction)
+    )
+    lags = sa.select(predictions.c.created_at, predictions.c.labelled_at).where(labelled)
+    lags = lags.order_by(predictions.c.labelled_at.desc()).limit(LAG_ROWS)
+    return [("count", count), ("confusion pairs", pairs), ("newest labels' lag", lags)]
 
 
 def explain(engine: sa.Engine, title: str) -> None:
