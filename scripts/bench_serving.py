@@ -264,6 +264,7 @@ def start_ours(processes: Processes, folder: Path, tracking_uri: str, label: str
         "STATE_DIR": str(folder / f"state-{label}"),  # empty: the version is downloaded as on a new machine
         "API_TOKEN": TOKEN,
         "BOOTSTRAP_DEFAULT_MODEL": "false",
+        "TRAIN_WARM_START": "false",  # serving only: no warm parent of jobs training a warm-up model meanwhile
         "PROMETHEUS_MULTIPROC_DIR": str(Path(tempfile.mkdtemp(prefix="prometheus-", dir=folder))),
     }
     command = [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"]
