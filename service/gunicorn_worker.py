@@ -1,5 +1,6 @@
-"""gunicorn's gthread worker, with three changes: the workers share a burst of connections fairly, a graceful
-stop closes idle keep-alive connections at once, and a worker stopped while it boots leaves at once.
+"""gunicorn's gthread worker, with four changes: the workers share a burst of connections fairly, a worker
+holding more than its share hands connections back, a graceful stop closes idle keep-alive connections at
+once, and a worker stopped while it boots leaves at once.
 
 A fair share. Every gthread worker waits on the same listening socket and accepts whatever arrives while
 its main thread is free. In a burst, the first worker to wake accepts most of it, and a keep-alive client
@@ -12,6 +13,13 @@ stuck or busy peer never strands a client, a worker that is above its share stil
 has waited `PEER_GRACE_SECONDS` in the listen queue. gunicorn's `reuse_port` (one listening socket per
 worker) spreads connections by a hash of their addresses: for 16 connections on 2 workers, a 5/11 split or
 worse one time in five; it also drops a queued connection when its worker restarts.
+
+Handing back. The accept rule counts only peers that accept: a burst that arrives while a peer is still
+starting (the first seconds after a start, or after a recycle) all lands on the workers already up, and
+keep-alive clients keep it there. So a worker that holds `REBALANCE_GAP` more connections than its least
+loaded accepting peer answers its next request with `Connection: close`; the client (wrk, a load balancer,
+`requests`) opens a new connection, which the peer takes. Until the counts are within the gap; a balanced
+worker never closes a connection.
 
 A prompt stop. gunicorn 26's gthread worker, on SIGTERM, stops accepting and then waits while any
 connection is open, for up to `graceful_timeout`. An idle keep-alive connection (a client, a load balancer
@@ -43,6 +51,7 @@ import time
 
 from gunicorn.workers.gthread import ThreadWorker
 
+REBALANCE_GAP = 2  # connections above the least loaded accepting peer at which a worker hands one back
 PEER_GRACE_SECONDS = 0.1  # how long a connection may wait for a less loaded peer before any worker takes it
 DEFER_POLL_SECONDS = 0.01  # how often a worker above its share looks at the listen queue again
 SLOTS = 128  # workers of one master at a time; a worker that finds no free slot accepts as gunicorn does
@@ -175,6 +184,20 @@ class ServingWorker(ThreadWorker):
         if self.waiting_since is None:
             self.waiting_since = now
         return now - self.waiting_since >= PEER_GRACE_SECONDS
+
+    def handle_request(self, req, conn):
+        """gunicorn's, but a worker holding REBALANCE_GAP more connections than its least loaded peer answers
+        with `Connection: close`: its client reconnects, and the peer takes the new connection. A burst that
+        arrived while the peers could not accept (still starting) is so shared once they can."""
+        if self.over_share():
+            req.must_close = True
+        return super().handle_request(req, conn)
+
+    def over_share(self) -> bool:
+        if self.slot is None:
+            return False
+        fewest = self.table.least_loaded_peer(self.slot)
+        return fewest is not None and self.nr_conns >= fewest + REBALANCE_GAP
 
     def connection_queued(self) -> bool:
         try:

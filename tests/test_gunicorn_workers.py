@@ -96,6 +96,49 @@ def test_a_burst_of_keep_alive_connections_is_shared_between_the_workers(store, 
         service.stop()
 
 
+@pytest.mark.drill
+def test_connections_taken_while_a_peer_could_not_accept_are_handed_back(store, tmp_path):
+    """16 keep-alive connections open while one of 2 workers is stopped (SIGSTOP: as if still starting), so the
+    other takes them all; once the peer runs again, the loaded worker hands connections back (`Connection:
+    close`), and of the answers after that each worker gives 35-65 %. Without it, 100/0 for as long as the
+    clients kept their connections."""
+    store["registry"].set_active_model(store["default"])
+    env = {"MLFLOW_TRACKING_URI": store["uri"], "STATE_DIR": str(tmp_path / "state")}
+    service = Service(env, tmp_path, workers=2).start()
+    try:
+        workers = sorted(service.wait_for_workers())
+        os.kill(workers[1], signal.SIGSTOP)
+        try:
+            connections = [
+                http.client.HTTPConnection("127.0.0.1", service.port, timeout=30) for _ in range(CONNECTIONS)
+            ]
+            first = Counter(answer_of(connection)[1] for connection in connections)  # all opened now, on worker 0
+        finally:
+            os.kill(workers[1], signal.SIGCONT)
+        assert first == {str(workers[0]): CONNECTIONS}, first
+        later: Counter = Counter()
+        for round_ in range(REQUESTS_PER_CONNECTION):
+            for connection in connections:
+                status, pid = answer_of(connection)
+                assert status == 200
+                if round_ >= 10:  # the hand-back settles within the first rounds
+                    later[pid] += 1
+        total = sum(later.values())
+        shares = [round(later.get(str(pid), 0) / total, 3) for pid in workers]
+        print(f"\nafter the peer came back: shares per worker {shares}")
+        assert all(0.35 <= share <= 0.65 for share in shares), (shares, log_without_access_lines(service))
+    finally:
+        service.stop()
+
+
+def answer_of(connection: http.client.HTTPConnection) -> tuple[int, str]:
+    """One one-row prediction on the connection (http.client reopens it after a `Connection: close`)."""
+    connection.request("POST", "/predict", body=json.dumps(IRIS_ROW), headers={"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    answer.read()
+    return answer.status, answer.getheader("X-Worker-Pid")
+
+
 # ---- a prompt stop --------------------------------------------------------------------------------
 GRACEFUL_TIMEOUT = 20  # the drill's graceful_timeout; a stop that waits for it is the hang
 
