@@ -107,22 +107,24 @@ def test_connections_taken_while_a_peer_could_not_accept_are_handed_back(store, 
     service = Service(env, tmp_path, workers=2).start()
     try:
         workers = sorted(service.wait_for_workers())
-        os.kill(workers[1], signal.SIGSTOP)
-        try:
-            connections = [
-                http.client.HTTPConnection("127.0.0.1", service.port, timeout=30) for _ in range(CONNECTIONS)
-            ]
-            first = Counter(answer_of(connection)[1] for connection in connections)  # all opened now, on worker 0
-        finally:
-            os.kill(workers[1], signal.SIGCONT)
-        assert first == {str(workers[0]): CONNECTIONS}, first
+        connections = [http.client.HTTPConnection("127.0.0.1", service.port, timeout=30) for _ in range(CONNECTIONS)]
         later: Counter = Counter()
-        for round_ in range(REQUESTS_PER_CONNECTION):
-            for connection in connections:
-                status, pid = answer_of(connection)
-                assert status == 200
-                if round_ >= 10:  # the hand-back settles within the first rounds
-                    later[pid] += 1
+        try:
+            os.kill(workers[1], signal.SIGSTOP)
+            try:
+                first = Counter(answer_of(connection)[1] for connection in connections)  # all on worker 0
+            finally:
+                os.kill(workers[1], signal.SIGCONT)
+            assert first == {str(workers[0]): CONNECTIONS}, first
+            for round_ in range(REQUESTS_PER_CONNECTION):
+                for connection in connections:
+                    status, pid = answer_of(connection)
+                    assert status == 200
+                    if round_ >= 10:  # the hand-back settles within the first rounds
+                        later[pid] += 1
+        finally:
+            for connection in connections:  # closed here: a leaked socket is a ResourceWarning in the next test
+                connection.close()
         total = sum(later.values())
         shares = [round(later.get(str(pid), 0) / total, 3) for pid in workers]
         print(f"\nafter the peer came back: shares per worker {shares}")
