@@ -14,6 +14,7 @@ features `PREDICTION_LOG_EXCLUDE` names.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -43,6 +44,12 @@ predictions = sa.Table(
     sa.Index("ix_predictions_version_time", "model", "version", "created_at"),
     sa.Index("ix_predictions_labelled", "model", "version", "labelled_at"),
 )
+
+
+def log_time(text: str) -> datetime:
+    """An ISO time from a command line as the log keeps times: naive UTC (an offset is converted; none is UTC)."""
+    moment = datetime.fromisoformat(text)
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def database_url(settings: Settings) -> str:

@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +84,6 @@ def drift_from_log(engine, baseline: Baseline, name: str, version: str, since=No
             **entry, "rows_without_inputs": without, "not_logged": sorted(not_logged)}  # fmt: skip
 
 
-def _time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment  # the log keeps UTC
-
-
 def _baseline(args, settings) -> Baseline:
     if args.baseline:
         return parse_baseline(Path(args.baseline).read_bytes())
@@ -110,13 +104,15 @@ def main(argv=None) -> int:
         from serving.drift_emf import main as merge_main
 
         return merge_main(argv)
+    from kernel.prediction_db import log_time  # SQLAlchemy: not needed by `merge` (the Lambda package has none)
+
     parser = argparse.ArgumentParser(prog="python -m serving.drift", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     reporting = commands.add_parser("report", help="/drift's JSON for a version's rows in the prediction log")
     reporting.add_argument("--model", required=True)
     reporting.add_argument("--version", required=True)
-    reporting.add_argument("--since", type=_time, help="ISO time (UTC unless it says otherwise)")
-    reporting.add_argument("--until", type=_time, help="ISO time, excluded")
+    reporting.add_argument("--since", type=log_time, help="ISO time (UTC unless it says otherwise)")
+    reporting.add_argument("--until", type=log_time, help="ISO time, excluded")
     reporting.add_argument("--baseline", help="the version's extra_files/baseline.json (default: from the registry)")
     reporting.add_argument("--route", action="append", help=f"routes to count (default: {', '.join(COUNTED_ROUTES)})")
     commands.add_parser("merge", help="sum raw drift count lines (CloudWatch Logs export): merge --help")

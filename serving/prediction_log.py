@@ -174,12 +174,13 @@ class PredictionLog:
             self._refresh_performance()
 
     def _write(self, batch: list) -> None:
-        self._rows -= sum(len(item[0]) for item in batch)
+        rows_in_batch = sum(len(item[0]) for item in batch)
+        self._rows -= rows_in_batch
         try:
             rows = [_row(*item[:9], self._inputs(item[9]), out_of_range(item[10], item[9], len(item[0])))
                     for item in batch]  # fmt: skip
         except Exception as exc:  # never the writer's end: the batch is dropped, counted and logged
-            DROPPED.labels("unwritable").inc(sum(len(item[0]) for item in batch))
+            DROPPED.labels("unwritable").inc(rows_in_batch)
             log.exception("prediction log: a batch could not be prepared: %s", _short(exc))
             return
         flat = [row for group in rows for row in group]

@@ -17,7 +17,6 @@ import json
 import sys
 import tempfile
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -86,17 +85,14 @@ def replay(rows: list, pipeline) -> dict:
     return answer
 
 
-def _time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment  # the log keeps UTC
-
-
 def main(argv: list[str] | None = None) -> int:
+    from kernel.prediction_db import log_time
+
     parser = argparse.ArgumentParser(prog="python -m training replay", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--candidate", required=True, help="the version to score the logged rows with")
-    parser.add_argument("--since", type=_time, help="ISO time (UTC unless it says otherwise)")
-    parser.add_argument("--until", type=_time, help="ISO time, excluded")
+    parser.add_argument("--since", type=log_time, help="ISO time (UTC unless it says otherwise)")
+    parser.add_argument("--until", type=log_time, help="ISO time, excluded")
     args = parser.parse_args(argv)
 
     from kernel.config import settings_or_exit
