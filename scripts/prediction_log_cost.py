@@ -43,7 +43,7 @@ def main() -> None:
     started, wall = time.process_time(), time.monotonic()
     log.flush(timeout=600)
     print(
-        f"writer (SQLite, batches of 500): {queued} rows in {time.monotonic() - wall:.1f} s wall, "
+        f"writer (SQLite, statements of 1,000 rows): {queued} rows in {time.monotonic() - wall:.1f} s wall, "
         f"{(time.process_time() - started) / queued * 1e6:.1f} µs CPU per row"
     )
 
