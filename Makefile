@@ -110,9 +110,9 @@ bench: setup ## This service against `mlflow models serve` with wrk, in one run 
 	$(BIN)/python scripts/bench_serving.py
 
 bench-costs: setup ## What drift counting and the prediction log cost under load: each on against off, alternating runs
-	$(BIN)/python scripts/bench_settings.py --with DRIFT_ENABLED=true --without DRIFT_ENABLED=false --budget 3,3,5
-	$(BIN)/python scripts/bench_settings.py --with PREDICTION_LOG=on --without PREDICTION_LOG=off --budget 5,5,10
-	$(BIN)/python scripts/bench_settings.py --with PREDICTION_LOG_INPUTS=true --without PREDICTION_LOG=off --budget 8,8,10
+	$(BIN)/python scripts/bench_settings.py --with DRIFT_ENABLED=true --with PREDICTION_LOG=off --without DRIFT_ENABLED=false --without PREDICTION_LOG=off --budget 3,3,5 --pairs 5 --seconds 10
+	$(BIN)/python scripts/bench_settings.py --with PREDICTION_LOG=on --without PREDICTION_LOG=off --budget 5,5,10 --pairs 3 --seconds 10
+	$(BIN)/python scripts/bench_settings.py --with PREDICTION_LOG_INPUTS=true --without PREDICTION_LOG=off --budget 8,8,10 --pairs 3 --seconds 10
 
 soak: setup ## Ten minutes (SOAK_MINUTES) of mixed load, swaps and training on gunicorn; prints failures, p50/p99, RSS
 	$(BIN)/python scripts/soak.py

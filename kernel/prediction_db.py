@@ -15,7 +15,8 @@ features `PREDICTION_LOG_EXCLUDE` names.
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -47,8 +48,17 @@ predictions = sa.Table(
 )
 
 
-def log_time(text: str) -> datetime:
-    """An ISO time from a command line as the log keeps times: naive UTC (an offset is converted; none is UTC)."""
+_AGO = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def log_time(text: str, now: datetime | None = None) -> datetime:
+    """A time from a command line or a request as the log keeps times, naive UTC: an ISO time (an offset is
+    converted; none is UTC), or a span back from now, `7d`, `12h`, `30m` or `900s`."""
+    ago = _AGO.match(text)
+    if ago:
+        now = now or datetime.now(UTC).replace(tzinfo=None)
+        return now - timedelta(seconds=int(ago.group(1)) * _SECONDS[ago.group(2)])
     moment = datetime.fromisoformat(text)
     return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 

@@ -9,15 +9,19 @@ package has no scipy).
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import time
+from collections import deque
 
 import numpy as np
 
 from kernel.drift_format import Baseline
 from serving.drift_counts import VersionCounts, counts_key, merged, row_cells, small_cells
 
-SMALL_BATCH = 32  # up to this many rows, plain Python counts faster than numpy's per-call setup
+SMALL_BATCH = 32  # up to this many rows a request's rows wait for the next flush (more: counted at once, sampled)
+FLUSH_SECONDS = 0.2  # how often each process counts the small requests it answered since the last flush
 
 SMOOTHING = 0.5
 
@@ -102,6 +106,9 @@ class DriftMonitor:
         self.folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self._counts: dict[tuple, VersionCounts] = {}  # (baseline sha256, name, version, pid)
         self._lock = threading.Lock()
+        self._queued: deque = deque()  # (model, columns, labels) of small requests not counted yet
+        self._flush_lock = threading.Lock()
+        self._flusher_pid = 0
         # On Lambda (one process per environment) the counts also go to CloudWatch as EMF lines.
         self.emitter = None
         if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and not self.folder:
@@ -125,16 +132,61 @@ class DriftMonitor:
         return counts
 
     def observe(self, model, columns: dict, labels: list) -> None:
-        """Count one answered request's rows against the version's baseline (no baseline: nothing to count)."""
+        """Count one answered request's rows against the version's baseline (no baseline: nothing to count).
+
+        A small request (up to SMALL_BATCH rows) is only queued: this process's flusher counts every queued request
+        of a version together, every FLUSH_SECONDS, with numpy, for a fraction of what counting each one in Python
+        cost (17 µs of a one-row request's CPU under load, 5 % of it). Readers in this process flush first; other
+        workers' last FLUSH_SECONDS of small requests show at their next flush, and a SIGKILL loses them."""
         baseline = model.baseline
         if not self.enabled or baseline is None:
             return
-        if len(labels) <= SMALL_BATCH:
-            self._for(model).add(small_cells(baseline, columns, labels), len(labels))
-        else:
+        if len(labels) > SMALL_BATCH:
             self._for(model).add(*row_cells(baseline, columns, labels, self.max_rows))
+        elif self.emitter is None:
+            if self._flusher_pid != os.getpid():
+                self._start_flusher()
+            self._queued.append((model, columns, labels))
+            return
+        else:  # Lambda: an environment is frozen between invocations, so nothing waits for a flusher
+            self._for(model).add(small_cells(baseline, columns, labels), len(labels))
         if self.emitter is not None:
             self.emitter.maybe_emit([model])
+
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._flusher_pid == os.getpid():
+                return
+            self._queued, self._flush_lock = deque(), threading.Lock()  # nothing of a parent's (a fork)
+            threading.Thread(target=self._flush_every, args=(self._queued,), name="drift-flush", daemon=True).start()
+            if not self._flusher_pid:
+                atexit.register(self.flush)  # a graceful stop counts what is queued
+            self._flusher_pid = os.getpid()
+
+    def _flush_every(self, queued: deque) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            if queued is not self._queued:  # a fork replaced the queue: this thread was the parent's
+                return
+            self.flush()
+
+    def flush(self) -> None:
+        """Count the queued small requests: per version, their rows' columns joined, then one row_cells."""
+        if self._flusher_pid != os.getpid():
+            return
+        with self._flush_lock:
+            queued, groups = self._queued, {}
+            while queued:
+                model, columns, labels = queued.popleft()
+                groups.setdefault(id(model), (model, []))[1].append((columns, labels))
+            for model, requests in groups.values():
+                joined: dict[str, list] = {}
+                labels: list = []
+                for columns, answered in requests:
+                    for cells in model.baseline.features:
+                        joined.setdefault(cells.name, []).extend(columns[cells.name])
+                    labels.extend(answered)
+                self._for(model).add(*row_cells(model.baseline, joined, labels, len(labels)))
 
     def version_counts(self, model, window: int, route: str = "stable") -> tuple[dict, int, np.ndarray | None]:
         """A served version's /drift entry, with the merged rows and cell counts it was computed from."""
@@ -142,6 +194,7 @@ class DriftMonitor:
         if model.baseline is None:
             return {**entry, "rows": 0, "status": "no_baseline", "reason": model.baseline_reason}, 0, None
         baseline = model.baseline
+        self.flush()  # this process's queued rows count in what it answers
         local = self._counts.get((baseline.sha256, model.ref.name, model.ref.version, os.getpid()))
         key = counts_key(baseline, model.ref.name, model.ref.version)
         rows, live = merged(baseline, window, self.slot_seconds, self.folder, local, key=key)

@@ -8,7 +8,7 @@ version answered); `--route` picks others (`version` and `alias`: answers asked 
 is not logged, so a shadow candidate has no rows here. Features left out by `PREDICTION_LOG_EXCLUDE` are listed
 under `not_logged`, without figures.
 
-    python -m serving.drift report --model NAME --version N [--since 2026-12-01T00:00] [--until ...]
+    python -m serving.drift report --model NAME --version N [--since 2026-12-01T00:00 or 7d] [--until ...]
         [--baseline extra_files/baseline.json] [--route stable ...]
 
 The database is the service's (`PREDICTION_LOG_URL`, or the SQLite file beside the embedded store); the baseline
@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     reporting = commands.add_parser("report", help="/drift's JSON for a version's rows in the prediction log")
     reporting.add_argument("--model", required=True)
     reporting.add_argument("--version", required=True)
-    reporting.add_argument("--since", type=log_time, help="ISO time (UTC unless it says otherwise)")
+    reporting.add_argument(
+        "--since", type=log_time, help="ISO time (UTC unless it says otherwise), or 7d, 12h, 30m back"
+    )
     reporting.add_argument("--until", type=log_time, help="ISO time, excluded")
     reporting.add_argument("--baseline", help="the version's extra_files/baseline.json (default: from the registry)")
     reporting.add_argument("--route", action="append", help=f"routes to count (default: {', '.join(COUNTED_ROUTES)})")

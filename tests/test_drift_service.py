@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -63,9 +64,16 @@ def send(service, rows: list[dict], seed: int) -> tuple[int, set[str]]:
     return sent, pids
 
 
-def drift_of(service) -> dict:
-    [entry] = requests.get(f"{service.url}/drift", timeout=30).json()["models"]
-    return entry
+def drift_of(service, rows: int | None = None) -> dict:
+    """The served version's /drift entry; with `rows`, once that many are counted (each worker counts its small
+    requests every DRIFT flush, 0.2 s)."""
+    deadline = time.monotonic() + 15
+    while True:
+        [entry] = requests.get(f"{service.url}/drift", timeout=30).json()["models"]
+        if rows is None or entry["rows"] >= rows:
+            return entry
+        assert time.monotonic() < deadline, (entry["rows"], rows, service.log_tail())
+        time.sleep(0.1)
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -77,7 +85,7 @@ def metric(text: str, name: str, **labels) -> float:
 def test_no_drift_counted_exactly_across_both_workers(service):
     sent, pids = send(service, json_rows(labelled(2_000, seed=50)), seed=1)
     assert len(pids) == 2, f"one worker answered every batch: {pids}"
-    entry = drift_of(service)
+    entry = drift_of(service, rows=sent)
     assert entry["rows"] == sent == 2_000 and entry["status"] == "ok", entry
     # The local job registered the baseline the instance counts against (`/train`'s path).
     tags = mlflow_client(service.env["MLFLOW_TRACKING_URI"]).get_model_version("drift-lr", entry["version"]).tags
@@ -99,7 +107,7 @@ def test_a_shift_alerts_after_a_restart_and_a_killed_worker_keeps_its_counts(ser
     shifted["age"] += 3 * 12  # 3 sigma
     sent, pids = send(service, json_rows(shifted), seed=2)
     assert len(pids) == 2
-    before = drift_of(service)
+    before = drift_of(service, rows=sent)
     os.kill(int(min(pids)), signal.SIGKILL)  # its file stays: its counts were real
     service.wait_for_workers()
     entry = drift_of(service)
@@ -112,4 +120,4 @@ def test_a_shift_alerts_after_a_restart_and_a_killed_worker_keeps_its_counts(ser
     service.start()
     frame = labelled(4_000, seed=70)
     sent, _ = send(service, json_rows(frame[frame["label"] == "yes"].head(1_000)), seed=4)
-    assert drift_of(service)["prediction"]["level"] == "alert"
+    assert drift_of(service, rows=sent)["prediction"]["level"] == "alert"

@@ -320,3 +320,18 @@ def test_inputs_are_stored_only_when_asked_and_a_report_from_them_equals_drift(a
     assert main(["report", "--model", name, "--version", version]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["features"] == offline["features"] and printed["scope"] == "prediction_log"
+
+
+def test_log_times_are_an_iso_time_or_a_span_back_from_now():
+    from kernel.prediction_db import log_time
+
+    now = datetime(2026, 12, 7, 12, 0)
+    assert log_time("7d", now) == now - timedelta(days=7)
+    assert log_time("12h", now) == now - timedelta(hours=12)
+    assert log_time("90m", now) == now - timedelta(minutes=90)
+    assert log_time("900s", now) == now - timedelta(seconds=900)
+    assert log_time("2026-12-01T00:00:00+01:00") == datetime(2026, 11, 30, 23, 0)  # converted to UTC
+    assert log_time("2026-12-01T00:00") == datetime(2026, 12, 1)  # no offset: UTC
+    for bad in ("yesterday", "7 weeks", "-1d", ""):
+        with pytest.raises(ValueError):
+            log_time(bad)

@@ -4,6 +4,7 @@ logged rows with another version offline (training/feedback_data.py, training/re
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from sklearn.metrics import accuracy_score
@@ -72,7 +73,8 @@ def test_labelled_traffic_retrains_the_model_and_a_replay_says_how_the_candidate
     feedback = [{"prediction_id": i, "label": t} for i, t in zip(ids[:150], truth[:150], strict=True)]
     assert client.post("/feedback", json={"feedback": feedback}).get_json()["accepted"] == 150
 
-    trained = client.post("/train", json=body)
+    # `since` as a span back from now: the rows of the last hour (all of them here), resolved to a time when accepted.
+    trained = client.post("/train", json={**body, "dataset": {**body["dataset"], "since": "1h"}})
     assert trained.status_code == 201, trained.get_json()
     version = trained.get_json()["model"]
     assert version["name"] == NAME and version["version"] != "1"
@@ -80,7 +82,10 @@ def test_labelled_traffic_retrains_the_model_and_a_replay_says_how_the_candidate
     params = run.data.params
     assert (params["dataset_source"], params["dataset_feedback_rows"], params["dataset_training_rows"]) == (
         "feedback", "150", "150")  # fmt: skip
-    assert params["dataset_rows"] == "300" and json.loads(params["dataset_query"])["model"] == NAME
+    query = json.loads(params["dataset_query"])
+    assert params["dataset_rows"] == "300" and query["model"] == NAME
+    since = datetime.fromisoformat(query["since"])
+    assert abs((datetime.now(UTC) - since).total_seconds() - 3600) < 300, query
     [logged] = run.inputs.dataset_inputs
     assert logged.dataset.name == f"feedback-{NAME}" and logged.dataset.digest == params["dataset_digest"]
 
@@ -94,7 +99,7 @@ def test_labelled_traffic_retrains_the_model_and_a_replay_says_how_the_candidate
         monkeypatch.setenv(key, value)
     from training.__main__ import main
 
-    assert main(["replay", "--model", NAME, "--candidate", version["version"]]) == 0
+    assert main(["replay", "--model", NAME, "--candidate", version["version"], "--since", "1h"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["rows"] == 200 and printed["served_versions"] == {"1": 200} and printed["labelled_rows"] == 150
     assert printed["agreement"] == pytest.approx(sum(a == b for a, b in zip(served, candidate)) / 200, abs=1e-6)
@@ -108,6 +113,7 @@ def test_labelled_traffic_retrains_the_model_and_a_replay_says_how_the_candidate
         ({"source": "feedback"}, "model"),
         ({"source": "elsewhere", "model": NAME}, "source"),
         ({"source": "feedback", "model": NAME, "since": "yesterday"}, "since"),
+        ({"source": "feedback", "model": NAME, "since": 7}, "since"),
         ({"source": "feedback", "model": NAME, "bogus": 1}, "bogus"),
         ({"source": "feedback", "model": "no-such-model"}, "0 labelled rows"),
     ],

@@ -4,6 +4,7 @@ every answered row of a graceful stop is in the table, and a SIGKILLed worker lo
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 
@@ -159,3 +160,86 @@ def test_postgresql_stopped_mid_load_fails_no_prediction_and_logging_resumes_wit
         service.stop()
         proxy.close()
         drop_database(name)
+
+
+def test_live_figures_over_both_workers_equal_our_own_and_reach_metrics_and_mlflow(tmp_path, database):
+    """1,000 rows answered by both workers, 600 of them labelled: /performance equals scikit-learn's figures on the
+    same pairs, and after a refresh /metrics and the version's MLflow run say the same."""
+    from mlflow import MlflowClient
+    from prometheus_client.parser import text_string_to_metric_families
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+    from tests.conftest import DEFAULT_NAME
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "PREDICTION_LOG_URL": database,
+           "PREDICTION_LOG_FLUSH_SECONDS": str(FLUSH_SECONDS), "PERFORMANCE_REFRESH_SECONDS": "1",
+           "PERFORMANCE_LOG_SECONDS": "1"}  # fmt: skip
+    service = Service(env, tmp_path, workers=2).start()
+    sessions = [requests.Session() for _ in range(4)]
+    generator = random.Random(11)
+    names = list(IRIS_ROW)
+    try:
+        predicted, ids, pids = [], [], set()
+        for index in range(250):
+            records = [{n: round(generator.uniform(0.1, 7.5), 1) for n in names} for _ in range(4)]
+            answer = sessions[index % 4].post(f"{service.url}/predict", json={"records": records}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            predicted += answer.json()["predictions"]
+            ids += answer.json()["prediction_ids"]
+            pids.add(answer.headers["X-Worker-Pid"])
+        assert len(pids) == 2 and len(ids) == len(set(ids)) == 1000
+        classes = sorted(set(predicted) | {"setosa", "versicolor", "virginica"})
+        deadline = time.monotonic() + 30
+        while count(database) < 1000:
+            assert time.monotonic() < deadline, service.log_tail()
+            time.sleep(0.1)
+        truth = [label if generator.random() < 0.7 else generator.choice(classes) for label in predicted[:600]]
+        items = [{"prediction_id": i, "label": t} for i, t in zip(ids[:600], truth, strict=True)]
+        applied = requests.post(f"{service.url}/feedback", headers=AUTH, json={"feedback": items}, timeout=60)
+        assert applied.json() == {"accepted": 600, "updated": 0, "unknown_ids": [], "invalid": []}, applied.text
+
+        guessed = predicted[:600]
+        figures = requests.get(f"{service.url}/models/{DEFAULT_NAME}/versions/1/performance?window=1d", timeout=30)
+        figures = figures.json()
+        assert figures["labelled_rows"] == 600 and figures["predicted_rows"] == 1000, figures
+        assert figures["accuracy"] == pytest.approx(accuracy_score(truth, guessed), abs=1e-12)
+        assert figures["f1_macro"] == pytest.approx(f1_score(truth, guessed, average="macro"), abs=1e-12)
+        precision = precision_score(truth, guessed, labels=classes, average=None, zero_division=0)
+        recall = recall_score(truth, guessed, labels=classes, average=None, zero_division=0)
+        for index, label in enumerate(classes):
+            assert figures["per_class"][label]["precision"] == pytest.approx(precision[index], abs=1e-12)
+            assert figures["per_class"][label]["recall"] == pytest.approx(recall[index], abs=1e-12)
+        assert figures["confusion_matrix"] == {
+            "labels": classes, "matrix": confusion_matrix(truth, guessed, labels=classes).tolist()
+        }  # fmt: skip
+
+        # After a refresh (every second here), /metrics says the same, and so does the version's MLflow run.
+        deadline = time.monotonic() + 60
+        while True:
+            text = requests.get(f"{service.url}/metrics", timeout=10).text
+            ours = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                    if s.name.startswith("model_") and s.labels.get("model") == DEFAULT_NAME}  # fmt: skip
+            if ours.get("model_labelled_rows") == 600:
+                break
+            assert time.monotonic() < deadline, (ours, service.log_tail())
+            time.sleep(0.2)
+        assert ours["model_live_accuracy"] == pytest.approx(figures["accuracy"], abs=1e-12)
+        assert ours["model_live_f1_macro"] == pytest.approx(figures["f1_macro"], abs=1e-12)
+        client = MlflowClient(tracking_uri)
+        run_id = client.get_model_version(DEFAULT_NAME, "1").run_id
+
+        def newest(key: str):  # the history's order is the store's: the newest is the largest step (the time)
+            history = client.get_metric_history(run_id, key)
+            return max(history, key=lambda m: (m.step, m.timestamp)) if history else None
+
+        deadline = time.monotonic() + 60
+        while (labelled := newest("labelled_rows")) is None or labelled.value != 600:
+            assert time.monotonic() < deadline, (client.get_metric_history(run_id, "labelled_rows"), service.log_tail())
+            time.sleep(0.2)
+        assert newest("live_accuracy").value == pytest.approx(figures["accuracy"])
+        assert newest("live_f1_macro").value == pytest.approx(figures["f1_macro"])
+    finally:
+        for session in sessions:
+            session.close()
+        service.stop()

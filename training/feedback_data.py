@@ -1,6 +1,6 @@
 """Training data from labelled traffic: the prediction log's rows that came back with a label and kept their inputs.
 
-`POST /train` with `{"dataset": {"source": "feedback", "model": NAME, "since": ISO time, "include_training_data":
+`POST /train` with `{"dataset": {"source": "feedback", "model": NAME, "since": ISO time or 7d, "include_training_data":
 true}}` trains on them (and, optionally, on the training rows of the version that answered most of them). The rows
 are read once, when the request is accepted, and travel with the job like a client's inline rows: the job path,
 its limits and its MLflow dataset record are the ones every job has. The dataset's digest covers the query and
@@ -15,11 +15,27 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pandas as pd
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from training.datasets import BUILTIN_DATASETS, Dataset, DatasetError, from_frame, load_builtin
 
 TARGET = "__label__"  # the labels' column while the frame is checked (no feature can be named so)
+
+
+class Since(fields.Field):
+    """An ISO time (UTC unless it says otherwise), or a span back from now: `7d`, `12h`, `30m`, `900s`."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> datetime:
+        from kernel.prediction_db import log_time
+
+        if not isinstance(value, str):
+            raise ValidationError("A time: an ISO time such as 2026-12-01T00:00:00Z, or a span back from now such as "
+                                  "7d, 12h or 30m.")  # fmt: skip
+        try:
+            return log_time(value).replace(tzinfo=UTC)
+        except ValueError:
+            raise ValidationError(f"Not a time: {value[:40]!r}. An ISO time such as 2026-12-01T00:00:00Z, or a span "
+                                  "back from now such as 7d, 12h or 30m.") from None  # fmt: skip
 
 
 class FeedbackSource(Schema):
@@ -30,7 +46,7 @@ class FeedbackSource(Schema):
 
     source = fields.String(required=True, validate=validate.OneOf(["feedback"]), metadata={"example": "feedback"})
     model = fields.String(required=True, validate=validate.Length(min=1), metadata={"example": "churn-forest"})
-    since = fields.AwareDateTime(default_timezone=UTC, metadata={"example": "2026-12-01T00:00:00Z"})
+    since = Since(metadata={"example": "7d", "description": "an ISO time, or a span back from now (7d, 12h, 30m)"})
     include_training_data = fields.Boolean(load_default=False)
 
 

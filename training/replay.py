@@ -1,6 +1,6 @@
 """Replay: would another version have done better on the traffic a model really served?
 
-    python -m training replay --model NAME --candidate VERSION [--since ISO time] [--until ISO time]
+    python -m training replay --model NAME --candidate VERSION [--since ISO time or 7d] [--until ISO time]
 
 Scores the model's logged rows (their inputs recorded: PREDICTION_LOG_INPUTS) with the candidate version,
 offline, and prints as JSON how often it agrees with what was served, and, on the rows whose label came back,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training replay", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--candidate", required=True, help="the version to score the logged rows with")
-    parser.add_argument("--since", type=log_time, help="ISO time (UTC unless it says otherwise)")
+    parser.add_argument("--since", type=log_time, help="ISO time (UTC unless it says otherwise), or 7d, 12h, 30m back")
     parser.add_argument("--until", type=log_time, help="ISO time, excluded")
     args = parser.parse_args(argv)
 

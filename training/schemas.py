@@ -59,7 +59,7 @@ class TrainRequest(Schema):
     params = JSONObject(load_default=dict, metadata={"example": {"n_estimators": 200, "max_depth": 8}})
     dataset = DatasetSource(
         metadata={"example": "wine", "description": "A built-in dataset's name, or `{\"source\": \"feedback\", "
-                  "\"model\": NAME, \"since\": ISO time, \"include_training_data\": false}`: the model's labelled "
+                  "\"model\": NAME, \"since\": ISO time or 7d, \"include_training_data\": false}`: the model's labelled "
                   "traffic from the prediction log (its inputs recorded: PREDICTION_LOG_INPUTS)"},
     )  # fmt: skip
     data = fields.List(fields.Dict(), metadata={"description": "Rows with the target column, instead of `dataset`."})
