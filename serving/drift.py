@@ -20,8 +20,9 @@ import numpy as np
 from kernel.drift_format import Baseline
 from serving.drift_counts import VersionCounts, counts_key, merged, row_cells, small_cells
 
-SMALL_BATCH = 32  # up to this many rows a request's rows wait for the next flush (more: counted at once, sampled)
-FLUSH_SECONDS = 0.2  # how often each process counts the small requests it answered since the last flush
+SMALL_BATCH = 32  # up to this many rows, a version's queued requests are counted together at a flush
+FLUSH_SECONDS = 0.2  # how often each process counts the requests it answered since the last flush
+MAX_QUEUED = 5_000  # requests queued beyond this are counted by the request that finds them (memory stays bounded)
 
 SMOOTHING = 0.5
 
@@ -134,24 +135,27 @@ class DriftMonitor:
     def observe(self, model, columns: dict, labels: list) -> None:
         """Count one answered request's rows against the version's baseline (no baseline: nothing to count).
 
-        A small request (up to SMALL_BATCH rows) is only queued: this process's flusher counts every queued request
-        of a version together, every FLUSH_SECONDS, with numpy, for a fraction of what counting each one in Python
-        cost (17 µs of a one-row request's CPU under load, 5 % of it). Readers in this process flush first; other
-        workers' last FLUSH_SECONDS of small requests show at their next flush, and a SIGKILL loses them."""
+        The request is only queued: this process's flusher counts the queue every FLUSH_SECONDS, after the answers
+        have gone. Small requests (up to SMALL_BATCH rows) of a version are counted together, in one numpy pass,
+        for a fraction of what counting each in Python cost (17 µs of a one-row request's CPU under load, 5 % of
+        it); a larger one alone, at most `max_rows` of it. Readers in this process flush first; other workers'
+        last FLUSH_SECONDS show at their next flush, and a SIGKILL loses them."""
         baseline = model.baseline
         if not self.enabled or baseline is None:
             return
-        if len(labels) > SMALL_BATCH:
-            self._for(model).add(*row_cells(baseline, columns, labels, self.max_rows))
-        elif self.emitter is None:
+        if self.emitter is None:
             if self._flusher_pid != os.getpid():
                 self._start_flusher()
             self._queued.append((model, columns, labels))
+            if len(self._queued) > MAX_QUEUED:  # a flood between two flushes: this request counts the queue
+                self.flush()
             return
-        else:  # Lambda: an environment is frozen between invocations, so nothing waits for a flusher
+        # Lambda: an environment is frozen between invocations, so nothing waits for a flusher.
+        if len(labels) > SMALL_BATCH:
+            self._for(model).add(*row_cells(baseline, columns, labels, self.max_rows))
+        else:
             self._for(model).add(small_cells(baseline, columns, labels), len(labels))
-        if self.emitter is not None:
-            self.emitter.maybe_emit([model])
+        self.emitter.maybe_emit([model])
 
     def _start_flusher(self) -> None:
         with self._lock:
@@ -171,14 +175,18 @@ class DriftMonitor:
             self.flush()
 
     def flush(self) -> None:
-        """Count the queued small requests: per version, their rows' columns joined, then one row_cells."""
+        """Count the queued requests: a large one alone (sampled); the small ones per version, their rows' columns
+        joined, in one row_cells."""
         if self._flusher_pid != os.getpid():
             return
         with self._flush_lock:
             queued, groups = self._queued, {}
             while queued:
                 model, columns, labels = queued.popleft()
-                groups.setdefault(id(model), (model, []))[1].append((columns, labels))
+                if len(labels) > SMALL_BATCH:  # sampled on its own: at most max_rows of each request
+                    self._for(model).add(*row_cells(model.baseline, columns, labels, self.max_rows))
+                else:
+                    groups.setdefault(id(model), (model, []))[1].append((columns, labels))
             for model, requests in groups.values():
                 joined: dict[str, list] = {}
                 labels: list = []
