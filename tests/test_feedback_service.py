@@ -165,11 +165,10 @@ def test_postgresql_stopped_mid_load_fails_no_prediction_and_logging_resumes_wit
 def test_live_figures_over_both_workers_equal_our_own_and_reach_metrics_and_mlflow(tmp_path, database):
     """1,000 rows answered by both workers, 600 of them labelled: /performance equals scikit-learn's figures on the
     same pairs, and after a refresh /metrics and the version's MLflow run say the same."""
-    from mlflow import MlflowClient
     from prometheus_client.parser import text_string_to_metric_families
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
-    from tests.conftest import DEFAULT_NAME
+    from tests.conftest import DEFAULT_NAME, mlflow_client
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "PREDICTION_LOG_URL": database,
@@ -226,7 +225,7 @@ def test_live_figures_over_both_workers_equal_our_own_and_reach_metrics_and_mlfl
             time.sleep(0.2)
         assert ours["model_live_accuracy"] == pytest.approx(figures["accuracy"], abs=1e-12)
         assert ours["model_live_f1_macro"] == pytest.approx(figures["f1_macro"], abs=1e-12)
-        client = MlflowClient(tracking_uri)
+        client = mlflow_client(tracking_uri)  # not MlflowClient(uri): an earlier test's registry URI is process-wide
         run_id = client.get_model_version(DEFAULT_NAME, "1").run_id
 
         def newest(key: str):  # the history's order is the store's: the newest is the largest step (the time)
