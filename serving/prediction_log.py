@@ -10,10 +10,9 @@ Each row also says whether a value was outside its version's training range (the
 max), and, only with PREDICTION_LOG_INPUTS, holds the validated feature values (less PREDICTION_LOG_EXCLUDE):
 both computed by the writer, off the request path.
 
-Ids: 16 random hex digits drawn once per process (from the OS's random source), the process's request count in
-10 hex digits, and the row's index in hex: unique across workers and instances without coordination, and cheap
-for a 10,000-row batch. (A draw per request was `os.urandom`, a system call that lets go of the GIL: under load the
-request thread then queued behind the others for it, 4 % of a worker's samples.)
+Ids: 16 random hex digits drawn once per process, the process's request count (10 hex digits) and the row's index
+in hex: unique across workers and instances without coordination. (A draw per request, `os.urandom`, let go of the
+GIL: under load the request thread then queued to take it back, 4 % of a worker's samples.)
 """
 
 from __future__ import annotations
@@ -288,11 +287,8 @@ class PredictionLog:
 
 
 def out_of_range_of(batch: list) -> list[list | None]:
-    """Per queued request, per row: whether a numeric value was below the training minimum or above its maximum
-    (as float32, as the drift counter compares), or None without a baseline or the rows' values.
-
-    The requests of one version are compared together, one array per feature for the whole batch: a thousand
-    one-row requests are not a thousand rounds of small arrays."""
+    """Per queued request, per row: whether a numeric value was outside the training min/max (as float32, as drift
+    compares), or None without a baseline or the values. A version's requests are compared together, per feature."""
     import numpy as np
 
     flags: list[list | None] = [None] * len(batch)
