@@ -67,6 +67,10 @@ def when_ready(server):
     """On a terminal (`make run` in a shell), one short block: where the service is, what it serves, the token."""
     import sys
 
+    from service.gunicorn_worker import mark_stops
+
+    mark_stops(server)  # before the first fork: a worker that loses the master's SIGTERM in its fork still stops
+
     if settings.LOG_FORMAT != "text" or not sys.stderr.isatty() or not server.cfg.preload_app:
         return
     import json

@@ -34,7 +34,9 @@ A stop while booting. From the fork until gunicorn installs the worker's own sig
 master's handler, which only queues a signal for the master's loop, a loop the worker never runs: a
 SIGTERM in that window was lost, the worker booted and served, and the master waited the whole
 `graceful_timeout` before it killed it. `stop_promptly_while_booting`, the first thing `post_fork` does,
-makes a stop signal in that window end the worker at once; nothing is in flight yet.
+makes a stop signal in that window end the worker at once; nothing is in flight yet. A SIGTERM that
+reaches a worker before CPython's own after-fork code has run is cleared by that code (it takes the signal
+for the parent's); the master marks its stop in shared memory (`mark_stops`), and the worker reads the mark.
 """
 
 from __future__ import annotations
@@ -266,11 +268,31 @@ def release_worker(pid: int) -> None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# One byte shared by the master and every worker it forks: 1 once the master has a stop signal. Made at import,
+# in the master (gunicorn imports the worker class before the first fork).
+_MASTER_STOPPING = mmap.mmap(-1, 1)
+
+
+def mark_stops(server) -> None:
+    """For gunicorn's `when_ready` hook (the master, before its first fork): a stop signal the master receives is
+    also written where its workers can read it. A worker that gets the master's SIGTERM in the first instants
+    after its fork, before CPython's after-fork code has run, loses it: that code clears the signals that
+    arrived (they were meant for the parent). Such a worker still sees the mark (`stop_promptly_while_booting`)."""
+    master = os.getpid()
+
+    def stopping(signum, frame):
+        if os.getpid() == master:  # a worker still holding this handler was signalled itself, not the master
+            _MASTER_STOPPING[0] = 1
+        server.signal(signum, frame)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stopping)
 
 
 def stop_promptly_while_booting(server) -> None:
     """For gunicorn's `post_fork` hook, first thing in a new worker: until the worker installs its own handlers,
-    a stop signal ends it at once, including one that reached the master's inherited handler since the fork."""
+    a stop signal ends it at once, including one that reached the master's inherited handler since the fork,
+    and one the master received (`mark_stops`) that this worker lost in its fork."""
 
     def leave(signum, frame):
         raise SystemExit(0)  # gunicorn's spawn_worker lets it through: the worker exits, the master reaps it
@@ -281,6 +303,8 @@ def stop_promptly_while_booting(server) -> None:
         try:
             queued = server.SIG_QUEUE.get_nowait()
         except (queue.Empty, AttributeError):
-            return
+            break
         if queued in STOP_SIGNALS:
             raise SystemExit(0)
+    if _MASTER_STOPPING[0]:  # read after `leave` is in place: a stop marked after this read still reaches it
+        raise SystemExit(0)

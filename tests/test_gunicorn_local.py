@@ -160,3 +160,42 @@ def wait_until_read(server_port: int, client_port: int, timeout: float = 30) -> 
             return
         assert time.monotonic() < deadline, f"the server left {int(queues[0].split(':')[1], 16)} bytes unread"
         time.sleep(0.05)
+
+
+def test_a_stop_the_master_marks_ends_a_booting_worker_that_lost_the_signal_and_a_worker_never_marks_it():
+    """CPython clears, in a new child, the signals that arrived before its after-fork code ran: a worker sent the
+    master's SIGTERM in that instant lost it, booted and held the stop for graceful_timeout (CI, the warm-up
+    drill). The master's mark is what such a worker reads; a worker signalled on its own (a timeout, TTOU) must
+    not mark it, or every worker booted after would leave."""
+    import os
+    import queue
+    import signal
+
+    from service import gunicorn_worker
+
+    class Master:
+        SIG_QUEUE = queue.SimpleQueue()
+
+        def signal(self, signum, frame):
+            self.SIG_QUEUE.put_nowait(signum)
+
+    saved = {signum: signal.getsignal(signum) for signum in gunicorn_worker.STOP_SIGNALS}
+    master = Master()
+    try:
+        gunicorn_worker.mark_stops(master)
+        child = os.fork()
+        if child == 0:  # a worker before its own handlers: the master's handler, signalled itself
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0 if master.SIG_QUEUE.get(timeout=5) == signal.SIGTERM else 1)
+        assert os.waitpid(child, 0)[1] == 0
+        assert gunicorn_worker._MASTER_STOPPING[0] == 0, "a worker's own SIGTERM marked the master's stop"
+        gunicorn_worker.stop_promptly_while_booting(master)  # no stop: the worker goes on booting
+        gunicorn_worker.mark_stops(master)  # back to the master's handlers (the call above put the worker's)
+        os.kill(os.getpid(), signal.SIGTERM)  # now the master is told to stop
+        assert master.SIG_QUEUE.get(timeout=5) == signal.SIGTERM and gunicorn_worker._MASTER_STOPPING[0] == 1
+        with pytest.raises(SystemExit):  # a worker whose queue is empty (the signal was lost) still leaves
+            gunicorn_worker.stop_promptly_while_booting(master)
+    finally:
+        gunicorn_worker._MASTER_STOPPING[0] = 0
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
