@@ -8,6 +8,18 @@ import os
 from pathlib import Path
 
 
+def try_lock(path: Path):
+    """The open file, locked without waiting, or None if a living process holds it (the kernel frees the lock when
+    the holder ends: close the file, or exit)."""
+    handle = open(path, "a")  # noqa: SIM115 - held for the job's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return handle
+    except BlockingIOError:
+        handle.close()
+        return None
+
+
 @contextlib.contextmanager
 def file_lock(path: Path):
     """Hold an exclusive `flock` on `path` (created if missing) for the `with` block."""

@@ -1,12 +1,11 @@
 """Logging: one JSON line per request, a request id on every line, secrets kept out (LOG_FORMAT=text for a terminal).
 
 Every record inside a request carries `request_id` (the client's `X-Request-ID`, sanitised, or a new
-one, echoed in the answer); inside a training job every record carries `job_id` (`bind_job`).
+one, echoed in the answer); inside a training job's process every record carries `job_id` (`set_job_id`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import re
@@ -30,7 +29,6 @@ _TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s%(context)s: %(mes
 _JSON_FIELDS = "%(levelname)s %(name)s %(process)d %(message)s"
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 _process_job_id: str | None = None  # a job's own process: every thread's lines carry it
 access_log = logging.getLogger("serving.access")
 
@@ -56,7 +54,7 @@ class ContextFilter(logging.Filter):
         self.secrets = tuple(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        request_id, job_id = _request_id.get(), _job_id.get() or _process_job_id
+        request_id, job_id = _request_id.get(), _process_job_id
         if request_id and not hasattr(record, "request_id"):
             record.request_id = request_id
         if job_id and not hasattr(record, "job_id"):
@@ -146,26 +144,10 @@ def request_id_from(header: str | None) -> str:
     return cleaned or uuid.uuid4().hex
 
 
-@contextlib.contextmanager
-def bind_job(job_id: str):
-    """Every log record inside the block carries `job_id` (for training jobs: `with bind_job(job_id): ...`)."""
-    token = _job_id.set(job_id)
-    try:
-        yield
-    finally:
-        _job_id.reset(token)
-
-
 def set_job_id(job_id: str | None) -> None:
     """Every later log record of this process, from any thread, carries `job_id`: for a job's own process."""
     global _process_job_id
     _process_job_id = job_id
-
-
-def setup_job_logging(job_id: str, config: dict) -> None:
-    """For a training job's own process: the service's log format, and `job_id` on every line it writes."""
-    configure_logging(config.get("LOG_FORMAT", "json"), config.get("LOG_LEVEL", "info"), (config.get("API_TOKEN", ""),))
-    set_job_id(job_id)
 
 
 def note_model(ref) -> None:

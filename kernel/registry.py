@@ -21,10 +21,10 @@ from mlflow.exceptions import MlflowException
 from kernel.config import Settings, artifact_location, check_tracking_uri, sqlite_path
 from kernel.locks import file_lock
 from kernel.model_format import runtime_of
-from kernel.refs import AliasState, ModelRef
+from kernel.refs import ModelRef
 from kernel.registry_errors import ModelNotFound, RegistryError, RegistryUnavailable, translate_errors
 from kernel.rollout_registry import RolloutRecords
-from kernel.rollout_spec import ROLLOUT_TAG, RolloutSpec
+from kernel.rollout_spec import ROLLOUT_TAG, AliasState, RolloutSpec
 
 __all__ = ["AliasState", "ModelNotFound", "ModelRef", "Registry", "RegistryError", "RegistryUnavailable"]
 

@@ -1,4 +1,5 @@
-"""A rollout as it lives in MLflow: the spec every instance reads in its alias poll, and the sticky arm rule.
+"""A rollout as it lives in MLflow: the spec every instance reads in its alias poll, the sticky arm rule, and
+the `AliasState` that poll gives (the active alias's holders, with the rollout).
 
 A rollout tries a candidate version beside the stable one (the holder of `ACTIVE_ALIAS`):
 - `canary`: a share of the requests (the current step's percent) is answered by the candidate;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from kernel.refs import ModelRef
 
@@ -92,3 +93,29 @@ class RolloutSpec:
             return cls.from_dict(json.loads(text))
         except (ValueError, KeyError, TypeError):
             return None
+
+
+@dataclass(frozen=True)
+class AliasState:
+    """One read of the registry: the versions carrying the active alias (one: ok; none: missing; more: conflict).
+
+    The same read carries the running rollout (`rollout`), and a rollout whose aliases were moved by hand
+    (`overridden`: its spec is still in MLflow, but the active alias is no longer on its stable version or
+    the rollout alias no longer on its candidate). Neither takes part in comparisons."""
+
+    holders: tuple[ModelRef, ...] = ()
+    models: int = field(
+        default=0, compare=False
+    )  # registered models seen by the read: 0 is an empty registry (the default model's cue)
+    rollout: RolloutSpec | None = field(default=None, compare=False)
+    overridden: tuple[RolloutSpec, ...] = field(default=(), compare=False)
+
+    @property
+    def status(self) -> str:
+        """`ok`, `missing` or `conflict`."""
+        return "ok" if len(self.holders) == 1 else "missing" if not self.holders else "conflict"
+
+    @property
+    def active(self) -> ModelRef | None:
+        """The version that serves: the one holder, or None when the alias is missing or in conflict."""
+        return self.holders[0] if len(self.holders) == 1 else None

@@ -20,11 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench_serving as bench  # noqa: E402  (the wrk helpers, shared with `make bench`)
 
-ROOT = bench.ROOT
+# The wrk helpers, shared with `make bench`.
+from scripts.bench_measure import run_wrk, summary  # noqa: E402
+from scripts.bench_peers import TOKEN  # noqa: E402
+from scripts.bench_processes import BIN, ROOT, Processes, first_answer, free_port  # noqa: E402
+from scripts.bench_serving import IRIS_ROW  # noqa: E402
 
 
 def export(commit: str, folder: Path) -> Path:
@@ -37,21 +39,21 @@ def export(commit: str, folder: Path) -> Path:
 
 def start(processes, tree: Path, folder: Path, label: str, tracking_uri: str, port: int, log):
     env = {**os.environ, "WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port),
-           "MLFLOW_TRACKING_URI": tracking_uri, "STATE_DIR": str(folder / f"state-{label}"), "API_TOKEN": bench.TOKEN,
+           "MLFLOW_TRACKING_URI": tracking_uri, "STATE_DIR": str(folder / f"state-{label}"), "API_TOKEN": TOKEN,
            "BOOTSTRAP_DEFAULT_MODEL": "false", "LOG_LEVEL": "warning",
            "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="prometheus-", dir=folder)}  # fmt: skip
-    command = [str(bench.BIN / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"]
+    command = [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"]
     return processes.start(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def measure(processes, args, tree: Path, folder: Path, label: str, tracking_uri: str, body: bytes) -> dict:
-    port = bench.free_port()
+    port = free_port()
     with open(folder / f"{label}.log", "a") as log:
         process = start(processes, tree, folder, label, tracking_uri, port, log)
         try:
-            bench.first_answer(process, time.monotonic(), port, "/predict", body, timeout=120)
-            bench.run_wrk(processes, args, process.pid, port, "/predict", body, args.warmup_seconds)
-            return bench.run_wrk(processes, args, process.pid, port, "/predict", body, args.seconds)
+            first_answer(process, time.monotonic(), port, "/predict", body, timeout=120)
+            run_wrk(processes, args, process.pid, port, "/predict", body, args.warmup_seconds)
+            return run_wrk(processes, args, process.pid, port, "/predict", body, args.seconds)
         finally:
             processes.stop(process)
 
@@ -87,14 +89,14 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "training", "--estimator", "LogisticRegression", "--dataset", "iris",
                     "--model-name", "bench-lr"], cwd=trees["before"], check=True, capture_output=True,
                    env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})  # fmt: skip
-    body = json.dumps(bench.IRIS_ROW).encode()
-    processes, runs = bench.Processes(), {"before": [], "after": []}
+    body = json.dumps(IRIS_ROW).encode()
+    processes, runs = Processes(), {"before": [], "after": []}
     try:
         for round_ in range(args.rounds):
             for label, tree in trees.items():
                 run = measure(processes, args, tree, folder, f"{label}-{round_}", tracking_uri, body)
                 runs[label].append(run)
-                print(f"[bench] {label} round {round_ + 1}: {bench.summary(run)}", flush=True)
+                print(f"[bench] {label} round {round_ + 1}: {summary(run)}", flush=True)
     finally:
         processes.stop_all()
     command = runs["after"][0]["command"]

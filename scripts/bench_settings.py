@@ -16,16 +16,23 @@ of a 10,000-row batch. The medians over runs are compared with the budget given:
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts import bench_serving as bench  # noqa: E402
+from scripts.bench_measure import batch_body, batch_request, run_wrk, summary  # noqa: E402
+from scripts.bench_peers import start_ours  # noqa: E402
+from scripts.bench_processes import Processes, first_answer, free_port  # noqa: E402
+from scripts.bench_report import machine  # noqa: E402
+from scripts.bench_serving import IRIS_ROW, register_models  # noqa: E402
 
 KEYS = ("p50_ms", "server_cpu_ms_per_request", "batch_ms")  # what --budget gives, in this order
 
@@ -41,16 +48,16 @@ def one_run(processes, args, folder: Path, tracking_uri: str, enabled: bool, ind
     os.environ["TRAIN_WARM_START"] = "false"  # no warm parent of jobs warming up beside the measured load
     label = f"{'with' if enabled else 'without'}-{index}"
     with open(folder / f"{label}.log", "wb") as log:
-        port = bench.free_port()
-        process = bench.start_ours(processes, folder, tracking_uri, label, port, log)
+        port = free_port()
+        process = start_ours(processes, folder, tracking_uri, label, port, log)
         try:
-            bench.first_answer(process, bench.time.monotonic(), port, "/predict", body, args.start_timeout)
-            bench.run_wrk(processes, args, process.pid, port, "/predict", body, 3.0)
-            warm = bench.run_wrk(processes, args, process.pid, port, "/predict", body, args.seconds)
-            bench.time.sleep(2.0)  # the prediction log's writers catch up with the load before the batch is timed
-            warm["batch_ms"] = bench.batch_request(port, batch, 20)
+            first_answer(process, time.monotonic(), port, "/predict", body, args.start_timeout)
+            run_wrk(processes, args, process.pid, port, "/predict", body, 3.0)
+            warm = run_wrk(processes, args, process.pid, port, "/predict", body, args.seconds)
+            time.sleep(2.0)  # the prediction log's writers catch up with the load before the batch is timed
+            warm["batch_ms"] = batch_request(port, batch, 20)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/drift", timeout=10) as answer:  # noqa: S310
-                warm["drift_rows"] = bench.json.loads(answer.read())["models"][0]["rows"]  # counting, or not
+                warm["drift_rows"] = json.loads(answer.read())["models"][0]["rows"]  # counting, or not
             return warm
         finally:
             processes.stop(process)
@@ -71,27 +78,27 @@ def main() -> int:
     if not args.with_ and not args.without:
         args.with_, args.without = ["DRIFT_ENABLED=true"], ["DRIFT_ENABLED=false"]
     budget = dict(zip(KEYS, (float(v) for v in args.budget.split(",")), strict=True))
-    if not bench.shutil.which(args.wrk):
+    if not shutil.which(args.wrk):
         print("bench_drift needs wrk: apt-get install wrk (or brew install wrk)", file=sys.stderr)
         return 1
     folder = Path(tempfile.mkdtemp(prefix="bench-settings-"))
     tracking_uri = f"sqlite:///{folder}/mlflow.db"
-    registry, refs = bench.register_models(tracking_uri)
+    registry, refs = register_models(tracking_uri)
     registry.set_active_model(refs["LogisticRegression"])
-    body = bench.json.dumps(bench.IRIS_ROW).encode()
-    batch = bench.batch_body(10_000)
+    body = json.dumps(IRIS_ROW).encode()
+    batch = batch_body(10_000)
     order = [enabled for pair in range(args.pairs) for enabled in ((True, False) if pair % 2 == 0 else (False, True))]
     runs = {True: [], False: []}
-    processes = bench.Processes()
+    processes = Processes()
     try:
         for index, enabled in enumerate(order):
             warm = one_run(processes, args, folder, tracking_uri, enabled, index, body, batch)
             runs[enabled].append(warm)
-            print(f"[bench-settings] {'with   ' if enabled else 'without'}: {bench.summary(warm)}, "
+            print(f"[bench-settings] {'with   ' if enabled else 'without'}: {summary(warm)}, "
                   f"10,000 rows {warm['batch_ms']:.1f} ms; /drift counted {warm['drift_rows']} rows", flush=True)  # fmt: skip
     finally:
         processes.stop_all()
-    info = bench.machine(args)
+    info = machine(args)
     print(f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), commit {info['commit']}, {info['date']}, load average "
           f"at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}; command: "
           f".venv/bin/python scripts/bench_settings.py {' '.join(sys.argv[1:])}\n")  # fmt: skip

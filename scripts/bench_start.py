@@ -21,19 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_serving import (  # noqa: E402
-    IRIS_ROW,
-    MODELS,
-    Processes,
-    ensure_mlserver,
-    export_for_mlserver,
-    first_answer,
-    free_port,
-    register_models,
-    start_mlserver,
-    start_ours,
-    v2_body,
-)
+from scripts.bench_peers import ensure_mlserver, export_for_mlserver, start_mlserver, start_ours, v2_body  # noqa: E402
+from scripts.bench_processes import Processes, first_answer, free_port  # noqa: E402
+from scripts.bench_serving import IRIS_ROW, MODELS, register_models  # noqa: E402
 
 
 def time_start(processes: Processes, start, path: str, body: bytes, log_path: Path) -> float:

@@ -8,7 +8,7 @@ Run: PYTHONPATH=. .venv/bin/python scripts/drift_scale.py
 2. The count file of one process (serving.drift_counts.VersionCounts, 60 slots of 60 s, the default 3600 s
    window) for 200 text features of 50 kept values each. Budget: < 6 MB (6,000,000 bytes).
 3. The drift part of a /metrics scrape: serving.drift_counts.merged over 4 workers' count files, then
-   serving.drift.report, as DriftCollector does for one version (median and max of 20). It is measured in
+   serving.drift_figures.report, as DriftCollector does for one version (median and max of 20). It is measured in
    one process with the files in the page cache, NOT an HTTP /metrics call: Flask, the gauge families and
    the exposition text are not included. Four workers are simulated by four files with fake pids, each
    holding 5,000 rows counted by row_cells + VersionCounts.add in batches of 100 over 50 slots.
@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from kernel.drift_format import parse_baseline
-from serving.drift import report
 from serving.drift_counts import VersionCounts, merged, row_cells, small_cells
+from serving.drift_figures import report
 from training.baseline import baseline_bytes
 
 COMMAND = "PYTHONPATH=. .venv/bin/python scripts/drift_scale.py"
@@ -120,10 +120,8 @@ def yes(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def main() -> None:
-    load_before = os.getloadavg()
-    table = []
-    # 1. Registration: the baseline of 50,000 x 200 mixed columns.
+def registration(table: list):
+    """1. Registration: the baseline of 50,000 x 200 mixed columns; its rows go to `table`, the parsed baseline back."""
     train, holdout = mixed_frame(50_000, seed=1), labels(10_000, seed=2)
     seconds, content = [], b""
     for _ in range(3):
@@ -136,44 +134,64 @@ def main() -> None:
     )
     size_kb = len(content) / 1024
     table.append(("baseline.json, 50,000 x 200 mixed", f"{size_kb:.0f} KB", "<= 300 KB", yes(size_kb <= 300)))
+    return mixed
+
+
+def count_files(table: list, folder: Path, text, mixed) -> None:
+    """2. The count file of one process, for each baseline."""
+    for name, baseline in (("200 text x 50 values", text), ("200 mixed (1.)", mixed)):
+        (own_folder := folder / f"own-{name.split()[1]}").mkdir()
+        own = VersionCounts(baseline, SLOT, str(own_folder))
+        size = own.path.stat().st_size
+        table.append((f"count file per process, {name}, {baseline.cells} cells",
+                      f"{size / 1e6:.2f} MB ({size:,} B)", "< 6 MB", yes(size < 6e6)))  # fmt: skip
+        del own
+
+
+def scrapes(table: list, folder: Path, text, mixed) -> None:
+    """3. merged + report over 4 workers' files, 5,000 rows each."""
+    for name, baseline, frame in (("mixed", mixed, mixed_frame(20_000, seed=5)),
+                                  ("text-only", text, text_frame(20_000, seed=6))):  # fmt: skip
+        workers = folder / f"workers-{name.replace(' ', '-')}"
+        workers.mkdir()
+        write_workers(baseline, workers, columns_of(frame), labels(20_000, seed=7))
+        total, alone = scrape_times(baseline, workers)
+        median = statistics.median(total)
+        table.append((f"scrape drift part, {name} 200 features, 4 workers: merged + report, median (max) of 20",
+                      f"{median * 1e3:.1f} ms ({max(total) * 1e3:.1f} ms); merged alone {statistics.median(alone) * 1e3:.1f} ms",
+                      "< 50 ms (whole /metrics)", yes(max(total) < 0.05)))  # fmt: skip
+
+
+def counting_costs(table: list, mixed) -> None:
+    """4. Per-request counting cost on the mixed 200-feature baseline."""
+    live, predicted = columns_of(mixed_frame(1_000, seed=8)), labels(1_000, seed=9)
+    memory = VersionCounts(mixed, SLOT, None)
+    for rows, number, repeat in ((1, 200, 25), (1_000, 3, 15)):
+        columns = {name: values[:rows] for name, values in live.items()}
+        chosen = predicted[:rows]
+        small = per_call(lambda: small_cells(mixed, columns, chosen), number, repeat)  # noqa: B023
+        vector = per_call(lambda: row_cells(mixed, columns, chosen, 1000), number, repeat)  # noqa: B023
+        cells = small_cells(mixed, columns, chosen) if rows <= 32 else row_cells(mixed, columns, chosen, 1000)
+        add = per_call(lambda: memory.add(*((cells, rows) if rows <= 32 else cells)), number, repeat)  # noqa: B023
+        path = "small_cells" if rows <= 32 else "row_cells"
+        table.append((f"counting one {rows:,}-row request, 200 mixed features (median)",
+                      f"small_cells {small * 1e3:.2f} ms, row_cells {vector * 1e3:.2f} ms, add {add * 1e3:.3f} ms "
+                      f"(observe uses {path})", "none given", "-"))  # fmt: skip
+
+
+def main() -> None:
+    load_before = os.getloadavg()
+    table = []
+    mixed = registration(table)
     # 2. The count file for 200 text features of 50 kept values.
     text_content = baseline_bytes(text_frame(5_000, seed=3), labels(2_000, seed=4), CLASSES)
     text = parse_baseline(text_content)
     assert all(len(cells.values) == 50 for cells in text.features)
     folder = Path(tempfile.mkdtemp(prefix="drift-scale-"))
     try:
-        for name, baseline in (("200 text x 50 values", text), ("200 mixed (1.)", mixed)):
-            (own_folder := folder / f"own-{name.split()[1]}").mkdir()
-            own = VersionCounts(baseline, SLOT, str(own_folder))
-            size = own.path.stat().st_size
-            table.append((f"count file per process, {name}, {baseline.cells} cells",
-                          f"{size / 1e6:.2f} MB ({size:,} B)", "< 6 MB", yes(size < 6e6)))  # fmt: skip
-            del own
-        # 3. merged + report over 4 workers' files, 5,000 rows each.
-        for name, baseline, frame in (("mixed", mixed, mixed_frame(20_000, seed=5)),
-                                      ("text-only", text, text_frame(20_000, seed=6))):  # fmt: skip
-            workers = folder / f"workers-{name.replace(' ', '-')}"
-            workers.mkdir()
-            write_workers(baseline, workers, columns_of(frame), labels(20_000, seed=7))
-            total, alone = scrape_times(baseline, workers)
-            median = statistics.median(total)
-            table.append((f"scrape drift part, {name} 200 features, 4 workers: merged + report, median (max) of 20",
-                          f"{median * 1e3:.1f} ms ({max(total) * 1e3:.1f} ms); merged alone {statistics.median(alone) * 1e3:.1f} ms",
-                          "< 50 ms (whole /metrics)", yes(max(total) < 0.05)))  # fmt: skip
-        # 4. Per-request counting cost on the mixed 200-feature baseline.
-        live, predicted = columns_of(mixed_frame(1_000, seed=8)), labels(1_000, seed=9)
-        memory = VersionCounts(mixed, SLOT, None)
-        for rows, number, repeat in ((1, 200, 25), (1_000, 3, 15)):
-            columns = {name: values[:rows] for name, values in live.items()}
-            chosen = predicted[:rows]
-            small = per_call(lambda: small_cells(mixed, columns, chosen), number, repeat)  # noqa: B023
-            vector = per_call(lambda: row_cells(mixed, columns, chosen, 1000), number, repeat)  # noqa: B023
-            cells = small_cells(mixed, columns, chosen) if rows <= 32 else row_cells(mixed, columns, chosen, 1000)
-            add = per_call(lambda: memory.add(*((cells, rows) if rows <= 32 else cells)), number, repeat)  # noqa: B023
-            path = "small_cells" if rows <= 32 else "row_cells"
-            table.append((f"counting one {rows:,}-row request, 200 mixed features (median)",
-                          f"small_cells {small * 1e3:.2f} ms, row_cells {vector * 1e3:.2f} ms, add {add * 1e3:.3f} ms "
-                          f"(observe uses {path})", "none given", "-"))  # fmt: skip
+        count_files(table, folder, text, mixed)
+        scrapes(table, folder, text, mixed)
+        counting_costs(table, mixed)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     cpus = len(os.sched_getaffinity(0))

@@ -48,10 +48,15 @@ def strongly_connected(edges: dict[str, list[str]]) -> list[list[str]]:
     return groups
 
 
+def import_edges(packages: str) -> dict[str, list[str]]:
+    """Each module of `packages` (comma-separated) and the modules it imports, anywhere in its code."""
+    graph = grimp.build_graph(*packages.split(","), cache_dir=None)
+    return {module: sorted(graph.find_modules_directly_imported_by(module)) for module in graph.modules}
+
+
 def main(tree: str, packages: str) -> None:
     sys.path.insert(0, tree)
-    graph = grimp.build_graph(*packages.split(","), cache_dir=None)
-    edges = {module: sorted(graph.find_modules_directly_imported_by(module)) for module in graph.modules}
+    edges = import_edges(packages)
     print(f"{len(edges)} modules; cycles:", strongly_connected(edges) or "none")
     halves = {"serving", "training"}
     crossing = [(a, b) for a in sorted(edges) for b in edges[a] if {a.split(".")[0], b.split(".")[0]} == halves]

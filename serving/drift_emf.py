@@ -75,7 +75,7 @@ class Emitter:
 
 def merge(lines, baseline_text: bytes, min_rows: int = 500, warn: float = 0.1, alert: float = 0.25) -> dict:
     """/drift's entry for the raw count lines of many environments that match the baseline."""
-    from serving.drift import report
+    from serving.drift_figures import report
 
     baseline = parse_baseline(baseline_text)
     rows, counts, environments = 0, np.zeros(baseline.cells, dtype=np.int64), 0

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from kernel.drift_format import Baseline, parse_baseline, read_baseline
-from serving.drift import report
 from serving.drift_counts import row_cells
+from serving.drift_figures import report
 
 COUNTED_ROUTES = ("active", "stable", "candidate", "fallback")
 CHUNK = 5_000

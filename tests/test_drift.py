@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from kernel.drift_format import BASELINE_TAG, parse_baseline, read_baseline
-from serving.drift import distances, noise_floor, report
 from serving.drift_counts import VersionCounts, merged, row_cells
+from serving.drift_figures import distances, noise_floor, report
 from training.baseline import baseline_bytes
 
 CLASSES = ["no", "yes"]

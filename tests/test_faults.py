@@ -12,14 +12,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_NAME, IRIS_ROW, free_port, ref, wait_for_http
+from tests.conftest import DEFAULT_NAME, IRIS_ROW, ref
+from tests.fault_helpers import TrackingServer, connection_owner, processes_with
 from tests.servers import Service, worker_pids
 
 pytestmark = pytest.mark.drill
@@ -30,66 +30,6 @@ SLOW_JOB = {"estimator": "GradientBoostingClassifier", "dataset": "digits", "par
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-class TrackingServer:
-    """An `mlflow server` in its own process group, so that killing it kills all of it; restartable."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> TrackingServer:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "mlflow.log", "a") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-                 "--artifacts-destination", (self.folder / "artifacts").as_uri(), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        wait_for_http(f"{self.uri}/health", timeout=90, process=self.process)
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
-
-
-def processes_with(text: str) -> list[int]:
-    """The processes whose command line contains `text` (a job's run id: its supervisor and trainer)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if text in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def connection_owner(server_port: int, client_port: int, candidates: set[int]) -> int:
-    """Which process holds the server side of one TCP connection (its socket inode in /proc)."""
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
-        if local == server_port and remote == client_port:
-            inode = fields[9]
-    assert inode, "the connection is not in /proc/net/tcp"
-    for pid in candidates:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if os.readlink(fd) == f"socket:[{inode}]":
-                    return pid
-            except OSError:
-                pass
-    raise AssertionError("no worker holds the connection")
-
-
 def predict(url: str) -> requests.Response:
     # A new connection each time, so the kernel spreads the requests over the workers.
     return requests.post(f"{url}/predict", json=IRIS_ROW, timeout=30, headers={"Connection": "close"})

@@ -162,12 +162,57 @@ def test_postgresql_stopped_mid_load_fails_no_prediction_and_logging_resumes_wit
         drop_database(name)
 
 
+def predict_on_both_workers(service: Service, sessions: list, generator: random.Random) -> tuple[list, list]:
+    """1,000 random rows, 4 to a request over the sessions, answered by both workers: their labels and their ids."""
+    names = list(IRIS_ROW)
+    predicted, ids, pids = [], [], set()
+    for index in range(250):
+        records = [{n: round(generator.uniform(0.1, 7.5), 1) for n in names} for _ in range(4)]
+        answer = sessions[index % 4].post(f"{service.url}/predict", json={"records": records}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        predicted += answer.json()["predictions"]
+        ids += answer.json()["prediction_ids"]
+        pids.add(answer.headers["X-Worker-Pid"])
+    assert len(pids) == 2 and len(ids) == len(set(ids)) == 1000
+    return predicted, ids
+
+
+def assert_figures_are_sklearns(figures: dict, truth: list, guessed: list, classes: list) -> None:
+    """/performance's figures equal scikit-learn's on the same pairs."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+    assert figures["accuracy"] == pytest.approx(accuracy_score(truth, guessed), abs=1e-12)
+    assert figures["f1_macro"] == pytest.approx(f1_score(truth, guessed, average="macro"), abs=1e-12)
+    precision = precision_score(truth, guessed, labels=classes, average=None, zero_division=0)
+    recall = recall_score(truth, guessed, labels=classes, average=None, zero_division=0)
+    for index, label in enumerate(classes):
+        assert figures["per_class"][label]["precision"] == pytest.approx(precision[index], abs=1e-12)
+        assert figures["per_class"][label]["recall"] == pytest.approx(recall[index], abs=1e-12)
+    assert figures["confusion_matrix"] == {
+        "labels": classes, "matrix": confusion_matrix(truth, guessed, labels=classes).tolist()
+    }  # fmt: skip
+
+
+def model_samples_once_refreshed(service: Service) -> dict:
+    """The default model's model_* samples in /metrics, once they count the 600 labelled rows."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import DEFAULT_NAME
+
+    deadline = time.monotonic() + 60
+    while True:
+        text = requests.get(f"{service.url}/metrics", timeout=10).text
+        ours = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name.startswith("model_") and s.labels.get("model") == DEFAULT_NAME}  # fmt: skip
+        if ours.get("model_labelled_rows") == 600:
+            return ours
+        assert time.monotonic() < deadline, (ours, service.log_tail())
+        time.sleep(0.2)
+
+
 def test_live_figures_over_both_workers_equal_our_own_and_reach_metrics_and_mlflow(tmp_path, database):
     """1,000 rows answered by both workers, 600 of them labelled: /performance equals scikit-learn's figures on the
     same pairs, and after a refresh /metrics and the version's MLflow run say the same."""
-    from prometheus_client.parser import text_string_to_metric_families
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
-
     from tests.conftest import DEFAULT_NAME, mlflow_client
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -177,17 +222,8 @@ def test_live_figures_over_both_workers_equal_our_own_and_reach_metrics_and_mlfl
     service = Service(env, tmp_path, workers=2).start()
     sessions = [requests.Session() for _ in range(4)]
     generator = random.Random(11)
-    names = list(IRIS_ROW)
     try:
-        predicted, ids, pids = [], [], set()
-        for index in range(250):
-            records = [{n: round(generator.uniform(0.1, 7.5), 1) for n in names} for _ in range(4)]
-            answer = sessions[index % 4].post(f"{service.url}/predict", json={"records": records}, timeout=30)
-            assert answer.status_code == 200, answer.text
-            predicted += answer.json()["predictions"]
-            ids += answer.json()["prediction_ids"]
-            pids.add(answer.headers["X-Worker-Pid"])
-        assert len(pids) == 2 and len(ids) == len(set(ids)) == 1000
+        predicted, ids = predict_on_both_workers(service, sessions, generator)
         classes = sorted(set(predicted) | {"setosa", "versicolor", "virginica"})
         deadline = time.monotonic() + 30
         while count(database) < 1000:
@@ -202,27 +238,10 @@ def test_live_figures_over_both_workers_equal_our_own_and_reach_metrics_and_mlfl
         figures = requests.get(f"{service.url}/models/{DEFAULT_NAME}/versions/1/performance?window=1d", timeout=30)
         figures = figures.json()
         assert figures["labelled_rows"] == 600 and figures["predicted_rows"] == 1000, figures
-        assert figures["accuracy"] == pytest.approx(accuracy_score(truth, guessed), abs=1e-12)
-        assert figures["f1_macro"] == pytest.approx(f1_score(truth, guessed, average="macro"), abs=1e-12)
-        precision = precision_score(truth, guessed, labels=classes, average=None, zero_division=0)
-        recall = recall_score(truth, guessed, labels=classes, average=None, zero_division=0)
-        for index, label in enumerate(classes):
-            assert figures["per_class"][label]["precision"] == pytest.approx(precision[index], abs=1e-12)
-            assert figures["per_class"][label]["recall"] == pytest.approx(recall[index], abs=1e-12)
-        assert figures["confusion_matrix"] == {
-            "labels": classes, "matrix": confusion_matrix(truth, guessed, labels=classes).tolist()
-        }  # fmt: skip
+        assert_figures_are_sklearns(figures, truth, guessed, classes)
 
         # After a refresh (every second here), /metrics says the same, and so does the version's MLflow run.
-        deadline = time.monotonic() + 60
-        while True:
-            text = requests.get(f"{service.url}/metrics", timeout=10).text
-            ours = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-                    if s.name.startswith("model_") and s.labels.get("model") == DEFAULT_NAME}  # fmt: skip
-            if ours.get("model_labelled_rows") == 600:
-                break
-            assert time.monotonic() < deadline, (ours, service.log_tail())
-            time.sleep(0.2)
+        ours = model_samples_once_refreshed(service)
         assert ours["model_live_accuracy"] == pytest.approx(figures["accuracy"], abs=1e-12)
         assert ours["model_live_f1_macro"] == pytest.approx(figures["f1_macro"], abs=1e-12)
         client = mlflow_client(tracking_uri)  # not MlflowClient(uri): an earlier test's registry URI is process-wide

@@ -209,6 +209,68 @@ def load(port: int, stop: threading.Event, answers: list, connections: int = 8) 
     return threads
 
 
+def spawn_into_the_boot(service: Service) -> None:
+    """Start gunicorn; return while the master is importing and loading the app (preload): no worker yet."""
+    service.spawn()
+    deadline = time.monotonic() + 60
+    while "numpy" not in Path(f"/proc/{service.process.pid}/maps").read_text():
+        assert service.process.poll() is None and time.monotonic() < deadline, log_without_access_lines(service)
+        time.sleep(0.001)
+
+
+def spawn_and_hold_a_warm_up(service: Service, frozen: list[int]) -> None:
+    """Start gunicorn; return with a worker forked and held inside its warm-up (post_fork, after_fork), its pid
+    in `frozen`."""
+    service.spawn()
+    # A warm-up takes some 20 ms; the drill holds the first worker inside it (SIGSTOP as soon as it
+    # exists, SIGCONT once the master has passed the SIGTERM on), so that it is there every time.
+    wait_for_log(service, "Listening at")  # the master has loaded the app: its children are workers now
+    deadline = time.monotonic() + 120
+    while not frozen:
+        assert service.process.poll() is None and time.monotonic() < deadline, log_without_access_lines(service)
+        for pid in sorted(worker_pids(service.process.pid)):
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+                break
+            except ProcessLookupError:  # a short-lived child, gone already
+                pass
+        time.sleep(0.001)
+
+
+def start_a_swap(service: Service, version, in_flight: list) -> tuple[threading.Thread, float]:
+    """A /use-model of `version` in flight (its status and the time of its answer go to `in_flight`); returns
+    its thread and the time after which the answer must come."""
+
+    def use_model() -> None:
+        answer = requests.post(f"{service.url}/use-model", json=version.as_dict(), headers=AUTH, timeout=60)
+        in_flight.append((answer.status_code, time.monotonic()))
+
+    swap = threading.Thread(target=use_model)
+    swap.start()
+    time.sleep(0.05)  # for the request to reach a worker; the answer must come after the SIGTERM
+    return swap, time.monotonic()
+
+
+def wait_for_answers_under_load(answers: list) -> None:
+    deadline = time.monotonic() + 30
+    while len(answers) < 200:
+        assert time.monotonic() < deadline, f"only {len(answers)} answers under load in 30 s"
+        time.sleep(0.01)
+
+
+def check_what_the_load_got(batch, stop: threading.Event, clients: list, answers: list, in_flight: list) -> None:
+    """The batch in flight is answered in full; the one-row clients got 200s or a closed connection."""
+    answered = batch.getresponse()
+    in_flight.append(answered.status)
+    assert answered.status == 200 and len(json.loads(answered.read())["predictions"]) == 10_000
+    stop.set()
+    for client in clients:
+        client.join(timeout=30)
+    statuses = Counter(answers)
+    assert set(statuses) <= {200, None}, f"answers during the stop: {statuses}"
+
+
 @pytest.mark.drill
 @pytest.mark.parametrize("state", ["boot", "warm-up", "swap", "load"])
 def test_a_stop_is_prompt_in_every_state(store, wine_tree, tmp_path, state):
@@ -225,49 +287,20 @@ def test_a_stop_is_prompt_in_every_state(store, wine_tree, tmp_path, state):
     batch = None
     try:
         if state == "boot":  # the master is importing and loading the app (preload): no worker yet
-            service.spawn()
-            deadline = time.monotonic() + 60
-            while "numpy" not in Path(f"/proc/{service.process.pid}/maps").read_text():
-                assert service.process.poll() is None and time.monotonic() < deadline, log_without_access_lines(service)
-                time.sleep(0.001)
+            spawn_into_the_boot(service)
         elif state == "warm-up":  # a worker has forked and not finished its warm-up (post_fork, after_fork)
-            service.spawn()
-            # A warm-up takes some 20 ms; the drill holds the first worker inside it (SIGSTOP as soon as it
-            # exists, SIGCONT once the master has passed the SIGTERM on), so that it is there every time.
-            wait_for_log(service, "Listening at")  # the master has loaded the app: its children are workers now
-            deadline = time.monotonic() + 120
-            while not frozen:
-                assert service.process.poll() is None and time.monotonic() < deadline, log_without_access_lines(service)
-                for pid in sorted(worker_pids(service.process.pid)):
-                    try:
-                        os.kill(pid, signal.SIGSTOP)
-                        frozen.append(pid)
-                        break
-                    except ProcessLookupError:  # a short-lived child, gone already
-                        pass
-                time.sleep(0.001)
+            spawn_and_hold_a_warm_up(service, frozen)
         else:
             service.start()
         if state == "swap":  # a /use-model in flight: loading the version, then moving the alias
-
-            def use_model() -> None:
-                answer = requests.post(f"{service.url}/use-model", json=wine_tree.as_dict(), headers=AUTH, timeout=60)
-                in_flight.append((answer.status_code, time.monotonic()))
-
-            swap = threading.Thread(target=use_model)
-            swap.start()
-            time.sleep(0.05)  # for the request to reach a worker; the answer must come after the SIGTERM
-            signalled = time.monotonic()
+            swap, signalled = start_a_swap(service, wine_tree, in_flight)
         if state == "load":
             stop, answers = threading.Event(), []
             clients = load(service.port, stop, answers)
             batch = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
             batch.request("POST", "/predict", body=json.dumps({"records": [IRIS_ROW] * 10_000}),
                           headers={"Content-Type": "application/json"})  # fmt: skip
-            deadline = time.monotonic() + 30
-            while len(answers) < 200:
-                assert time.monotonic() < deadline, f"only {len(answers)} answers under load in 30 s"
-                time.sleep(0.01)
+            wait_for_answers_under_load(answers)
         took = terminate_and_time(service, frozen)
         if state == "boot":
             assert "Booting worker" not in service.log_text(), "the drill came too late: a worker had booted"
@@ -277,14 +310,7 @@ def test_a_stop_is_prompt_in_every_state(store, wine_tree, tmp_path, state):
             assert in_flight[0][1] > signalled, "the drill came too late: the swap had finished before the SIGTERM"
             assert store["registry"].get_active_model() == wine_tree
         if state == "load":
-            answered = batch.getresponse()
-            in_flight.append(answered.status)
-            assert answered.status == 200 and len(json.loads(answered.read())["predictions"]) == 10_000
-            stop.set()
-            for client in clients:
-                client.join(timeout=30)
-            statuses = Counter(answers)
-            assert set(statuses) <= {200, None}, f"answers during the stop: {statuses}"
+            check_what_the_load_got(batch, stop, clients, answers, in_flight)
         print(f"\nSIGTERM during {state}: gone after {took:.2f} s; in flight: {in_flight}")
         assert took < GRACEFUL_TIMEOUT / 2, (
             f"the stop during {state} took {took:.1f} s (graceful_timeout {GRACEFUL_TIMEOUT} s):\n"

@@ -94,6 +94,31 @@ def test_four_workers_on_an_empty_registry_bootstrap_one_version(gunicorn_servic
     assert any(key.endswith("model.skops") for key in keys)
 
 
+def client_under_swaps(url, expected, state, stats, pids, lock, done, stop_at) -> None:
+    """One keep-alive client of the swap drill: POSTs until `done` (or `stop_at`), counting in `stats` what failed,
+    what mixed two versions, and what did not come from the version `state` says is settled."""
+    session = requests.Session()
+    while not done.is_set() and time.monotonic() < stop_at:
+        with lock:
+            settled, generation = state["settled"], state["generation"]
+        try:
+            answer = session.post(f"{url}/predict", json=BORDER_ROW, timeout=30)
+            body = answer.json()
+            ok = answer.status_code == 200
+            mixed = ok and body["probabilities"][0] != expected[body["model"]["name"]]
+        except (requests.RequestException, ValueError):
+            ok, mixed = False, False
+        with lock:
+            stats["sent"] += 1
+            stats["failed"] += not ok
+            stats["mixed"] += mixed
+            if ok:
+                pids.add(answer.headers["X-Worker-Pid"])
+            if ok and settled is not None and generation == state["generation"]:
+                stats["checked"] += 1
+                stats["stale"] += ref(body["model"]) != settled
+
+
 def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack):
     url = gunicorn_service.url
     alternative = train_cli(stack, "--estimator", "GaussianNB", "--dataset", "iris", "--model-name", "iris-nb",
@@ -116,29 +141,8 @@ def test_swaps_reach_every_worker_at_once_and_never_mix(gunicorn_service, stack)
     stop_at = time.monotonic() + 90
     done = threading.Event()
 
-    def client():
-        session = requests.Session()
-        while not done.is_set() and time.monotonic() < stop_at:
-            with lock:
-                settled, generation = state["settled"], state["generation"]
-            try:
-                answer = session.post(f"{url}/predict", json=BORDER_ROW, timeout=30)
-                body = answer.json()
-                ok = answer.status_code == 200
-                mixed = ok and body["probabilities"][0] != expected[body["model"]["name"]]
-            except (requests.RequestException, ValueError):
-                ok, mixed = False, False
-            with lock:
-                stats["sent"] += 1
-                stats["failed"] += not ok
-                stats["mixed"] += mixed
-                if ok:
-                    pids.add(answer.headers["X-Worker-Pid"])
-                if ok and settled is not None and generation == state["generation"]:
-                    stats["checked"] += 1
-                    stats["stale"] += ref(body["model"]) != settled
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
+    shared = (url, expected, state, stats, pids, lock, done, stop_at)
+    threads = [threading.Thread(target=client_under_swaps, args=shared) for _ in range(8)]
     for thread in threads:
         thread.start()
     worst_first_answer = 0.0

@@ -110,11 +110,12 @@ def _castable(cast, label: str) -> bool:
 def training_frame(registry, model: str, version: str) -> pd.DataFrame:
     """The rows the version was trained on, with their labels in TARGET."""
     from training.attempt import load_job_dataset
+    from training.job_record import JobState
 
     run = registry.version_run(model, version)
-    tags = run.data.tags
-    if "job.dataset" in tags:
-        dataset = load_job_dataset(registry, run.info.run_id, json.loads(tags["job.dataset"]))
+    tags, job = run.data.tags, JobState.from_run(run)
+    if job.dataset:  # trained by a job: the dataset its record names
+        dataset = load_job_dataset(registry, job.job_id, job.dataset)
     elif tags.get("dataset") in BUILTIN_DATASETS:
         dataset = load_builtin(tags["dataset"])
     else:

@@ -1,9 +1,9 @@
 """The warm parent of local jobs: a process that has imported the training code once, and forks each job's process.
 
-A job's process started with `python -m training.local_executor` spends seconds importing MLflow,
+A job's process started with `python -m training.job_process` spends seconds importing MLflow,
 scikit-learn and the training code before it can take its job. The fork server does that once: the
 local executor sends it the job's id and settings over a Unix socket, and it forks the job's process,
-which runs the same `local_executor.main` at once (its lock, its slot, its attempts in a billiard pool
+which runs the same `job_process.main` at once (its lock, its slot, its attempts in a billiard pool
 with the time limits). The job's process is in a session of its own and named for its job (ps shows
 `training job <id>`), killable alone, and outlives the fork server as it outlives the service.
 
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from kernel.config import PROJECT_ROOT
+from kernel.locks import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,7 @@ class ForkServerClient:
         up, started by any process) or this process started one within the last minute."""
         if time.monotonic() - self._launched_at < 60 and self._launched_at:
             return
-        from training.local_executor import try_lock
-
-        held = try_lock(self.socket_path.with_suffix(".lock"))
+            held = try_lock(self.socket_path.with_suffix(".lock"))
         if held is None:
             return
         held.close()
@@ -118,18 +117,6 @@ class ForkServerClient:
                 start_new_session=True,
             )  # fmt: skip
         threading.Thread(target=process.wait, name="fork-server-reaper", daemon=True).start()
-
-
-def drop_inherited_connections() -> None:
-    """In a forked process: MLflow's HTTP sessions and database pools of the parent are left to it, new ones opened."""
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
-    from mlflow.utils import request_utils
-
-    request_utils._cached_get_request_session.cache_clear()
-    for store_class in (TrackingSqlStore, RegistrySqlStore):
-        for engine in store_class._engine_map.values():
-            engine.dispose(close=False)
 
 
 # ---- the fork server's side --------------------------------------------------------------------------------
@@ -145,8 +132,6 @@ def _alive(pid: int) -> bool:
 
 def _take_lock(path: Path):
     """The fork server's own lock (one per socket), waited for while an ending one still holds it."""
-    from training.local_executor import try_lock
-
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while (handle := try_lock(path)) is None:
         if time.monotonic() > deadline:
@@ -157,6 +142,8 @@ def _take_lock(path: Path):
 
 def _job_process(request: dict, inherited: list) -> None:
     """In the forked child: become the job's own process (session, name, log), then run the job; never returns."""
+    from training.job_process import drop_inherited_connections, main
+
     status = 1
     try:
         for handle in inherited:  # the fork server's socket and lock are not the job's
@@ -173,7 +160,6 @@ def _job_process(request: dict, inherited: list) -> None:
 
         setproctitle.setproctitle(f"training job {request['job_id']} (forked by training.fork_server)")
         from kernel.config import settings_from_json
-        from training.local_executor import main
 
         main(request["job_id"], settings_from_json(request["settings"]))
         status = 0

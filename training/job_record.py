@@ -2,10 +2,12 @@
 
 This is the only module that knows those tags. The submitter creates the record (`JobRecord.create`),
 or discards it when no executor takes the job. The running attempt writes its own transitions:
-`start`, `phase`, `beat`, then `succeed` or `fail`. A supervisor writes one thing only, when it had
-to kill an attempt at the hard time limit, which the attempt cannot record itself: `time_limit` (the
-local executor's billiard pool, and Celery's `JobRequest.on_timeout`; Celery records its own hard
-kills the same way). Everyone else only reads (`JobRecord.lookup`, `JobRecord.read`), so
+`start`, `phase`, `beat`, then `succeed` or `fail`. One more write records a time limit, `time_limit`,
+and comes from outside the attempt's own code: from its supervisor when it killed the attempt at the
+hard limit (the local executor's billiard pool, and Celery's `JobRequest.on_timeout`; Celery records
+its own hard kills the same way), or, when the soft limit stopped the attempt before the attempt could
+catch it (while it opened the registry), from the code that ran it (the local pool's parent, or the
+Celery task around `execute_job` in the same process). Everyone else only reads (`JobRecord.lookup`, `JobRecord.read`), so
 `GET /train/jobs/<id>` reads the same from every worker and every instance.
 """
 
@@ -236,10 +238,11 @@ class JobRecord:
 
     # ---- a supervisor's one write -------------------------------------------------------------------------
     def time_limit(self, seconds: int) -> None:
-        """A supervisor killed the attempt's process at the hard time limit: the attempt cannot record that.
+        """The attempt ran out of time and could not record it: it fails the job like `fail`.
 
-        Written by the process that supervised the attempt (the local executor's pool, Celery's
-        `JobRequest.on_timeout`), never by the attempt; it fails the job like `fail`.
+        Written by the attempt's supervisor when it killed it at the hard limit (the local executor's pool,
+        Celery's `JobRequest.on_timeout`), or by the code around the attempt when the soft limit stopped it
+        before `execute_job` could catch it (the local pool's parent; the Celery task, in the same process).
         """
         self.fail(time_limit_error(seconds))
 
