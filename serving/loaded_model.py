@@ -179,10 +179,10 @@ def _load_later(path: Path, flavor: dict, ref: ModelRef):
     return load
 
 
-def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> LoadedModel:
+def load_model_dir(path: Path, ref: ModelRef, serving_runtime: str = "auto") -> LoadedModel:
     """Load a downloaded version: its verified ONNX form where it has one, and the skops pipeline.
 
-    `runtime_setting` is SERVING_RUNTIME: "auto" serves compiled versions with ONNX Runtime,
+    `serving_runtime` is SERVING_RUNTIME: "auto" serves compiled versions with ONNX Runtime,
     "sklearn" serves every version with scikit-learn.
     """
     try:
@@ -198,7 +198,7 @@ def load_model_dir(path: Path, ref: ModelRef, runtime_setting: str = "auto") -> 
     features = _features(mlmodel, ref)
     example_rows = _input_example(path, mlmodel, features, ref)
     verdict = model_format.read_verdict(path)
-    onnx_bytes, reason = model_format.compiled_form(path, verdict, runtime_setting)
+    onnx_bytes, reason = model_format.compiled_form(path, verdict, serving_runtime)
     if onnx_bytes is None:  # scikit-learn serves the version: load it now
         sklearn_form = SklearnForm(value=_load_estimator(path, flavor, ref))
         if sklearn_form.get() is None:

@@ -50,10 +50,10 @@ def check_writable(folder: Path) -> None:
 class ModelCache:
     """Finds and fetches versions: from memory, else from this machine's folder, else from the registry."""
 
-    def __init__(self, registry: Registry, state_dir: Path, runtime_setting: str = "auto", capacity: int = 3):
+    def __init__(self, registry: Registry, state_dir: Path, serving_runtime: str = "auto", capacity: int = 3):
         self.registry = registry
         self.state_dir = Path(state_dir)
-        self.runtime_setting = runtime_setting
+        self.serving_runtime = serving_runtime
         self.capacity = capacity  # SERVING_CACHE_VERSIONS: versions kept in memory besides the pinned ones
         self.pinned: Callable[[], set[ModelRef]] = set  # never evicted: the store pins the active version
         self._loaded: OrderedDict[ModelRef, LoadedModel] = OrderedDict()
@@ -103,7 +103,7 @@ class ModelCache:
             if not download:
                 raise FileNotFoundError(f"{ref.name} version {ref.version} is not in this machine's cache")
             self._download(ref, path)
-        loaded = load_model_dir(path, ref, self.runtime_setting)
+        loaded = load_model_dir(path, ref, self.serving_runtime)
         self._keep(ref, loaded)
         self._failed.pop(ref, None)
         return loaded

@@ -42,13 +42,13 @@ class ModelStore:
         state_dir: Path,
         poll_seconds: float = 5.0,
         bootstrap: Callable[[], ModelRef] | None = None,
-        runtime_setting: str = "auto",
+        serving_runtime: str = "auto",
         cache_versions: int = 3,
     ):
         self.registry = registry
         self.state_dir = Path(state_dir)
         self.bootstrap = bootstrap
-        self.cache = ModelCache(registry, self.state_dir, runtime_setting, cache_versions)
+        self.cache = ModelCache(registry, self.state_dir, serving_runtime, cache_versions)
         self.cache.pinned = self._pinned
         self.pointer = Pointer(self.state_dir)
         self.generation = Generation(self.state_dir, self.pointer)

@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+from kernel.refs import ModelRef
 from service import create_app
 from tests.conftest import client_of, mlflow_client, ref
 from tests.training_helpers import slow_job, version_count, wait_done
@@ -122,7 +123,8 @@ def test_reading_an_activated_job_serves_its_version_here_and_writes_nothing(cli
         for _ in range(3):
             assert client.get(location).json == job
         assert written() == before
-        assert [v[:3] for v in before[1] if v[0] == name] == [(name, "1", ("active",))]
+        assert [v[:2] for v in before[1] if v[0] == name] == [(name, "1")]
+        assert before[2] == (ModelRef(name, "1"),)  # the alias names it, and nothing but it
     finally:
         store["registry"].set_active_model(store["default"])
 
@@ -130,7 +132,6 @@ def test_reading_an_activated_job_serves_its_version_here_and_writes_nothing(cli
 def test_catch_up_loads_only_the_version_the_alias_names_and_never_bootstraps(tmp_path):
     """The hook the training half may call: on an empty registry it registers nothing (a bootstrap is the
     service's start, not a read); for a version the alias does not name, this machine keeps what it serves."""
-    from kernel.refs import ModelRef
 
     app = create_app({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "STATE_DIR": str(tmp_path / "state"),
                       "WATCH_REGISTRY": False, "BOOTSTRAP_DEFAULT_MODEL": False})  # fmt: skip

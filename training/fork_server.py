@@ -104,7 +104,7 @@ class ForkServerClient:
         up, started by any process) or this process started one within the last minute."""
         if time.monotonic() - self._launched_at < 60 and self._launched_at:
             return
-            held = try_lock(self.socket_path.with_suffix(".lock"))
+        held = try_lock(self.socket_path.with_suffix(".lock"))
         if held is None:
             return
         held.close()
