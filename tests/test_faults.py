@@ -271,9 +271,10 @@ def test_restart_that_kills_a_running_job_reports_it_failed(store, default_activ
     the jobs whose lock no process holds, and starts them again."""
     service = start_service({"MLFLOW_TRACKING_URI": store["uri"]}, tmp_path, TRAIN_MAX_ATTEMPTS=1)
     try:
-        submitted = requests.post(
-            f"{service.url}/train", json={**SLOW_JOB, "activate": False}, headers=AUTH, timeout=30
-        )
+        # Killed, so never trained to the end: long enough (300 rounds of depth-8 trees for 10 classes) that it
+        # cannot finish before the kill. SLOW_JOB once had, on a quiet machine, and the restart read it succeeded.
+        long_job = {**SLOW_JOB, "params": {"n_estimators": 300, "max_depth": 8}, "activate": False}
+        submitted = requests.post(f"{service.url}/train", json=long_job, headers=AUTH, timeout=30)
         job_id = submitted.json()["job_id"]
         wait_for_job(service.url, job_id, ("running",), timeout=60)
         quick = {
@@ -290,6 +291,8 @@ def test_restart_that_kills_a_running_job_reports_it_failed(store, default_activ
         for pid in everything:  # as a power cut or a container stop would: no process gets to clean up
             os.kill(pid, signal.SIGKILL)
         service.process.wait()
+        status = store["registry"].client.get_run(job_id).data.tags["job.status"]
+        assert status == "running", f"the drill came too late: the job was {status} when its processes were killed"
         service.process = None
         service.stop()
         service.start()
