@@ -1,4 +1,5 @@
-"""A lock between the processes of one machine (gunicorn workers), released if the holder dies."""
+"""Locks between the processes of one machine (gunicorn workers, local jobs and their slots), released if the
+holder dies."""
 
 from __future__ import annotations
 

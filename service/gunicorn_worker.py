@@ -268,7 +268,7 @@ def release_worker(pid: int) -> None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-# One byte shared by the master and every worker it forks: 1 once the master has a stop signal. Made at import,
+# One byte shared by the master and every worker it forks: 1 once the master is stopping. Made at import,
 # in the master (gunicorn imports the worker class before the first fork).
 _MASTER_STOPPING = mmap.mmap(-1, 1)
 
@@ -277,7 +277,9 @@ def mark_stops(server) -> None:
     """For gunicorn's `when_ready` hook (the master, before its first fork): a stop signal the master receives is
     also written where its workers can read it. A worker that gets the master's SIGTERM in the first instants
     after its fork, before CPython's after-fork code has run, loses it: that code clears the signals that
-    arrived (they were meant for the parent). Such a worker still sees the mark (`stop_promptly_while_booting`)."""
+    arrived (they were meant for the parent). Such a worker still sees the mark (`stop_promptly_while_booting`).
+    A stop the master starts without a signal (a worker that could not boot halts it; an error in its loop) is
+    marked too: `server.stop`, the one way to the workers' SIGTERM or SIGQUIT, marks before it sends them."""
     master = os.getpid()
 
     def stopping(signum, frame):
@@ -287,6 +289,13 @@ def mark_stops(server) -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, stopping)
+    stop_workers = server.stop
+
+    def stop(graceful=True):
+        _MASTER_STOPPING[0] = 1
+        stop_workers(graceful)
+
+    server.stop = stop
 
 
 def stop_promptly_while_booting(server) -> None:

@@ -165,7 +165,7 @@ def wait_until_read(server_port: int, client_port: int, timeout: float = 30) -> 
 def test_a_stop_the_master_marks_ends_a_booting_worker_that_lost_the_signal_and_a_worker_never_marks_it():
     """CPython clears, in a new child, the signals that arrived before its after-fork code ran: a worker sent the
     master's SIGTERM in that instant lost it, booted and held the stop for graceful_timeout (CI, the warm-up
-    drill). The master's mark is what such a worker reads; a worker signalled on its own (a timeout, TTOU) must
+    drill). The master's mark is what such a worker reads; a worker signalled on its own (TTOU's SIGTERM) must
     not mark it, or every worker booted after would leave."""
     import os
     import queue
@@ -175,9 +175,13 @@ def test_a_stop_the_master_marks_ends_a_booting_worker_that_lost_the_signal_and_
 
     class Master:
         SIG_QUEUE = queue.SimpleQueue()
+        stopped: list = []
 
         def signal(self, signum, frame):
             self.SIG_QUEUE.put_nowait(signum)
+
+        def stop(self, graceful=True):
+            self.stopped.append(graceful)
 
     saved = {signum: signal.getsignal(signum) for signum in gunicorn_worker.STOP_SIGNALS}
     master = Master()
@@ -195,6 +199,11 @@ def test_a_stop_the_master_marks_ends_a_booting_worker_that_lost_the_signal_and_
         assert master.SIG_QUEUE.get(timeout=5) == signal.SIGTERM and gunicorn_worker._MASTER_STOPPING[0] == 1
         with pytest.raises(SystemExit):  # a worker whose queue is empty (the signal was lost) still leaves
             gunicorn_worker.stop_promptly_while_booting(master)
+        gunicorn_worker._MASTER_STOPPING[0] = 0
+        master = Master()  # a stop with no signal (a worker that could not boot halts the master): marked too
+        gunicorn_worker.mark_stops(master)
+        master.stop(False)
+        assert master.stopped == [False] and gunicorn_worker._MASTER_STOPPING[0] == 1
     finally:
         gunicorn_worker._MASTER_STOPPING[0] = 0
         for signum, handler in saved.items():

@@ -10,10 +10,12 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from kernel.refs import ModelRef
 from service import create_app
 from tests.conftest import client_of, mlflow_client, ref
-from tests.training_helpers import slow_job, version_count, wait_done
+from tests.training_helpers import fitting_pid, slow_job, version_count, wait_done
 
 PHASES = ("validating", "fitting", "evaluating", "converting", "registering", "plotting")
 
@@ -99,13 +101,11 @@ def test_reading_a_job_writes_nothing(client, store):
 
 
 def test_reading_an_activated_job_serves_its_version_here_and_writes_nothing(client, store):
-    """GET /train/jobs/<id> of a job that activated its version: this machine serves it from that read on
-    (read-your-writes through the inference half's `catch_up`; WATCH_REGISTRY is off here, so nothing else
-    moves it), and reads write nothing: not the job's tags, not the versions, not the alias."""
+    """GET /train/jobs/<id> of a job that activated its version: this machine serves it from that read on (the
+    inference half's `catch_up`; WATCH_REGISTRY is off here), and reads write no tag, version or alias."""
     name = "iris-read-your-writes"
-    location = client.post("/train", json={"estimator": "GaussianNB", "dataset": "iris", "model_name": name}).json[
-        "location"
-    ]
+    body = {"estimator": "GaussianNB", "dataset": "iris", "model_name": name}
+    location = client.post("/train", json=body).json["location"]
     try:
         job = wait_done(client, location)
         assert job["status"] == "succeeded" and job["result"]["activated"], job
@@ -115,33 +115,42 @@ def test_reading_an_activated_job_serves_its_version_here_and_writes_nothing(cli
         tracking, registry = mlflow_client(store["uri"]), store["registry"]
 
         def written() -> tuple:
-            versions = sorted((v.name, str(v.version), tuple(v.aliases), tuple(sorted(v.tags.items())),
-                               v.last_updated_timestamp) for v in registry.search_model_versions())  # fmt: skip
+            versions = sorted((v.name, str(v.version), tuple(sorted(v.tags.items())), v.last_updated_timestamp)
+                              for v in registry.search_model_versions())  # fmt: skip
             return tracking.get_run(job["job_id"]).data.tags, versions, registry.read_alias_state().holders
 
         before = written()
         for _ in range(3):
             assert client.get(location).json == job
         assert written() == before
-        assert [v[:2] for v in before[1] if v[0] == name] == [(name, "1")]
-        assert before[2] == (ModelRef(name, "1"),)  # the alias names it, and nothing but it
+        assert [v[:2] for v in before[1] if v[0] == name] == [(name, "1")] and before[2] == (ModelRef(name, "1"),)
     finally:
         store["registry"].set_active_model(store["default"])
 
 
-def test_catch_up_loads_only_the_version_the_alias_names_and_never_bootstraps(tmp_path):
-    """The hook the training half may call: on an empty registry it registers nothing (a bootstrap is the
-    service's start, not a read); for a version the alias does not name, this machine keeps what it serves."""
+def test_catch_up_loads_only_the_version_the_alias_names_and_never_bootstraps(app, store, wine_tree, tmp_path):
+    """The training half's hook: for a version the alias does not name, this machine keeps what it serves; on an
+    empty registry it registers nothing. A bootstrap (the service's start, never a read) fails the test."""
 
-    app = create_app({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "STATE_DIR": str(tmp_path / "state"),
-                      "WATCH_REGISTRY": False, "BOOTSTRAP_DEFAULT_MODEL": False})  # fmt: skip
+    def bootstrap():
+        pytest.fail("catch_up bootstrapped")
+
+    model_store = app.extensions["model_store"]
+    model_store.bootstrap = bootstrap
+    assert model_store.get().ref == store["default"] != wine_tree
+    app.extensions["catch_up"](wine_tree)  # registered, not active
+    assert model_store.get().ref == store["default"] and store["registry"].get_active_model() == store["default"]
+    folder = tmp_path / "empty"  # its own registry and state folder (`app`'s is tmp_path / "state")
+    empty = create_app({"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "STATE_DIR": str(folder / "state"),
+                        "WATCH_REGISTRY": False, "BOOTSTRAP_DEFAULT_MODEL": False})  # fmt: skip
     try:
-        registry, model_store = app.extensions["registry"], app.extensions["model_store"]
-        assert registry.search_model_versions() == [] and model_store.get() is None
-        app.extensions["catch_up"](ModelRef("iris-RandomForestClassifier", "1"))
-        assert registry.search_model_versions() == [] and model_store.get() is None
+        registry, empty_store = empty.extensions["registry"], empty.extensions["model_store"]
+        empty_store.bootstrap = bootstrap
+        assert registry.search_model_versions() == [] and empty_store.get() is None
+        empty.extensions["catch_up"](ModelRef("iris-RandomForestClassifier", "1"))
+        assert registry.search_model_versions() == [] and empty_store.get() is None
     finally:
-        app.extensions["model_store"].stop()
+        empty_store.stop()
 
 
 def test_a_jobs_log_lines_carry_its_id(client, app_config):
@@ -173,21 +182,13 @@ def test_job_over_its_time_limit_fails_and_registers_nothing(store, app_config):
     assert mlflow_client(store["uri"]).get_run(job["job_id"]).info.status == "FAILED"
 
 
-def _fitting_pid(tracking, run_id: str) -> int:
-    deadline = time.monotonic() + 60
-    while tracking.get_run(run_id).data.tags.get("job.phase") != "fitting":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return int(tracking.get_run(run_id).data.tags["job.pid"])
-
-
 def test_killed_job_is_reported_failed(store, app_config):
     app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 1})
     client = client_of(app)
     before = version_count(store)
     location = client.post("/train", json=slow_job()).json["location"]
     run_id = location.rsplit("/", 1)[1]
-    os.kill(_fitting_pid(mlflow_client(store["uri"]), run_id), signal.SIGKILL)
+    os.kill(fitting_pid(mlflow_client(store["uri"]), run_id), signal.SIGKILL)
     job = wait_done(client, location, timeout=60)
     assert job["status"] == "failed"
     assert "was lost" in job["error"] and "No attempts left" in job["error"]
@@ -205,7 +206,7 @@ def test_killed_attempt_is_retried_and_registers_one_version(store, app_config):
             "activate": False, "model_name": "digits-retried"}  # fmt: skip
     location = client.post("/train", json=body).json["location"]
     run_id = location.rsplit("/", 1)[1]
-    os.kill(_fitting_pid(mlflow_client(store["uri"]), run_id), signal.SIGKILL)
+    os.kill(fitting_pid(mlflow_client(store["uri"]), run_id), signal.SIGKILL)
     job = wait_done(client, location, timeout=120)
     assert job["status"] == "succeeded", job
     assert job["attempt"] == 2
@@ -232,7 +233,7 @@ def test_job_process_is_forked_by_the_warm_parent(store, app_config):
     client = client_of(app)
     location = client.post("/train", json=slow_job(activate=False)).json["location"]
     run_id = location.rsplit("/", 1)[1]
-    attempt = _fitting_pid(mlflow_client(store["uri"]), run_id)
+    attempt = fitting_pid(mlflow_client(store["uri"]), run_id)
     job_process, attempt_command = _parent_and_command(attempt)
     server, job_command = _parent_and_command(job_process)
     assert job_command.startswith(f"training job {run_id}"), job_command

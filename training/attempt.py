@@ -1,5 +1,5 @@
 """One attempt at a training job, wherever it runs: the same `execute_job` in a Celery worker's process
-(training/celery_executor.py) or in a process of this machine's local executor (training/local_executor.py).
+(training/celery_executor.py) or in a local job's process on this machine (training/job_process.py).
 
 The attempt writes its own transitions in the job's record (training/job_record.py): it starts, beats,
 moves through its phases, then succeeds or fails. It stops without writing more as soon as another
