@@ -41,10 +41,12 @@ $(BIN)/.uv: requirements-uv.txt
 		|| echo "uv could not be installed: pip installs the requirements instead"
 	touch $@
 VENV_PIP = { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --default-pip >/dev/null; }
-# --compile-bytecode: the .pyc files are written once, here, on both cores. uv does not write them by default, and
-# where PYTHONDONTWRITEBYTECODE is set (this project's CI machines) no import writes them either, so every process
-# compiled MLflow, pandas and scikit-learn again: 5 s more per start, measured in the README under "Start-up".
-PIP_INSTALL = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(1); \
+# $(2) is --compile-bytecode for `make setup`: every .pyc file written once, at install, on all cores (uv writes none
+# by default). Where PYTHONDONTWRITEBYTECODE is set (CI machines, many images) no import writes them either, and every
+# process of the tests and benches compiled MLflow, pandas and scikit-learn again: 4 s more per start (README,
+# "Start-up"). `make install` leaves it out: compiling all 17,000 modules costs a first `make run` 16 s, and the start
+# then writes the .pyc files of what it imports (`make run` clears PYTHONDONTWRITEBYTECODE for the .venv).
+PIP_INSTALL = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --quiet $(2) --python $(BIN)/python $(1); \
 	else $(VENV_PIP) && $(BIN)/python -m pip install --quiet --disable-pip-version-check $(1); fi
 
 $(BIN)/.installed-runtime: requirements.txt $(BIN)/.uv
@@ -52,7 +54,7 @@ $(BIN)/.installed-runtime: requirements.txt $(BIN)/.uv
 	touch $@
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt $(BIN)/.uv
-	$(call PIP_INSTALL,-r requirements-dev.txt)
+	$(call PIP_INSTALL,-r requirements-dev.txt,--compile-bytecode)
 	touch $@ $(BIN)/.installed-runtime
 
 install: $(BIN)/.installed-runtime ## Create .venv with only what the service needs (requirements.txt)
@@ -76,16 +78,16 @@ postman: node-tools ## Run the Postman collection against the service on HOST:PO
 		--env-var baseUrl=http://$(HOST):$(PORT) --env-var token=$${API_TOKEN:-}
 
 run: install ## Start the service on HOST:PORT (default 127.0.0.1:8000) with the embedded MLflow
-	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+	PYTHONDONTWRITEBYTECODE= $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 token: install ## Print the API token /train and /use-model need (made in STATE_DIR if API_TOKEN is unset)
 	@$(BIN)/python -c 'import sys; from kernel.auth import main; sys.exit(main())'
 
 serve: install ## Production: gunicorn.conf.py on 0.0.0.0:PORT, WEB_CONCURRENCY workers (default 4)
-	HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+	PYTHONDONTWRITEBYTECODE= HOST=0.0.0.0 WEB_CONCURRENCY=$${WEB_CONCURRENCY:-4} $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 worker: install ## Start a training worker for TRAIN_EXECUTOR=celery (CELERY_BROKER_URL; WORKER_ARGS for celery's options)
-	$(BIN)/python -m training.celery_worker $(WORKER_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m training.celery_worker $(WORKER_ARGS)
 
 test: setup node-tools $(LAMBDA_RUNTIME)/.installed ## Run the test suite (builds the Lambda package first where Python 3.12 exists)
 	@if [ -n "$(LAMBDA_PYTHON)" ]; then $(MAKE) --no-print-directory package \
