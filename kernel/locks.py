@@ -21,6 +21,13 @@ def try_lock(path: Path):
         return None
 
 
+def release(handle) -> None:
+    """Unlock a lock from `try_lock` now, then close it. A forked child that still has the file open (a pool that
+    replaced its worker) shares the lock until it exits: closing only our copy would not free it, unlocking does."""
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+
+
 @contextlib.contextmanager
 def file_lock(path: Path):
     """Hold an exclusive `flock` on `path` (created if missing) for the `with` block."""

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from kernel.config import Settings, settings_from_json
-from kernel.locks import try_lock
+from kernel.locks import release, try_lock
 from kernel.logs import set_job_id
 from kernel.registry import registry_from_settings
 from training.attempt import (
@@ -32,7 +32,8 @@ from training.attempt import (
 )
 from training.job_record import JobRecord
 
-SLOT_POLL_SECONDS = 0.5
+# A free slot is taken within this: a flock try per slot, so 20 a second cost nothing (0.5 s was a job's wait).
+SLOT_POLL_SECONDS = 0.05
 
 
 def job_lock_path(state_dir: Path, job_id: str) -> Path:
@@ -72,10 +73,12 @@ def run_attempt(settings: Settings, job_id: str) -> AttemptOutcome:
     return execute_job(registry, job_id, settings.TRAIN_MAX_ATTEMPTS, worker_name(), limit, previous_lost=True)
 
 
-def run_job(settings: Settings, job_id: str) -> AttemptOutcome | None:
+def run_job(settings: Settings, job_id: str, on_answer=lambda: None) -> AttemptOutcome | None:
     """Run the job's attempts in a billiard pool, one fresh process each, with Celery's time limits.
 
-    Returns the last attempt's outcome (None if its process died). The pool supervises each attempt:
+    Returns the last attempt's outcome (None if its process died). `on_answer` is called as soon as an
+    attempt has answered, before its pool is taken down (billiard's `terminate` takes about a second: the
+    job's slot is freed first, so the next job starts at once). The pool supervises each attempt:
     one killed at the hard time limit cannot record that itself, so this process records it
     (`JobRecord.time_limit`), as Celery's `JobRequest.on_timeout` does.
     """
@@ -93,7 +96,9 @@ def run_job(settings: Settings, job_id: str) -> AttemptOutcome | None:
             lost_worker_timeout=1,
         )
         try:
-            return pool.apply_async(run_attempt, (settings, job_id)).get()
+            outcome = pool.apply_async(run_attempt, (settings, job_id)).get()
+            on_answer()
+            return outcome
         except Exception as wrapped:  # billiard hands the pool's own errors over wrapped, with their traceback
             error = getattr(wrapped, "exc", wrapped)
             # Killed at the hard limit (it could not record that itself), or stopped by the soft limit before
@@ -122,9 +127,10 @@ def main(job_id: str, settings: Settings) -> None:
     slot = wait_for_slot(Path(settings.STATE_DIR), settings.TRAIN_WORKER_CONCURRENCY)
     preload_training()  # the attempts' processes fork from this one
     try:
-        outcome = run_job(settings, job_id)
+        outcome = run_job(settings, job_id, on_answer=lambda: release(slot))
     finally:
-        slot.close()
+        if not slot.closed:
+            release(slot)
     if outcome is not None and outcome.job_finished:
         path.unlink(missing_ok=True)  # finished: nothing left for the sweeper
     job_lock.close()
