@@ -49,8 +49,11 @@ VENV_PIP = { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m 
 PIP_INSTALL = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --quiet $(2) --python $(BIN)/python $(1); \
 	else $(VENV_PIP) && $(BIN)/python -m pip install --quiet --disable-pip-version-check $(1); fi
 
+# Just installed: the first start's later imports are compiled on the other core while it starts
+# (scripts/warm_bytecode.py; about 3 s of a first `make run`).
 $(BIN)/.installed-runtime: requirements.txt $(BIN)/.uv
 	$(call PIP_INSTALL,-r requirements.txt)
+	PYTHONDONTWRITEBYTECODE= nice $(BIN)/python scripts/warm_bytecode.py >/dev/null 2>&1 &
 	touch $@
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt $(BIN)/.uv
