@@ -1,4 +1,5 @@
-"""A local job's slot is free for the next job as soon as its attempt has answered (training/job_process.py)."""
+"""A local job starts at once: its slot is free for the next job as soon as its attempt has answered, and a process
+forked from a warm parent does not warm up again (training/job_process.py, training/attempt.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from types import SimpleNamespace
 
 from kernel.locks import release, try_lock
-from training import job_process
+from training import attempt, job_process
 from training.attempt import AttemptOutcome
 
 
@@ -50,3 +51,17 @@ def test_the_slot_is_free_once_the_attempt_answers_before_its_pool_is_taken_down
     outcome = job_process.run_job(settings, "job-1", on_answer=on_answer)
     assert outcome is AttemptOutcome.SUCCEEDED
     assert seen == {"free": True}
+
+
+def test_a_process_forked_from_a_warm_parent_does_not_warm_up_again(monkeypatch):
+    warm_ups = []
+    monkeypatch.setattr(attempt, "_preloaded", False)
+    monkeypatch.setattr(attempt, "_warm_up", lambda: warm_ups.append(os.getpid()))
+    attempt.preload_training()  # the fork server, or a Celery worker's parent
+    child = os.fork()
+    if child == 0:  # a job's process: it calls preload_training again before its attempts fork from it
+        attempt.preload_training()
+        os._exit(len(warm_ups))
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 1, "the forked process warmed up again"
+    assert warm_ups == [os.getpid()]
