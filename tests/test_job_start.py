@@ -1,5 +1,6 @@
-"""A local job starts at once: its slot is free for the next job as soon as its attempt has answered, and a process
-forked from a warm parent does not warm up again (training/job_process.py, training/attempt.py)."""
+"""A local job's process: it starts at once (its slot is free for the next job as soon as its attempt has answered,
+and a process forked from a warm parent does not warm up again), and a stuck attempt ends at the hard time limit
+(training/job_process.py, training/attempt.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import signal
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from kernel.locks import release, try_lock
+from service import create_app
+from tests.conftest import client_of, mlflow_client
+from tests.training_helpers import fitting_pid, slow_job, version_count, wait_done
 from training import attempt, job_process
 from training.attempt import AttemptOutcome
 
@@ -65,3 +71,26 @@ def test_a_process_forked_from_a_warm_parent_does_not_warm_up_again(monkeypatch)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 1, "the forked process warmed up again"
     assert warm_ups == [os.getpid()]
+
+
+def test_an_attempt_stuck_where_the_soft_limit_cannot_reach_it_is_killed_at_the_hard_limit(store, app_config):
+    """Frozen with SIGSTOP while it fits, the attempt is as deaf to the soft limit's signal as a C call that never
+    returns to Python: the pool kills it at the hard limit (soft + 10 s), and the job's process records it."""
+    app = create_app({**app_config, "TRAIN_TIME_LIMIT_SECONDS": 1, "TRAIN_MAX_ATTEMPTS": 1})
+    client = client_of(app)
+    before = version_count(store)
+    location = client.post("/train", json=slow_job()).json["location"]
+    tracking = mlflow_client(store["uri"])
+    pid = fitting_pid(tracking, location.rsplit("/", 1)[1])
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    job = wait_done(client, location, timeout=60)
+    assert job["status"] == "failed", job
+    assert "time limit" in job["error"], job["error"]
+    assert time.monotonic() - started < 30, "the stuck attempt outlived the hard limit by far"
+    with pytest.raises(ProcessLookupError):  # killed, not left stopped
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    assert version_count(store) == before
+    assert tracking.get_run(job["job_id"]).info.status == "FAILED"
