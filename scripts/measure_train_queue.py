@@ -25,9 +25,10 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.celery_helpers import RedisServer, Worker  # noqa: E402
 from tests.conftest import stop  # noqa: E402
 from tests.servers import Service, create_database, drop_database, start_mlflow_server  # noqa: E402
-from tests.test_celery import AUTH, RedisServer, Worker, celery_env  # noqa: E402
+from tests.test_celery import AUTH, celery_env  # noqa: E402
 
 
 def measure(jobs: int, workers: int, folder: Path) -> dict:

@@ -207,7 +207,7 @@ def test_full_image_trains_a_version_in_job_mode(container, tracking, tmp_path):
 
 
 def test_full_image_worker_runs_a_job_from_redis(container, tracking, tmp_path):
-    from tests.test_celery import RedisServer, require_redis
+    from tests.celery_helpers import RedisServer, require_redis
 
     redis = RedisServer(require_redis(), tmp_path).start()
     try:

@@ -8,6 +8,7 @@ from kernel.config import load_settings
 from kernel.registry import registry_from_settings
 from training.attempt import configure_job_logging, preload_training
 from training.celery_executor import make_celery
+from training.job_keeper import start_keeper
 
 
 def main(argv: list[str]) -> None:
@@ -16,6 +17,7 @@ def main(argv: list[str]) -> None:
     configure_job_logging(settings)  # the service's format; a job's lines carry its `job_id` (the task sets it)
     registry_from_settings(settings)  # MLflow's client bounds, in the environment the job processes inherit
     preload_training()
+    start_keeper(settings)  # forked warm, before the pool: lost jobs are sent again within a minute
     app = make_celery(settings)
     app.worker_main(["worker", "--loglevel=INFO", "--pool=prefork", "--queues", settings.TRAIN_QUEUE,
                      "--without-gossip", "--without-mingle", *argv])  # fmt: skip

@@ -81,6 +81,8 @@ class JobState:
     started_at: float | None = None
     heartbeat_at: float | None = None
     finished_at: float | None = None
+    sent_at: float | None = None  # handed to the executor (the broker); None: never, or not yet
+    resent_at: float | None = None  # sent again by a keeper (training/job_keeper.py)
     error: str | None = None
     lost: str | None = None
     activated: bool = False
@@ -107,6 +109,8 @@ class JobState:
             started_at=_float(tags, "job.started_at"),
             heartbeat_at=_float(tags, "job.heartbeat_at"),
             finished_at=_float(tags, "job.finished_at"),
+            sent_at=_float(tags, "job.sent_at"),
+            resent_at=_float(tags, "job.resent_at"),
             error=tags.get("job.error"),
             lost=tags.get("job.lost"),
             activated=tags.get("job.activated") == "True",
@@ -176,6 +180,19 @@ class JobRecord:
         """How many jobs wait for a worker (up to `limit`): runs still SCHEDULED."""
         filter_string = f"tags.`{KIND_TAG}` = 'training' and attributes.status = 'SCHEDULED'"
         return len(registry.search_runs(filter_string, max_results=limit))
+
+    @staticmethod
+    def unfinished(registry: Registry, limit: int = 1000) -> list[JobState]:
+        """The jobs queued or running, up to `limit` of each (for the keeper that sends lost ones again)."""
+        states = []
+        for status in ("SCHEDULED", "RUNNING"):
+            filter_string = f"tags.`{KIND_TAG}` = 'training' and attributes.status = '{status}'"
+            states += [JobState.from_run(run) for run in registry.search_runs(filter_string, max_results=limit)]
+        return states
+
+    def sent(self, again: bool = False) -> None:
+        """The job was handed to the executor (`again`: by a keeper, for a lost attempt or a lost message)."""
+        self._write(**{"resent_at" if again else "sent_at": repr(time.time())})
 
     # ---- reading: no side effects -------------------------------------------------------------------------
     def read(self) -> JobState:

@@ -108,6 +108,15 @@ def create_job(registry: Registry, spec: TrainingSpec, dataset: str | Dataset, m
     return record.job_id
 
 
+def mark_sent(registry: Registry, job_id: str) -> None:
+    """The job is in the executor's hands: a keeper sends again only a job never marked so (training/job_keeper.py).
+    Never fails the request: the job is queued already, and a keeper reading it unsent sends it once more."""
+    try:
+        JobRecord(registry, job_id).sent()
+    except Exception as exc:
+        log.warning("could not mark job %s sent: %s", job_id, exc)
+
+
 def discard_job(registry: Registry, job_id: str) -> None:
     """Undo `create_job` for a job that could not be handed to any executor (nobody will ever run it)."""
     JobRecord(registry, job_id).discard()

@@ -12,7 +12,7 @@ from kernel.errors import APIError
 from kernel.http import json_body
 from kernel.registry import ModelRef, Registry
 from training.spec import EXAMPLE_REQUEST
-from training.submitter import ExecutorUnavailable, create_job, discard_job, get_job, wait_for_job
+from training.submitter import ExecutorUnavailable, create_job, discard_job, get_job, mark_sent, wait_for_job
 
 if TYPE_CHECKING:
     from training.schemas import TrainingRequest
@@ -98,6 +98,7 @@ def train():
     except ExecutorUnavailable:
         discard_job(registry, job_id)
         raise
+    mark_sent(registry, job_id)
     location = f"/train/jobs/{job_id}"
     if not parsed.wait:
         return {"job_id": job_id, "status": "queued", "location": location}, 202, {"Location": location}

@@ -1,0 +1,67 @@
+"""Which jobs the Celery workers' keeper sends again (training/job_keeper.py); the drills are in test_celery.py."""
+
+from __future__ import annotations
+
+from training.attempt import LEASE_SECONDS
+from training.job_keeper import QUEUED_GRACE_SECONDS, keep, why_send_again
+from training.job_record import JobState, JobStatus
+
+NOW = 1_800_000_000.0
+
+
+def state(status: JobStatus, **times) -> JobState:
+    return JobState(job_id="a" * 32, status=status, request={}, dataset={}, created_at_ms=int((NOW - 3600) * 1000),
+                    **{"created_at": NOW - 3600, "attempt": 1, "worker": "w0@host", **times})  # fmt: skip
+
+
+def test_a_running_job_is_sent_again_once_its_attempt_is_silent_past_the_lease():
+    assert why_send_again(state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - 5), NOW) is None
+    silent = state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - LEASE_SECONDS - 1)
+    assert "attempt 1 on w0@host not heard from for 31 s" == why_send_again(silent, NOW)
+    # once per lost attempt: a keeper already sent it again after the last heartbeat
+    resent = state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - 40, resent_at=NOW - 20)
+    assert why_send_again(resent, NOW) is None
+    # a later attempt that is lost too is sent again (its heartbeat is newer than the earlier resend)
+    again = state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - 35, resent_at=NOW - 60)
+    assert why_send_again(again, NOW) is not None
+
+
+def test_a_queued_job_is_sent_again_only_if_it_was_never_sent_and_past_the_grace():
+    never_sent = state(JobStatus.QUEUED, created_at=NOW - QUEUED_GRACE_SECONDS - 1)
+    assert "never sent" in why_send_again(never_sent, NOW)
+    assert why_send_again(state(JobStatus.QUEUED, created_at=NOW - 10), NOW) is None  # the API may be sending it
+    waiting = state(JobStatus.QUEUED, created_at=NOW - 3000, sent_at=NOW - 3000)  # in the broker, behind others
+    assert why_send_again(waiting, NOW) is None
+    assert why_send_again(state(JobStatus.QUEUED, created_at=NOW - 3000, resent_at=NOW - 100), NOW) is None
+    for finished in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        assert why_send_again(state(finished, heartbeat_at=NOW - 3000), NOW) is None
+
+
+class FakeRegistry:
+    """The registry calls `keep` makes: one search per run status, and the tags it writes."""
+
+    def __init__(self, runs):
+        self.runs, self.tags = runs, {}
+
+    def search_runs(self, filter_string, max_results):
+        return [run for run in self.runs if f"'{run.info.status}'" in filter_string]
+
+    def set_run_tags(self, run_id, tags):
+        self.tags.setdefault(run_id, {}).update(tags)
+
+
+def test_keep_sends_each_job_that_needs_it_and_records_that_it_did():
+    from types import SimpleNamespace
+
+    def run(run_id, status, tags):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status, start_time=0),
+                               data=SimpleNamespace(tags={"job.created_at": repr(NOW - 3600), **tags}, metrics={}))  # fmt: skip
+
+    lost = run("1" * 32, "RUNNING", {"job.status": "running", "job.attempt": "1", "job.heartbeat_at": repr(NOW - 99)})
+    alive = run("2" * 32, "RUNNING", {"job.status": "running", "job.attempt": "1", "job.heartbeat_at": repr(NOW - 1)})
+    unsent = run("3" * 32, "SCHEDULED", {"job.status": "queued"})
+    waiting = run("4" * 32, "SCHEDULED", {"job.status": "queued", "job.sent_at": repr(NOW - 3000)})
+    registry, sent = FakeRegistry([lost, alive, unsent, waiting]), []
+    assert sorted(keep(registry, sent.append, NOW)) == ["1" * 32, "3" * 32] == sorted(sent)
+    assert set(registry.tags) == {"1" * 32, "3" * 32}
+    assert all("job.resent_at" in tags for tags in registry.tags.values())

@@ -1,0 +1,98 @@
+"""The keeper of Celery jobs (TRAIN_EXECUTOR=celery): a job whose attempt is lost, or that never reached the broker,
+is sent again within a minute, not after the broker's visibility timeout.
+
+A worker machine that dies takes its job's message with it until the broker's visibility timeout (the hard time
+limit plus 30 s: 690 s at the default TRAIN_TIME_LIMIT_SECONDS) hands it to another worker. The job's own record
+knows much sooner: its attempt writes a heartbeat every few seconds, and one not heard from for LEASE_SECONDS is
+lost. Every `make worker` runs a keeper process beside its pool (`start_keeper`), which every KEEP_SECONDS sends
+again:
+- a running job whose attempt was not heard from for LEASE_SECONDS, once per lost attempt (`job.resent_at` newer
+  than its last heartbeat says a keeper already did);
+- a queued job that was never sent (the API died between recording it and sending it: no `job.sent_at`), once it
+  is QUEUED_GRACE_SECONDS old.
+The delivery that takes it records the lost attempt and runs the next one, or fails the job once TRAIN_MAX_ATTEMPTS
+were used; when the broker later redelivers the original message, that delivery finds the job taken or finished
+and does nothing (`execute_job` is fenced by the attempt id). Two keepers that send the same job at once make two
+deliveries, which the same fence settles. The visibility timeout stays the last resort.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from kernel.config import Settings
+from kernel.registry import RegistryUnavailable, registry_from_settings
+from training.attempt import LEASE_SECONDS
+from training.job_record import JobRecord, JobState, JobStatus
+
+log = logging.getLogger(__name__)
+
+KEEP_SECONDS = 10.0
+QUEUED_GRACE_SECONDS = 60.0
+
+
+def why_send_again(state: JobState, now: float) -> str | None:
+    """Why this job must be sent again now, or None."""
+    if state.status == JobStatus.RUNNING:
+        age = state.heartbeat_age(now)
+        last_heard = now - age if age is not None else None
+        if age is None or age <= LEASE_SECONDS:
+            return None
+        if state.resent_at is not None and state.resent_at >= last_heard:
+            return None  # already sent again for this lost attempt
+        return f"attempt {state.attempt} on {state.worker or 'a worker'} not heard from for {age:.0f} s"
+    if state.status == JobStatus.QUEUED and state.sent_at is None and state.resent_at is None:
+        created = state.created_at if state.created_at is not None else state.created_at_ms / 1000
+        if now - created > QUEUED_GRACE_SECONDS:
+            return f"queued {now - created:.0f} s ago and never sent"
+    return None
+
+
+def keep(registry, send: Callable[[str], None], now: float | None = None) -> list[str]:
+    """Send again every job that needs it (see the module); returns their ids."""
+    now = time.time() if now is None else now
+    sent = []
+    for state in JobRecord.unfinished(registry):
+        why = why_send_again(state, now)
+        if why is None:
+            continue
+        log.warning("training job %s: %s; sending it again", state.job_id, why)
+        send(state.job_id)
+        JobRecord(registry, state.job_id).sent(again=True)
+        sent.append(state.job_id)
+    return sent
+
+
+def keep_forever(settings: Settings, parent: int) -> None:
+    """Keep every KEEP_SECONDS until `parent` (the worker) is gone."""
+    from training.celery_executor import CeleryExecutor
+
+    registry, executor = registry_from_settings(settings), CeleryExecutor(settings)
+    while os.getppid() == parent:
+        try:
+            keep(registry, executor.send)
+        except RegistryUnavailable as exc:
+            log.warning("the job keeper cannot read the jobs now: %s", exc)
+        except Exception:  # the keeper must outlive any one failure
+            log.exception("keeping training jobs failed")
+        deadline = time.monotonic() + KEEP_SECONDS
+        while time.monotonic() < deadline and os.getppid() == parent:
+            time.sleep(1.0)
+
+
+def start_keeper(settings: Settings) -> int:
+    """Fork the keeper from the worker's warm process, before its pool and threads; returns its pid."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        from training.job_process import drop_inherited_connections
+
+        drop_inherited_connections()
+        keep_forever(settings, parent)
+    finally:
+        os._exit(0)
