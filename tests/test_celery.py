@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from datetime import datetime
@@ -180,6 +181,39 @@ def test_a_job_the_api_never_sent_runs_once_after_the_grace(cluster):
     assert len(versions_of(servers, job_id)) == 1
 
 
+def test_an_attempt_stuck_where_the_soft_limit_cannot_reach_it_is_killed_at_the_hard_limit(cluster, tmp_path):
+    """A worker with a 5 s limit (hard 15 s, inside the keeper's 30 s lease) on a queue of its own; the attempt is
+    frozen (SIGSTOP) while it fits, as deaf to the soft limit as a C call that never returns to Python."""
+    from service import create_app
+
+    env = {
+        **cluster["env"],
+        "TRAIN_TIME_LIMIT_SECONDS": "5",
+        "TRAIN_QUEUE": "training-short",
+        "TRAIN_MAX_ATTEMPTS": "1",
+    }
+    worker = Worker("short", env, tmp_path).start()
+    try:
+        config = {key: value for key, value in env.items() if key in Settings.model_fields}
+        config.update(STATE_DIR=str(tmp_path / "api"), WATCH_REGISTRY=False, START_MODEL_STORE=False)
+        client = create_app(config).test_client()
+        slow = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 300}, "dataset": "digits",
+                "model_name": "stuck", "activate": False}  # fmt: skip
+        answer = client.post("/train", json=slow, headers=AUTH)
+        while (job := client.get(answer.json["location"], headers=AUTH).json).get("phase") != "fitting":
+            assert job["status"] in ("queued", "running"), job
+            time.sleep(0.1)
+        pid = int(mlflow_client(cluster["stack"]["uri"]).get_run(job["job_id"]).data.tags["job.pid"])
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        job = client_wait(client, answer, timeout=60)
+        assert job["status"] == "failed" and "time limit" in job["error"], job
+        assert time.monotonic() - stopped < 40, "the stuck attempt outlived the hard limit by far"
+        assert versions_of(cluster["stack"], job["job_id"]) == []
+    finally:
+        worker.stop()
+
+
 def test_read_your_writes_after_an_async_job(cluster):
     api = cluster["apis"][1]
     wine = {"estimator": "SVC", "dataset": "wine"}
@@ -243,31 +277,50 @@ def test_an_api_restart_loses_no_queued_or_running_job(cluster):
     assert [job["status"] for job in jobs] == ["succeeded"] * 4, jobs
 
 
-def test_a_job_runs_through_sqs(stack, tmp_path):  # noqa: F811 - the imported fixture
-    """Celery's SQS transport against moto's SQS (the moto server that holds the artifact bucket)."""
+def test_a_job_runs_through_sqs_and_a_killed_workers_job_is_sent_again(stack, tmp_path):  # noqa: F811 - the fixture
+    """Celery's SQS transport against moto's SQS (the moto server that holds the artifact bucket), two workers at
+    the default visibility timeout: a small job runs, and a killed worker's job restarts on the other in a minute."""
     from service import create_app
 
     moto = stack["s3"].url.removeprefix("http://")
-    transport = {"region": "us-east-1", "is_secure": False, "visibility_timeout": 60, "polling_interval": 0.5}
+    transport = {"region": "us-east-1", "is_secure": False, "polling_interval": 0.5}
     env = {**celery_env(stack, f"sqs://test:test@{moto}", transport), "TRAIN_QUEUE": f"training-{os.getpid()}",
            "AWS_DEFAULT_REGION": S3_ENV["AWS_DEFAULT_REGION"]}  # fmt: skip
-    worker = Worker("sqs", env, tmp_path).start()
+    workers = [Worker(f"sqs{i}", env, tmp_path).start() for i in range(2)]
     try:
         config = {key: value for key, value in env.items() if key in Settings.model_fields}  # the rest is process env
         config.update(STATE_DIR=str(tmp_path / "api"), WATCH_REGISTRY=False, START_MODEL_STORE=False)
-        config["TRAIN_TIME_LIMIT_SECONDS"] = TIME_LIMIT
-        config["TRAIN_WORKER_CONCURRENCY"] = 1
-        config["TRAIN_MAX_ATTEMPTS"] = 2
+        config.update(TRAIN_TIME_LIMIT_SECONDS=TIME_LIMIT, TRAIN_WORKER_CONCURRENCY=1, TRAIN_MAX_ATTEMPTS=2)
         client = create_app(config).test_client()
         body = {"estimator": "DecisionTreeClassifier", "dataset": "iris", "model_name": "via-sqs", "activate": False}
-        answer = client.post("/train", json=body, headers=AUTH)
-        assert answer.status_code == 202, answer.json
-        deadline = time.monotonic() + 180
-        while (job := client.get(answer.json["location"], headers=AUTH).json)["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
+        job = client_wait(client, client.post("/train", json=body, headers=AUTH))
         assert job["status"] == "succeeded", job
-        assert job["worker"].startswith("sqs@")
+        assert job["worker"].startswith("sqs")
         assert len(versions_of(stack, job["job_id"])) == 1
+        slow = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 40}, "dataset": "digits",
+                "model_name": "sqs-survivor", "activate": False}  # fmt: skip
+        answer = client.post("/train", json=slow, headers=AUTH)
+        while (job := client.get(answer.json["location"], headers=AUTH).json).get("phase") != "fitting":
+            assert job["status"] in ("queued", "running"), job
+            time.sleep(0.2)
+        victim = next(w for w in workers if job["worker"].startswith(f"{w.name}@"))
+        victim.kill()
+        killed = time.time()
+        job = client_wait(client, answer)
+        restarted = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00")).timestamp() - killed
+        assert job["status"] == "succeeded" and job["attempt"] == 2, job
+        assert restarted < LEASE_SECONDS + KEEP_SECONDS + 15, f"attempt 2 started {restarted:.0f} s after the kill"
+        assert len(versions_of(stack, job["job_id"])) == 1
+        print(f"\nSQS, killed worker: attempt 2 started {restarted:.1f} s after the kill")
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
+
+
+def client_wait(client, answer, timeout: float = 240) -> dict:
+    assert answer.status_code == 202, answer.json
+    deadline = time.monotonic() + timeout
+    while (job := client.get(answer.json["location"], headers=AUTH).json)["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    return job

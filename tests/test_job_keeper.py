@@ -65,3 +65,25 @@ def test_keep_sends_each_job_that_needs_it_and_records_that_it_did():
     assert sorted(keep(registry, sent.append, NOW)) == ["1" * 32, "3" * 32] == sorted(sent)
     assert set(registry.tags) == {"1" * 32, "3" * 32}
     assert all("job.resent_at" in tags for tags in registry.tags.values())
+
+
+def test_a_hard_kill_is_recorded_only_while_the_killed_process_still_runs_the_job():
+    """An attempt silent past the lease may have been taken over before the hard limit killed it: its supervisor
+    must not fail the job the new attempt is running."""
+    from types import SimpleNamespace
+
+    from training.job_record import JobRecord
+
+    class Registry(FakeRegistry):
+        def get_run(self, run_id):
+            tags = {"job.status": "running", "job.attempt": "2", "job.pid": "4242", **self.tags.get(run_id, {})}
+            return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status="RUNNING", start_time=0),
+                                   data=SimpleNamespace(tags=tags, metrics={}))  # fmt: skip
+
+    registry = Registry([])
+    JobRecord(registry, "5" * 32).time_limit(600, pid=1111)  # the first attempt's process, killed late
+    assert registry.tags == {}
+    registry.search_model_versions_of_run = lambda run_id: []
+    registry.end_run = lambda run_id, status: registry.tags[run_id].update({"ended": status})
+    JobRecord(registry, "5" * 32).time_limit(600, pid=4242)  # the running attempt's own process
+    assert registry.tags["5" * 32]["job.status"] == "failed" and registry.tags["5" * 32]["ended"] == "FAILED"

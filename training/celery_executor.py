@@ -50,7 +50,8 @@ class JobRequest(Request):
         super().on_timeout(soft, timeout)
         if not soft:  # the hard limit: the pool killed the process, which cannot record it itself
             settings = self.task.app.conf.training_settings
-            JobRecord(registry_from_settings(settings), self.id).time_limit(settings.TRAIN_TIME_LIMIT_SECONDS)
+            record = JobRecord(registry_from_settings(settings), self.id)
+            record.time_limit(settings.TRAIN_TIME_LIMIT_SECONDS, pid=self.worker_pid)
 
 
 @signals.worker_process_init.connect(weak=False, dispatch_uid="training.fresh_connections")

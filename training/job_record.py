@@ -76,6 +76,7 @@ class JobState:
     attempt: int = 0
     attempt_id: str | None = None
     worker: str | None = None
+    pid: int | None = None  # the running attempt's process
     phase: str | None = None
     phase_started_at: float | None = None
     started_at: float | None = None
@@ -104,6 +105,7 @@ class JobState:
             attempt=int(tags.get("job.attempt", "0")),
             attempt_id=tags.get("job.attempt_id"),
             worker=tags.get("job.worker"),
+            pid=int(tags["job.pid"]) if tags.get("job.pid", "").isdigit() else None,
             phase=tags.get("job.phase"),
             phase_started_at=_float(tags, "job.phase_started_at"),
             started_at=_float(tags, "job.started_at"),
@@ -254,13 +256,20 @@ class JobRecord:
         self._write(JobStatus.FAILED, error=error, finished_at=repr(time.time()))
 
     # ---- a supervisor's one write -------------------------------------------------------------------------
-    def time_limit(self, seconds: int) -> None:
+    def time_limit(self, seconds: int, pid: int | None = None) -> None:
         """The attempt ran out of time and could not record it: it fails the job like `fail`.
 
         Written by the attempt's supervisor when it killed it at the hard limit (the local executor's pool,
         Celery's `JobRequest.on_timeout`), or by the code around the attempt when the soft limit stopped it
         before `execute_job` could catch it (the local pool's parent; the Celery task, in the same process).
+        `pid`, the killed process: nothing is written unless it is still the job's running attempt (an attempt
+        silent past the lease may have been taken over meanwhile: the job is then the new attempt's).
         """
+        if pid is not None:
+            state = self.read()
+            if state.status.finished or state.pid != pid:
+                log.warning("job %s: the process killed at the time limit (%d) no longer runs it", self.job_id, pid)
+                return
         self.fail(time_limit_error(seconds))
 
     # ---- what a failed, lost or superseded attempt registered goes --------------------------------------------
