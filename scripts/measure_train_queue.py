@@ -5,7 +5,9 @@ For each worker count it starts, on loopback: a fresh PostgreSQL database and an
 its own `redis-server`, the API under gunicorn (2 workers, TRAIN_EXECUTOR=celery) and that many
 `make worker` processes (concurrency 1). It sends --jobs small jobs at once (LogisticRegression and
 DecisionTree on iris, not activated), waits for all, and prints jobs per minute (from the first job's
-creation to the last one's end), the longest time a job waited in the queue, and the mean run time.
+creation to the last one's end), the longest time a job waited in the queue, and the mean run time. Before the
+burst, POST→succeeded of one LogisticRegression on iris (three, after one that opens the store), and during it
+the workers' parents' RSS and the largest RSS of a job's process.
 Needs PostgreSQL on 127.0.0.1:5432 and redis-server, as the tests do.
 """
 
@@ -31,6 +33,48 @@ from tests.servers import Service, create_database, drop_database, start_mlflow_
 from tests.test_celery import AUTH, celery_env  # noqa: E402
 
 
+def post_to_succeeded(url: str) -> float:
+    """One LogisticRegression on iris, from POST /train to `succeeded`, polled every 20 ms."""
+    started = time.perf_counter()
+    body = {"estimator": "LogisticRegression", "dataset": "iris", "model_name": "single", "activate": False}
+    location = requests.post(f"{url}/train", json=body, headers=AUTH, timeout=60).json()["location"]
+    while requests.get(f"{url}{location}", headers=AUTH, timeout=30).json()["status"] not in ("succeeded", "failed"):
+        time.sleep(0.02)
+    return time.perf_counter() - started
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+class RssSampler:
+    """The workers' parents' RSS, and the largest RSS any of their children (the job processes) reached."""
+
+    def __init__(self, parents: list[int]):
+        self.parents, self.parent_mib, self.child_mib, self._stop = parents, 0.0, 0.0, threading.Event()
+
+    def start(self) -> RssSampler:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for parent in self.parents:
+                self.parent_mib = max(self.parent_mib, rss_mib(parent))
+                children = Path(f"/proc/{parent}/task/{parent}/children")
+                for child in children.read_text().split() if children.exists() else []:
+                    self.child_mib = max(self.child_mib, rss_mib(int(child)))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def measure(jobs: int, workers: int, folder: Path) -> dict:
     database = create_database()
     redis = RedisServer(shutil.which("redis-server"), folder).start()
@@ -42,6 +86,8 @@ def measure(jobs: int, workers: int, folder: Path) -> dict:
     try:
         api = Service({**env, "STATE_DIR": str(folder / "api")}, folder, workers=2).start(timeout=300)
         started = [Worker(f"w{i}", env, folder).start() for i in range(workers)]
+        single = [post_to_succeeded(api.url) for _ in range(4)][1:]  # the first one opens the store's client
+        sampler = RssSampler([worker.process.pid for worker in started]).start()
         bodies = [{"estimator": ["LogisticRegression", "DecisionTreeClassifier"][i % 2], "dataset": "iris",
                    "model_name": f"queue-{i}", "activate": False} for i in range(jobs)]  # fmt: skip
         ids = [None] * jobs
@@ -67,8 +113,12 @@ def measure(jobs: int, workers: int, folder: Path) -> dict:
         first = min(datetime.fromisoformat(job["created_at"]) for job in results)
         last = max(datetime.fromisoformat(job["finished_at"]) for job in results)
         wall = (last - first).total_seconds()
+        sampler.stop()
         return {
             "workers": workers,
+            "post_to_succeeded_seconds": [round(t, 2) for t in single],
+            "worker_parent_rss_mib": sampler.parent_mib,
+            "largest_child_rss_mib": sampler.child_mib,
             "jobs": jobs,
             "seconds": round(wall, 1),
             "jobs_per_minute": round(jobs / wall * 60, 1),
