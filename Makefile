@@ -53,7 +53,7 @@ PIP_INSTALL = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --quiet $(2) --pyt
 # (scripts/warm_bytecode.py; about 3 s of a first `make run`).
 $(BIN)/.installed-runtime: requirements.txt $(BIN)/.uv
 	$(call PIP_INSTALL,-r requirements.txt)
-	PYTHONDONTWRITEBYTECODE= nice $(BIN)/python scripts/warm_bytecode.py >/dev/null 2>&1 &
+	PYTHONDONTWRITEBYTECODE= timeout 300 nice $(BIN)/python scripts/warm_bytecode.py >$(VENV)/warm-bytecode.log 2>&1 &
 	touch $@
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt $(BIN)/.uv

@@ -4,8 +4,10 @@
 see the Makefile). The first start then compiles what it imports, on one core: MLflow and pandas in the gunicorn
 master first, then MLflow's schema migrations for a new store, then scikit-learn, skl2onnx, skops and matplotlib for
 the default model. This process compiles the later ones on the other core meanwhile, in the order the start needs
-them, so the master finds their .pyc files written. It imports nothing of the project's own but the training code,
-and changes nothing else. A second start finds everything compiled and this has nothing to do.
+them, so the master finds their .pyc files written. It imports nothing of the project's own but the training code;
+besides the .pyc files it writes only what those imports write (matplotlib's font cache, as the first start's plots
+would). A second start finds everything compiled and this has nothing to do. `make install` stops it after 300 s at
+most, and its output is in `.venv/warm-bytecode.log`.
 """
 
 from __future__ import annotations

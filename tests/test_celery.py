@@ -24,7 +24,7 @@ from tests.celery_helpers import RedisServer, Worker, require_redis
 from tests.conftest import mlflow_client, ref
 from tests.servers import Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
-from training.attempt import LEASE_SECONDS
+from training.attempt import LEASE_SECONDS, hard_time_limit
 from training.job_keeper import KEEP_SECONDS, QUEUED_GRACE_SECONDS
 from training.spec import TrainingSpec
 from training.submitter import create_job
@@ -173,12 +173,13 @@ def test_a_job_the_api_never_sent_runs_once_after_the_grace(cluster):
     servers, api = cluster["stack"], cluster["apis"][0]
     registry = Registry(servers["uri"], "model-serving")
     spec = TrainingSpec("DecisionTreeClassifier", {}, "never-sent", False)
-    job_id = create_job(registry, spec, "iris", max_queued=100)  # what POST /train does before it sends
-    created = time.time()
+    job_id = create_job(registry, spec, "iris", max_queued=100, queue="training")  # POST /train, before it sends
     job = wait_done(api, job_id, timeout=QUEUED_GRACE_SECONDS + KEEP_SECONDS + 120)
     assert job["status"] == "succeeded" and job["attempt"] == 1, job
-    assert QUEUED_GRACE_SECONDS <= time.time() - created  # not before the grace: the API might still be sending it
+    assert job["waited_seconds"] >= QUEUED_GRACE_SECONDS, job  # not before the grace: the API might be sending it
     assert len(versions_of(servers, job_id)) == 1
+    logs = "".join(worker.log_path.read_text() for worker in cluster["workers"])
+    assert f"training job {job_id}: queued" in logs, "no keeper said it sent the job again"
 
 
 def test_an_attempt_stuck_where_the_soft_limit_cannot_reach_it_is_killed_at_the_hard_limit(cluster, tmp_path):
@@ -192,6 +193,7 @@ def test_an_attempt_stuck_where_the_soft_limit_cannot_reach_it_is_killed_at_the_
         "TRAIN_QUEUE": "training-short",
         "TRAIN_MAX_ATTEMPTS": "1",
     }
+    hard = hard_time_limit(5)
     worker = Worker("short", env, tmp_path).start()
     try:
         config = {key: value for key, value in env.items() if key in Settings.model_fields}
@@ -209,6 +211,8 @@ def test_an_attempt_stuck_where_the_soft_limit_cannot_reach_it_is_killed_at_the_
         job = client_wait(client, answer, timeout=60)
         assert job["status"] == "failed" and "time limit" in job["error"], job
         assert time.monotonic() - stopped < 40, "the stuck attempt outlived the hard limit by far"
+        # The hard limit's kill, not the soft limit (which would end it near 5 s): the attempt ran until `hard`.
+        assert job["elapsed_seconds"] >= hard - 1, job
         assert versions_of(cluster["stack"], job["job_id"]) == []
     finally:
         worker.stop()

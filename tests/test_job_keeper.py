@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from training.attempt import LEASE_SECONDS
-from training.job_keeper import QUEUED_GRACE_SECONDS, keep, why_send_again
+from training.job_keeper import QUEUED_GRACE_SECONDS, RESEND_AFTER_SECONDS, keep, why_send_again
 from training.job_record import JobState, JobStatus
 
 NOW = 1_800_000_000.0
@@ -11,18 +11,22 @@ NOW = 1_800_000_000.0
 
 def state(status: JobStatus, **times) -> JobState:
     return JobState(job_id="a" * 32, status=status, request={}, dataset={}, created_at_ms=int((NOW - 3600) * 1000),
-                    **{"created_at": NOW - 3600, "attempt": 1, "worker": "w0@host", **times})  # fmt: skip
+                    **{"created_at": NOW - 3600, "attempt": 1, "worker": "w0@host", "queue": "training", **times})  # fmt: skip
 
 
 def test_a_running_job_is_sent_again_once_its_attempt_is_silent_past_the_lease():
     assert why_send_again(state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - 5), NOW) is None
     silent = state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - LEASE_SECONDS - 1)
     assert "attempt 1 on w0@host not heard from for 31 s" == why_send_again(silent, NOW)
-    # once per lost attempt: a keeper already sent it again after the last heartbeat
-    resent = state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - 40, resent_at=NOW - 20)
+    # once per silent attempt: a keeper already sent it again for attempt 1
+    resent = state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - 40, resent_at=NOW - 20, resent_for=1)
     assert why_send_again(resent, NOW) is None
-    # a later attempt that is lost too is sent again (its heartbeat is newer than the earlier resend)
-    again = state(JobStatus.RUNNING, started_at=NOW - 100, heartbeat_at=NOW - 35, resent_at=NOW - 60)
+    # ... unless attempt 1 is still the job's long after: that message was lost too
+    lost_again = state(JobStatus.RUNNING, heartbeat_at=NOW - 400, resent_at=NOW - RESEND_AFTER_SECONDS - 1,
+                       resent_for=1)  # fmt: skip
+    assert why_send_again(lost_again, NOW) is not None
+    # a later attempt that is silent too is sent again (the earlier resend was for attempt 1)
+    again = state(JobStatus.RUNNING, attempt=2, heartbeat_at=NOW - 35, resent_at=NOW - 20, resent_for=1)
     assert why_send_again(again, NOW) is not None
 
 
@@ -32,7 +36,9 @@ def test_a_queued_job_is_sent_again_only_if_it_was_never_sent_and_past_the_grace
     assert why_send_again(state(JobStatus.QUEUED, created_at=NOW - 10), NOW) is None  # the API may be sending it
     waiting = state(JobStatus.QUEUED, created_at=NOW - 3000, sent_at=NOW - 3000)  # in the broker, behind others
     assert why_send_again(waiting, NOW) is None
-    assert why_send_again(state(JobStatus.QUEUED, created_at=NOW - 3000, resent_at=NOW - 100), NOW) is None
+    assert (
+        why_send_again(state(JobStatus.QUEUED, created_at=NOW - 3000, resent_at=NOW - 100, resent_for=0), NOW) is None
+    )
     for finished in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         assert why_send_again(state(finished, heartbeat_at=NOW - 3000), NOW) is None
 
@@ -54,16 +60,22 @@ def test_keep_sends_each_job_that_needs_it_and_records_that_it_did():
     from types import SimpleNamespace
 
     def run(run_id, status, tags):
+        tags = {"job.created_at": repr(NOW - 3600), "job.queue": "training", **tags}
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status, start_time=0),
-                               data=SimpleNamespace(tags={"job.created_at": repr(NOW - 3600), **tags}, metrics={}))  # fmt: skip
+                               data=SimpleNamespace(tags=tags, metrics={}))  # fmt: skip
 
     lost = run("1" * 32, "RUNNING", {"job.status": "running", "job.attempt": "1", "job.heartbeat_at": repr(NOW - 99)})
     alive = run("2" * 32, "RUNNING", {"job.status": "running", "job.attempt": "1", "job.heartbeat_at": repr(NOW - 1)})
     unsent = run("3" * 32, "SCHEDULED", {"job.status": "queued"})
     waiting = run("4" * 32, "SCHEDULED", {"job.status": "queued", "job.sent_at": repr(NOW - 3000)})
-    registry, sent = FakeRegistry([lost, alive, unsent, waiting]), []
-    assert sorted(keep(registry, sent.append, NOW)) == ["1" * 32, "3" * 32] == sorted(sent)
-    assert set(registry.tags) == {"1" * 32, "3" * 32}
+    other_queue = run("6" * 32, "SCHEDULED", {"job.status": "queued", "job.queue": "training-gpu"})
+    local = run(
+        "7" * 32, "RUNNING", {"job.status": "running", "job.queue": "local", "job.heartbeat_at": repr(NOW - 99)}
+    )
+    untagged = run("8" * 32, "SCHEDULED", {"job.status": "queued", "job.queue": ""})  # a job older than the tag
+    registry, sent = FakeRegistry([lost, alive, unsent, waiting, other_queue, local, untagged]), []
+    assert sorted(keep(registry, "training", sent.append, NOW)) == ["1" * 32, "3" * 32] == sorted(sent)
+    assert registry.tags["1" * 32]["job.resent_for"] == "1" and registry.tags["3" * 32]["job.resent_for"] == "0"
     assert all("job.resent_at" in tags for tags in registry.tags.values())
 
 
@@ -76,14 +88,14 @@ def test_a_hard_kill_is_recorded_only_while_the_killed_process_still_runs_the_jo
 
     class Registry(FakeRegistry):
         def get_run(self, run_id):
-            tags = {"job.status": "running", "job.attempt": "2", "job.pid": "4242", **self.tags.get(run_id, {})}
+            tags = {"job.status": "running", "job.attempt": "2", "job.worker": "w1@b:4242", **self.tags.get(run_id, {})}
             return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status="RUNNING", start_time=0),
                                    data=SimpleNamespace(tags=tags, metrics={}))  # fmt: skip
 
     registry = Registry([])
-    JobRecord(registry, "5" * 32).time_limit(600, pid=1111)  # the first attempt's process, killed late
+    JobRecord(registry, "5" * 32).time_limit(600, worker="w0@a:4242")  # the first attempt, another host, same pid
     assert registry.tags == {}
     registry.search_model_versions_of_run = lambda run_id: []
     registry.end_run = lambda run_id, status: registry.tags[run_id].update({"ended": status})
-    JobRecord(registry, "5" * 32).time_limit(600, pid=4242)  # the running attempt's own process
+    JobRecord(registry, "5" * 32).time_limit(600, worker="w1@b:4242")  # the running attempt's own process
     assert registry.tags["5" * 32]["job.status"] == "failed" and registry.tags["5" * 32]["ended"] == "FAILED"

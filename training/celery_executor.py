@@ -51,11 +51,11 @@ class JobRequest(Request):
         if not soft:  # the hard limit: the pool killed the process, which cannot record it itself
             settings = self.task.app.conf.training_settings
             record = JobRecord(registry_from_settings(settings), self.id)
-            record.time_limit(settings.TRAIN_TIME_LIMIT_SECONDS, pid=self.worker_pid)
+            record.time_limit(settings.TRAIN_TIME_LIMIT_SECONDS, worker=f"{self.hostname}:{self.worker_pid}")
 
 
 @signals.worker_process_init.connect(weak=False, dispatch_uid="training.fresh_connections")
-def _fresh_connections(**kwargs) -> None:
+def fresh_connections(**kwargs) -> None:
     """A job process forked from the worker drops the MLflow connections the worker itself opened.
 
     Quick, and no imports: the worker gives a new process a few seconds to report that it is up.
@@ -109,7 +109,7 @@ def make_celery(settings: Settings) -> Celery:
         except Exception as exc:  # the soft limit before the attempt could catch it: record it, as the hard one is
             if not is_time_limit(exc):
                 raise
-            JobRecord(registry, job_id).time_limit(limit)
+            JobRecord(registry, job_id).time_limit(limit, worker=worker)
             return AttemptOutcome.FAILED.value
         finally:
             set_job_id(None)

@@ -16,8 +16,8 @@ def main(argv: list[str]) -> None:
     settings = load_settings({"TRAIN_EXECUTOR": "celery"})
     configure_job_logging(settings)  # the service's format; a job's lines carry its `job_id` (the task sets it)
     registry_from_settings(settings)  # MLflow's client bounds, in the environment the job processes inherit
+    start_keeper(settings)  # before the warm-up (it needs none) and the pool: lost jobs are sent again in a minute
     preload_training()
-    start_keeper(settings)  # forked warm, before the pool: lost jobs are sent again within a minute
     app = make_celery(settings)
     app.worker_main(["worker", "--loglevel=INFO", "--pool=prefork", "--queues", settings.TRAIN_QUEUE,
                      "--without-gossip", "--without-mingle", *argv])  # fmt: skip

@@ -76,14 +76,15 @@ class JobState:
     attempt: int = 0
     attempt_id: str | None = None
     worker: str | None = None
-    pid: int | None = None  # the running attempt's process
     phase: str | None = None
     phase_started_at: float | None = None
     started_at: float | None = None
     heartbeat_at: float | None = None
     finished_at: float | None = None
+    queue: str | None = None  # where it goes: a Celery queue's name, or "local"; None for jobs older than the tag
     sent_at: float | None = None  # handed to the executor (the broker); None: never, or not yet
-    resent_at: float | None = None  # sent again by a keeper (training/job_keeper.py)
+    resent_at: float | None = None  # sent again by a keeper (training/job_keeper.py), by its clock
+    resent_for: int | None = None  # the attempt that was silent when it was sent again (0: never sent)
     error: str | None = None
     lost: str | None = None
     activated: bool = False
@@ -105,14 +106,15 @@ class JobState:
             attempt=int(tags.get("job.attempt", "0")),
             attempt_id=tags.get("job.attempt_id"),
             worker=tags.get("job.worker"),
-            pid=int(tags["job.pid"]) if tags.get("job.pid", "").isdigit() else None,
             phase=tags.get("job.phase"),
             phase_started_at=_float(tags, "job.phase_started_at"),
             started_at=_float(tags, "job.started_at"),
             heartbeat_at=_float(tags, "job.heartbeat_at"),
             finished_at=_float(tags, "job.finished_at"),
+            queue=tags.get("job.queue"),
             sent_at=_float(tags, "job.sent_at"),
             resent_at=_float(tags, "job.resent_at"),
+            resent_for=int(tags["job.resent_for"]) if tags.get("job.resent_for", "").isdigit() else None,
             error=tags.get("job.error"),
             lost=tags.get("job.lost"),
             activated=tags.get("job.activated") == "True",
@@ -192,9 +194,13 @@ class JobRecord:
             states += [JobState.from_run(run) for run in registry.search_runs(filter_string, max_results=limit)]
         return states
 
-    def sent(self, again: bool = False) -> None:
-        """The job was handed to the executor (`again`: by a keeper, for a lost attempt or a lost message)."""
-        self._write(**{"resent_at" if again else "sent_at": repr(time.time())})
+    def sent(self, again_for: int | None = None) -> None:
+        """The job was handed to the executor; `again_for`: sent again by a keeper, for that silent attempt (0: for
+        a job never sent)."""
+        if again_for is None:
+            self._write(sent_at=repr(time.time()))
+        else:
+            self._write(resent_at=repr(time.time()), resent_for=again_for)
 
     # ---- reading: no side effects -------------------------------------------------------------------------
     def read(self) -> JobState:
@@ -256,19 +262,20 @@ class JobRecord:
         self._write(JobStatus.FAILED, error=error, finished_at=repr(time.time()))
 
     # ---- a supervisor's one write -------------------------------------------------------------------------
-    def time_limit(self, seconds: int, pid: int | None = None) -> None:
+    def time_limit(self, seconds: int, worker: str | None = None) -> None:
         """The attempt ran out of time and could not record it: it fails the job like `fail`.
 
         Written by the attempt's supervisor when it killed it at the hard limit (the local executor's pool,
         Celery's `JobRequest.on_timeout`), or by the code around the attempt when the soft limit stopped it
         before `execute_job` could catch it (the local pool's parent; the Celery task, in the same process).
-        `pid`, the killed process: nothing is written unless it is still the job's running attempt (an attempt
-        silent past the lease may have been taken over meanwhile: the job is then the new attempt's).
+        `worker`, the stopped attempt's "host:pid" (`job.worker`): nothing is written if another attempt runs the job
+        now (one silent past the lease may have been sent again by a keeper and taken by another worker: the job is
+        then the new attempt's), nor if it has finished.
         """
-        if pid is not None:
+        if worker is not None:
             state = self.read()
-            if state.status.finished or state.pid != pid:
-                log.warning("job %s: the process killed at the time limit (%d) no longer runs it", self.job_id, pid)
+            if state.status.finished or (state.status == JobStatus.RUNNING and state.worker != worker):
+                log.warning("job %s: %s ran out of time, but no longer runs it", self.job_id, worker)
                 return
         self.fail(time_limit_error(seconds))
 

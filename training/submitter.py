@@ -87,9 +87,12 @@ def _attach_dataset(registry: Registry, dataset: Dataset, run: Run) -> None:
     registry.log_run_inputs(run.info.run_id, [DatasetInput(data._to_mlflow_entity(), tags=[context])])
 
 
-def create_job(registry: Registry, spec: TrainingSpec, dataset: str | Dataset, max_queued: int) -> str:
+def create_job(
+    registry: Registry, spec: TrainingSpec, dataset: str | Dataset, max_queued: int, queue: str | None = None
+) -> str:
     """Record a new job (SCHEDULED) with its request and its dataset; returns the job id (its run id).
 
+    `queue`: where it is sent (a Celery queue, or "local"); a keeper sends again only its own queue's jobs.
     Raises QueueFull when `max_queued` jobs already wait.
     """
     if JobRecord.count_waiting(registry, max_queued) >= max_queued:
@@ -104,7 +107,8 @@ def create_job(registry: Registry, spec: TrainingSpec, dataset: str | Dataset, m
     request = {"estimator": spec.estimator, "params": spec.params, "model_name": spec.model_name,
                "activate": spec.activate, "dataset": name}  # fmt: skip
     record = JobRecord.create(registry, request, reference, run_name=f"{name}-{spec.estimator}",
-                              tags={"estimator": spec.estimator, "dataset": name}, attach=attach)  # fmt: skip
+                              tags={"estimator": spec.estimator, "dataset": name,
+                                    **({"job.queue": queue} if queue else {})}, attach=attach)  # fmt: skip
     return record.job_id
 
 
@@ -171,10 +175,11 @@ def describe_job(state: JobState, now: float | None = None) -> dict:
 def wait_for_job(registry: Registry, job_id: str, timeout: float) -> dict:
     """Poll the job until it finishes or `timeout` passes; returns its last state."""
     deadline = time.monotonic() + timeout
-    delay = 0.05
+    started, delay = time.monotonic(), 0.05
     while True:
         job = get_job(registry, job_id)
         if JobStatus(job["status"]).finished or time.monotonic() > deadline:
             return job
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.1)  # a waited /train answers within 0.1 s of its job's end (one run read each)
+        # One run read each: every 0.1 s for a small job's first 10 s, then every 0.25 s (4 reads a second per wait).
+        delay = min(delay * 1.5, 0.1 if time.monotonic() - started < 10 else 0.25)

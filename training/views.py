@@ -92,13 +92,16 @@ def train():
     parsed = read_train_request()
     registry = _registry()
     settings = current_settings()
-    job_id = create_job(registry, parsed.spec, parsed.dataset, settings.TRAIN_MAX_QUEUED)
+    celery = settings.TRAIN_EXECUTOR == "celery"
+    queue = settings.TRAIN_QUEUE if celery else "local"
+    job_id = create_job(registry, parsed.spec, parsed.dataset, settings.TRAIN_MAX_QUEUED, queue)
     try:
         current_app.extensions["train_executor"].send(job_id)
     except ExecutorUnavailable:
         discard_job(registry, job_id)
         raise
-    mark_sent(registry, job_id)
+    if celery:  # what the workers' keeper reads (training/job_keeper.py); a local job has a lock file instead
+        mark_sent(registry, job_id)
     location = f"/train/jobs/{job_id}"
     if not parsed.wait:
         return {"job_id": job_id, "status": "queued", "location": location}, 202, {"Location": location}
