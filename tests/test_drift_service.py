@@ -48,20 +48,37 @@ def service(tmp_path_factory):
 
 
 def send(service, rows: list[dict], seed: int) -> tuple[int, set[str]]:
-    """Send the rows in batches of 1 to 100 on fresh connections (both workers answer); rows answered, pids."""
+    """Send the rows in batches of 1 to 100, alternately on two keep-alive connections held by the two workers (on
+    fresh connections one after another, the kernel may hand every one to the same worker); rows answered, pids."""
     rng = np.random.default_rng(seed)
+    sessions = two_workers(service)
     sent, pids, start = 0, set(), 0
     while start < len(rows):
         size = int(rng.integers(1, 101))
         batch = rows[start : start + size]
-        answer = requests.post(f"{service.url}/predict", json={"records": batch}, timeout=30,
-                               headers={"Connection": "close"})  # fmt: skip
+        session = sessions[min(len(pids), 1) if len(pids) < 2 else start % 2]  # each worker first, then either
+        answer = session.post(f"{service.url}/predict", json={"records": batch}, timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"]["name"] == "drift-lr"
         sent += len(batch)
         pids.add(answer.headers["X-Worker-Pid"])
         start += size
+    for session in sessions:
+        session.close()
     return sent, pids
+
+
+def two_workers(service, attempts: int = 50) -> list[requests.Session]:
+    """Two keep-alive connections, each held by another of the two workers."""
+    first = requests.Session()
+    held = first.get(f"{service.url}/health", timeout=30).headers["X-Worker-Pid"]
+    for _ in range(attempts):
+        second = requests.Session()
+        if second.get(f"{service.url}/health", timeout=30).headers["X-Worker-Pid"] != held:
+            return [first, second]
+        second.close()
+        time.sleep(0.05)
+    raise AssertionError(f"every connection went to worker {held}: {service.log_tail()}")
 
 
 def drift_of(service, rows: int | None = None) -> dict:
