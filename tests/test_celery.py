@@ -201,10 +201,7 @@ def test_an_attempt_stuck_where_the_soft_limit_cannot_reach_it_is_killed_at_the_
         client = create_app(config).test_client()
         slow = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 300}, "dataset": "digits",
                 "model_name": "stuck", "activate": False}  # fmt: skip
-        answer = client.post("/train", json=slow, headers=AUTH)
-        while (job := client.get(answer.json["location"], headers=AUTH).json).get("phase") != "fitting":
-            assert job["status"] in ("queued", "running"), job
-            time.sleep(0.1)
+        answer, job = start_fitting(client, slow)
         pid = int(mlflow_client(cluster["stack"]["uri"]).get_run(job["job_id"]).data.tags["job.pid"])
         os.kill(pid, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -303,10 +300,7 @@ def test_a_job_runs_through_sqs_and_a_killed_workers_job_is_sent_again(stack, tm
         assert len(versions_of(stack, job["job_id"])) == 1
         slow = {"estimator": "GradientBoostingClassifier", "params": {"n_estimators": 40}, "dataset": "digits",
                 "model_name": "sqs-survivor", "activate": False}  # fmt: skip
-        answer = client.post("/train", json=slow, headers=AUTH)
-        while (job := client.get(answer.json["location"], headers=AUTH).json).get("phase") != "fitting":
-            assert job["status"] in ("queued", "running"), job
-            time.sleep(0.2)
+        answer, job = start_fitting(client, slow)
         victim = next(w for w in workers if job["worker"].startswith(f"{w.name}@"))
         victim.kill()
         killed = time.time()
@@ -319,6 +313,15 @@ def test_a_job_runs_through_sqs_and_a_killed_workers_job_is_sent_again(stack, tm
     finally:
         for worker in workers:
             worker.stop()
+
+
+def start_fitting(client, body: dict) -> tuple:
+    """POST the job through the in-process app; its answer and its record once it is fitting."""
+    answer = client.post("/train", json=body, headers=AUTH)
+    while (job := client.get(answer.json["location"], headers=AUTH).json).get("phase") != "fitting":
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.1)
+    return answer, job
 
 
 def client_wait(client, answer, timeout: float = 240) -> dict:
