@@ -5,7 +5,8 @@ For each worker count it starts, on loopback: a fresh PostgreSQL database and an
 its own `redis-server`, the API under gunicorn (2 workers, TRAIN_EXECUTOR=celery) and that many
 `make worker` processes (concurrency 1). It sends --jobs small jobs at once (LogisticRegression and
 DecisionTree on iris, not activated), waits for all, and prints jobs per minute (from the first job's
-creation to the last one's end), the longest time a job waited in the queue, and the mean run time. Before the
+creation to the last one's end), the longest time a job waited in the queue, the mean run time, and the mean
+time a worker stood idle between the end of one job and the start of its next (the pool replacing its process). Before the
 burst, POST→succeeded of one LogisticRegression on iris (three, after one that opens the store), and during it
 the workers' parents' RSS and the largest RSS of a job's process.
 Needs PostgreSQL on 127.0.0.1:5432 and redis-server, as the tests do.
@@ -113,6 +114,14 @@ def measure(jobs: int, workers: int, folder: Path) -> dict:
         first = min(datetime.fromisoformat(job["created_at"]) for job in results)
         last = max(datetime.fromisoformat(job["finished_at"]) for job in results)
         wall = (last - first).total_seconds()
+        gaps = []  # a worker process's idle time between one job's end and its next job's start
+        by_worker: dict[str, list[dict]] = {}
+        for job in results:
+            by_worker.setdefault(job["worker"].split(":")[0], []).append(job)
+        for runs in by_worker.values():
+            runs.sort(key=lambda job: job["started_at"])
+            gaps += [(datetime.fromisoformat(b["started_at"]) - datetime.fromisoformat(a["finished_at"])).total_seconds()
+                     for a, b in zip(runs, runs[1:])]  # fmt: skip
         sampler.stop()
         return {
             "workers": workers,
@@ -123,7 +132,8 @@ def measure(jobs: int, workers: int, folder: Path) -> dict:
             "seconds": round(wall, 1),
             "jobs_per_minute": round(jobs / wall * 60, 1),
             "longest_wait_seconds": round(max(job["waited_seconds"] for job in results), 1),
-            "mean_run_seconds": round(statistics.mean(job["elapsed_seconds"] for job in results), 1),
+            "mean_run_seconds": round(statistics.mean(job["elapsed_seconds"] for job in results), 2),
+            "mean_gap_between_jobs_seconds": round(statistics.mean(gaps), 2) if gaps else None,
         }
     finally:
         for worker in started:

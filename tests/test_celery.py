@@ -25,7 +25,8 @@ from tests.conftest import mlflow_client, ref
 from tests.servers import Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
 from training.attempt import LEASE_SECONDS, hard_time_limit
-from training.job_keeper import KEEP_SECONDS, QUEUED_GRACE_SECONDS
+from training.job_keeper import KEEP_SECONDS
+from training.job_record import QUEUED_GRACE_SECONDS
 from training.spec import TrainingSpec
 from training.submitter import create_job
 

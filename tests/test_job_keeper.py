@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from training.attempt import LEASE_SECONDS
-from training.job_keeper import QUEUED_GRACE_SECONDS, RESEND_AFTER_SECONDS, keep, why_send_again
-from training.job_record import JobState, JobStatus
+from training.job_keeper import RESEND_AFTER_SECONDS, keep, why_send_again
+from training.job_record import QUEUED_GRACE_SECONDS, JobState, JobStatus
 
 NOW = 1_800_000_000.0
 

@@ -1,6 +1,7 @@
-"""A local job's process: it starts at once (its slot is free for the next job as soon as its attempt has answered,
-and a process forked from a warm parent does not warm up again), and a stuck attempt ends at the hard time limit
-(training/job_process.py, training/attempt.py)."""
+"""A job's process starts at once: a local job's slot is free for the next job as soon as its attempt has answered,
+a process forked from a warm parent does not warm up again, and Celery's pool replaces a job's process as soon as
+it has exited. A stuck attempt ends at the hard time limit (training/job_process.py, training/attempt.py,
+training/celery_executor.py)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,51 @@ def test_an_attempt_stuck_where_the_soft_limit_cannot_reach_it_is_killed_at_the_
             time.sleep(0.1)
     assert version_count(store) == before
     assert tracking.get_run(job["job_id"]).info.status == "FAILED"
+
+
+def test_celerys_pool_replaces_a_job_process_that_closed_its_pipes_before_it_could_be_reaped(monkeypatch):
+    """celery/celery#9588: Celery's pool looks once when a process's pipe closes, finds it not yet reaped, and
+    waits for its 5 s timer; ours looks again every EXIT_POLL_SECONDS until it is reaped, then replaces it."""
+    from celery.concurrency.asynpool import AsynPool
+
+    from training.celery_executor import EXIT_POLL_SECONDS, PromptAsynPool
+
+    calls = []
+    monkeypatch.setattr(AsynPool, "_event_process_exit", lambda pool, hub, proc: calls.append("celery looked"))
+
+    class Hub:
+        def __init__(self):
+            self.later = []
+
+        def call_later(self, delay, callback):
+            self.later.append((delay, callback))
+
+    class Process:
+        exitcode = None  # its pipes are closed; the kernel has not made it reapable yet
+
+    pool = PromptAsynPool.__new__(PromptAsynPool)  # no processes: only the exit handling is under test
+    pool.maintain_pool = lambda: calls.append("replaced")
+    hub, process = Hub(), Process()
+    pool._event_process_exit(hub, process)
+    for _ in range(3):  # not reaped yet: it looks again, and again
+        delay, look = hub.later.pop()
+        assert delay == EXIT_POLL_SECONDS and calls == ["celery looked"]
+        look()
+    process.exitcode = 155  # billiard's "recycled" exit code
+    hub.later.pop()[1]()
+    assert calls == ["celery looked", "replaced"] and hub.later == []
+
+    reaped = Process()
+    reaped.exitcode = 155
+    pool._event_process_exit(hub, reaped)  # reaped at the first look: Celery's own handling replaced it
+    assert hub.later == []
+
+
+def test_celery_workers_use_the_prompt_pool():
+    from celery.concurrency import get_implementation
+
+    from kernel.config import load_settings
+    from training.celery_executor import PromptTaskPool, make_celery
+
+    app = make_celery(load_settings({"TRAIN_EXECUTOR": "celery", "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}))
+    assert get_implementation(app.conf.worker_pool) is PromptTaskPool

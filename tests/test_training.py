@@ -109,6 +109,35 @@ def test_inline_rows_with_text_and_missing_values(client):
     assert row["properties"]["seats"]["type"] == "number"
 
 
+def test_the_signature_is_built_from_the_validated_columns_as_mlflow_would_infer_it(monkeypatch):
+    """A version's signature is not inferred (`infer_signature` is not called), and it is what MLflow would infer."""
+    from mlflow.models import infer_signature
+
+    import training.registration
+    from training.datasets import BUILTIN_DATASETS, from_records, load_builtin
+    from training.registration import signature_of
+
+    limits = {"max_rows": 10_000, "max_columns": 100}
+    text_labels = [{**row, "churned": "yes" if row["churned"] == "yes" else "no"} for row in customer_rows()]
+    datasets = [load_builtin(name) for name in BUILTIN_DATASETS] + [from_records(text_labels, "churned", limits)]
+    # A model's classes: numbers, text in an object array, or text in a fixed-width one (GaussianNB on breast_cancer)
+    classes = [np.unique(d.labels) for d in datasets] + [np.array(["benign", "malignant"])]
+    datasets.append(datasets[2])
+    expected = [infer_signature(d.features, c).to_dict() for d, c in zip(datasets, classes, strict=True)]
+
+    def inferred(*args, **kwargs):
+        raise AssertionError("the signature was inferred")
+
+    monkeypatch.setattr(training.registration, "infer_signature", inferred)
+    built = [signature_of(d.features, c).to_dict() for d, c in zip(datasets, classes, strict=True)]
+    assert built == expected
+    inputs = {column["name"]: column for column in json.loads(built[-2]["inputs"])}
+    assert inputs["plan"]["type"] == "string" and inputs["plan"]["required"] is False  # text with gaps
+    assert inputs["seats"] == {"type": "double", "name": "seats", "required": True}
+    assert json.loads(built[-2]["outputs"])[0]["tensor-spec"]["dtype"] == "object"  # text labels
+    assert json.loads(built[-1]["outputs"])[0]["tensor-spec"]["dtype"] == "str"
+
+
 def test_csv_upload_trains_and_predicts_raw_text(client, store):
     frame = pd.DataFrame(customer_rows(80, seed=1))
     data = {

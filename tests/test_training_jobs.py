@@ -16,6 +16,7 @@ from kernel.refs import ModelRef
 from service import create_app
 from tests.conftest import client_of, mlflow_client, ref
 from tests.training_helpers import fitting_pid, slow_job, version_count, wait_done
+from training.job_record import QUEUED_GRACE_SECONDS, JobRecord
 
 PHASES = ("validating", "fitting", "evaluating", "converting", "registering", "plotting")
 
@@ -45,6 +46,9 @@ def test_jobs_beyond_capacity_wait_queued_then_429(store, app_config):
         waiting = client.get(first.json["location"]).json
         assert waiting["status"] == "queued"
         assert waiting["waited_seconds"] >= 1.5
+        # Its process has it: no sweeper takes it for a job the API never started.
+        state = JobRecord(store["registry"], first.json["job_id"]).read()
+        assert state.sent_at is not None and not state.never_sent(time.time() + QUEUED_GRACE_SECONDS + 1)
         refused = client.post("/train", json={"estimator": "GaussianNB", "dataset": "iris"})
         assert refused.status_code == 429
         assert refused.headers["Retry-After"]
@@ -212,6 +216,28 @@ def test_killed_attempt_is_retried_and_registers_one_version(store, app_config):
     assert job["attempt"] == 2
     assert "Attempt 1" in job["lost_attempt"]
     assert len(mlflow_client(store["uri"]).search_model_versions(f"run_id = '{run_id}'")) == 1
+
+
+def test_a_local_job_the_api_never_started_runs_once_after_the_grace(store, app_config):
+    """The API recorded the job and stopped before it started its process: a sweeper starts it once it is
+    QUEUED_GRACE_SECONDS old (the clock is moved on, not waited for), and once only."""
+    from training.spec import TrainingSpec
+    from training.submitter import create_job
+
+    app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 1})
+    executor, client = app.extensions["train_executor"], client_of(app)
+    spec = TrainingSpec("DecisionTreeClassifier", {}, activate=False, model_name="never-started")
+    job_id = create_job(store["registry"], spec, "iris", max_queued=100, queue="local")
+    now = time.time()
+    assert executor.recover_unsent(now) == []  # within the grace: the API may still be starting it
+    assert client.get(f"/train/jobs/{job_id}").json["status"] == "queued"
+    later = now + QUEUED_GRACE_SECONDS + 1
+    assert executor.recover_unsent(later) == [job_id]
+    assert executor.recover_unsent(later) == []  # started once: its record says so
+    job = wait_done(client, f"/train/jobs/{job_id}")
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job
+    assert executor.recover_unsent(later + 3600) == []
+    assert len(mlflow_client(store["uri"]).search_model_versions(f"run_id = '{job_id}'")) == 1
 
 
 def _parent_and_command(pid: int) -> tuple[int, str]:

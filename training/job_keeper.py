@@ -37,7 +37,6 @@ from training.job_record import JobRecord, JobState, JobStatus
 log = logging.getLogger(__name__)
 
 KEEP_SECONDS = 10.0
-QUEUED_GRACE_SECONDS = 60.0
 RESEND_AFTER_SECONDS = 5 * LEASE_SECONDS
 
 
@@ -50,10 +49,8 @@ def why_send_again(state: JobState, now: float) -> str | None:
         if state.resent_for == state.attempt and now - (state.resent_at or 0) < RESEND_AFTER_SECONDS:
             return None  # already sent again for this silent attempt
         return f"attempt {state.attempt} on {state.worker or 'a worker'} not heard from for {age:.0f} s"
-    if state.status == JobStatus.QUEUED and state.sent_at is None and state.resent_for is None:
-        created = state.created_at if state.created_at is not None else state.created_at_ms / 1000
-        if now - created > QUEUED_GRACE_SECONDS:
-            return f"queued {now - created:.0f} s ago and never sent"
+    if state.never_sent(now):
+        return f"queued {now - state.created:.0f} s ago and never sent"
     return None
 
 

@@ -12,6 +12,7 @@ message (TRAIN_MAX_ATTEMPTS), and a process past the hard limit is killed and it
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,8 @@ from training.attempt import (
     worker_name,
 )
 from training.job_record import JobRecord
+
+log = logging.getLogger(__name__)
 
 # A free slot is taken within this: a flock try per slot, so 20 a second cost nothing (0.5 s was a job's wait).
 SLOT_POLL_SECONDS = 0.05
@@ -52,16 +55,31 @@ def drop_inherited_connections() -> None:
             engine.dispose(close=False)
 
 
-def wait_for_slot(state_dir: Path, slots: int):
-    """An open, locked slot file of this machine, once one is free (the kernel frees it when we end)."""
+def wait_for_slot(state_dir: Path, slots: int, on_wait=lambda: None):
+    """An open, locked slot file of this machine, once one is free (the kernel frees it when we end). `on_wait` is
+    called once, if none is free at first."""
     folder = state_dir / "train-slots"
     folder.mkdir(parents=True, exist_ok=True)
+    waited = False
     while True:
         for index in range(slots):
             handle = try_lock(folder / f"slot-{index}.lock")
             if handle is not None:
                 return handle
+        if not waited:
+            waited = True
+            on_wait()
         time.sleep(SLOT_POLL_SECONDS)
+
+
+def mark_waiting(settings: Settings, job_id: str) -> None:
+    """The job waits for a slot, queued: its record says a process has it, so that no sweeper takes it for a job the
+    API never started (training/local_executor.py). Never fails the job: at worst another machine runs it too,
+    and the attempt-id fence lets one attempt win."""
+    try:
+        JobRecord(registry_from_settings(settings), job_id).sent()
+    except Exception as exc:
+        log.warning("could not mark job %s as waiting: %s", job_id, exc)
 
 
 def run_attempt(settings: Settings, job_id: str) -> AttemptOutcome:
@@ -124,7 +142,8 @@ def main(job_id: str, settings: Settings) -> None:
     job_lock = try_lock(path)  # held, through the pool's processes too, until the job's last process ends
     if job_lock is None:
         return  # another process of this machine runs the job (the sweeper started it twice)
-    slot = wait_for_slot(Path(settings.STATE_DIR), settings.TRAIN_WORKER_CONCURRENCY)
+    slot = wait_for_slot(Path(settings.STATE_DIR), settings.TRAIN_WORKER_CONCURRENCY,
+                         on_wait=lambda: mark_waiting(settings, job_id))  # fmt: skip
     preload_training()  # the attempts' processes fork from this one
     try:
         outcome = run_job(settings, job_id, on_answer=lambda: release(slot))

@@ -63,6 +63,11 @@ def _float(tags: dict, key: str) -> float | None:
     return float(tags[key]) if key in tags else None
 
 
+# A job recorded but never handed to its executor is sent again once it is this old (the API may still be sending it
+# before that): by a Celery worker's keeper (training/job_keeper.py), or a local executor's sweeper.
+QUEUED_GRACE_SECONDS = 60.0
+
+
 @dataclass(frozen=True)
 class JobState:
     """The job's record at one read (times are Unix seconds; `attempt` 0 before the first one starts)."""
@@ -122,6 +127,17 @@ class JobState:
             metrics=dict(run.data.metrics),
             phases=json.loads(tags.get("job.phases", "{}")),
         )
+
+    @property
+    def created(self) -> float:
+        """When it was recorded (Unix seconds)."""
+        return self.created_at if self.created_at is not None else self.created_at_ms / 1000
+
+    def never_sent(self, now: float) -> bool:
+        """Queued QUEUED_GRACE_SECONDS ago and never handed to its executor, nor sent again since: the API stopped
+        between recording it and sending it."""
+        unsent = self.status == JobStatus.QUEUED and self.sent_at is None and self.resent_for is None
+        return unsent and now - self.created > QUEUED_GRACE_SECONDS
 
     def heartbeat_age(self, now: float | None = None) -> float | None:
         """Seconds since the running attempt was last heard from (its start counts), or None if never."""
@@ -186,10 +202,11 @@ class JobRecord:
         return len(registry.search_runs(filter_string, max_results=limit))
 
     @staticmethod
-    def unfinished(registry: Registry, limit: int = 1000) -> list[JobState]:
-        """The jobs queued or running, up to `limit` of each (for the keeper that sends lost ones again)."""
+    def unfinished(registry: Registry, limit: int = 1000, running: bool = True) -> list[JobState]:
+        """The jobs queued or running (`running=False`: queued only), up to `limit` of each (for the keeper and
+        the local sweeper, which send lost ones again)."""
         states = []
-        for status in ("SCHEDULED", "RUNNING"):
+        for status in ("SCHEDULED", "RUNNING") if running else ("SCHEDULED",):
             filter_string = f"tags.`{KIND_TAG}` = 'training' and attributes.status = '{status}'"
             states += [JobState.from_run(run) for run in registry.search_runs(filter_string, max_results=limit)]
         return states

@@ -12,7 +12,10 @@ What a broker's redelivery does for Celery, the sweeper does here: each job's pr
 lock file (`STATE_DIR/jobs/<id>.lock`) for as long as it lives, so a free lock of an unfinished job
 means its processes are gone (killed, a restart, a power cut). Every serving worker sweeps every
 SWEEP_SECONDS and starts such a job again; its next attempt records the lost one, then retries it or
-fails it (TRAIN_MAX_ATTEMPTS).
+fails it (TRAIN_MAX_ATTEMPTS). A job the API recorded but never started (it stopped between the two: no lock
+file anywhere, and its record never marked sent) is started once it is QUEUED_GRACE_SECONDS old, by whichever
+machine's sweeper sees it first; a job's process marks its record sent while it waits for a slot, so that a job
+waiting its turn on one machine is never taken for one nobody started.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from kernel.locks import try_lock
 from kernel.registry import ModelNotFound, RegistryUnavailable
 from training.fork_server import ForkServerClient
 from training.job_process import job_lock_path
-from training.job_record import JobRecord
+from training.job_record import QUEUED_GRACE_SECONDS, JobRecord
 from training.submitter import ExecutorUnavailable
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = 10.0
 # A lock file younger than this is left alone: its process may still be starting (or was just started again).
 RELAUNCH_SECONDS = 30.0
+# How often a process looks for jobs that were never started (one search of the registry).
+UNSENT_SWEEP_SECONDS = QUEUED_GRACE_SECONDS / 2
 
 
 class LocalExecutor:
@@ -47,6 +52,7 @@ class LocalExecutor:
         self.settings, self.registry = settings, registry
         self.state_dir = Path(settings.STATE_DIR)
         self._sweeper = None
+        self._unsent_swept = 0.0
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
         self.fork_server = ForkServerClient(env)
 
@@ -86,8 +92,41 @@ class LocalExecutor:
         except OSError as exc:
             log.warning("no fork server for training jobs: %s", exc)
 
-    def recover(self) -> list[str]:
-        """Start again each unfinished job of this machine whose processes are gone; returns their ids."""
+    def recover(self, now: float | None = None) -> list[str]:
+        """Start again each unfinished job of this machine whose processes are gone, and each local job never
+        started (`recover_unsent`); returns their ids."""
+        started = self._recover_lost()
+        now = time.time() if now is None else now
+        if now - self._unsent_swept >= UNSENT_SWEEP_SECONDS:
+            self._unsent_swept = now
+            started += self.recover_unsent(now)
+        return started
+
+    def recover_unsent(self, now: float) -> list[str]:
+        """Start each local job recorded QUEUED_GRACE_SECONDS ago that no process ever took (no lock file here, its
+        record never marked sent); returns their ids."""
+        started = []
+        try:
+            queued = JobRecord.unfinished(self.registry, running=False)
+        except RegistryUnavailable:
+            return started
+        for state in queued:
+            if state.queue != "local" or not state.never_sent(now):
+                continue
+            if job_lock_path(self.state_dir, state.job_id).exists():  # this machine's: `_recover_lost` sees to it
+                continue
+            log.warning("training job %s was queued %.0f s ago and never started; starting it", state.job_id,
+                        now - state.created)  # fmt: skip
+            try:
+                self.send(state.job_id)
+                JobRecord(self.registry, state.job_id).sent(again_for=0)
+            except (ExecutorUnavailable, RegistryUnavailable) as exc:
+                log.error("could not start job %s: %s", state.job_id, exc)
+                continue
+            started.append(state.job_id)
+        return started
+
+    def _recover_lost(self) -> list[str]:
         started = []
         for path in sorted((self.state_dir / "jobs").glob("*.lock")):
             job_id = path.stem

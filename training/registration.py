@@ -10,7 +10,11 @@ from pathlib import Path
 
 import mlflow
 import mlflow.sklearn
-from mlflow.models import infer_signature
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from mlflow.types.utils import clean_tensor_type
 
 from kernel.drift_format import BASELINE_ERROR_TAG, BASELINE_FILE, BASELINE_TAG
 from kernel.model_format import ONNX_FILE, write_verdict
@@ -30,6 +34,24 @@ def _pinned_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in packages]
 
 
+def signature_of(features: pd.DataFrame, classes) -> ModelSignature:
+    """The version's signature from the validated columns, as MLflow's `infer_signature` would write it, without
+    inferring: each column is float64 (a double) or text (a string), required unless a training row lacks it; the
+    output is a label of the classes' type. Other columns (never made by training/datasets.py) are inferred."""
+    columns = []
+    for name in features.columns:
+        values = features[name]
+        if pd.api.types.is_float_dtype(values.dtype):
+            kind = DataType.double
+        elif values.dtype == object and values.map(lambda value: isinstance(value, str) or pd.isna(value)).all():
+            kind = DataType.string
+        else:
+            return infer_signature(features, np.asarray(classes))
+        columns.append(ColSpec(kind, str(name), required=not values.isna().any()))
+    labels = clean_tensor_type(np.asarray(classes).dtype)  # '<U9' -> str, as MLflow writes it
+    return ModelSignature(Schema(columns), Schema([TensorSpec(labels, (-1,))]))
+
+
 def log_model_version(
     model,
     features,
@@ -41,14 +63,15 @@ def log_model_version(
     """Log a fitted pipeline to the active run in skops format and register it as a new version.
 
     Called inside `mlflow.start_run(...)` by the training job. The signature (feature names and
-    types) and the input example come from the training rows; the class labels are the model's own.
+    types) comes from the validated columns (`signature_of`), the input example is their first rows, and the
+    pip requirements are the pinned ones: MLflow infers none of them. The class labels are the model's own.
     The version's model folder also holds its compiled form (`extra_files/model.onnx`) when that
     agrees with scikit-learn on the hold-out and training rows, and `extra_files/compiled.json`
     saying which runtime serves it and why, with scikit-learn's answers on the input example (the
     service checks the ONNX form against them before serving it, without loading scikit-learn).
     MLflow clients still load the scikit-learn model.
     """
-    signature = infer_signature(features, model.predict(features.head(20)))
+    signature = signature_of(features, model.classes_)
     compiled = compile_pipeline(model, features, features.head(0) if holdout is None else holdout)
     example = features.head(3)
     with tempfile.TemporaryDirectory() as folder:
