@@ -185,11 +185,11 @@ class PredictionLog:
         if not rows_in_batch:
             return
         try:
-            from kernel.prediction_db import RowInserter
+            from kernel.prediction_db import row_inserter
 
             engine = self.database()
             if self._inserter is None:
-                self._inserter = RowInserter(engine.dialect)
+                self._inserter = row_inserter(engine.dialect)
             flags = out_of_range_of(batch)
             rows = [row for item, flagged in zip(batch, flags, strict=True)
                     for row in _rows(item, self._inputs(item[9]), flagged, self._inserter.time)]  # fmt: skip

@@ -37,7 +37,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Hard limit 55 s, so the broker's visibility timeout is the service's default for it: 85 s. A vanished worker's
 # job is sent again by the other worker's keeper well before (training/job_keeper.py), which the drill checks.
 TIME_LIMIT = 45
-TRANSPORT = {"unacked_restore_interval": 2, "unacked_restore_throttle": 1}
+TRANSPORT: dict = {}  # the service's defaults (training/celery_executor.make_celery)
 
 
 def celery_env(servers: dict, broker: str, transport: dict = TRANSPORT) -> dict:
@@ -167,6 +167,8 @@ def test_a_killed_worker_loses_no_job_and_leaves_one_version(cluster):
     assert job["lost_attempt"].startswith(f"Attempt 1 on {victim.name}@") and "was lost" in job["lost_attempt"], job
     assert [(v.name, str(v.version)) for v in versions] == [tuple(ref(job["result"]["model"]).values())]
     print(f"\nkilled worker: attempt 2 started {restarted:.1f} s after the kill; job {job['status']}")
+    late = late_redelivery_writes_nothing(servers, job_id, lambda: [w.log_path for w in workers + [victim]])
+    print(f"the killed attempt's own message came back {late - killed:.0f} s after the kill and wrote nothing")
 
 
 def test_a_job_the_api_never_sent_runs_once_after_the_grace(cluster):
@@ -311,9 +313,31 @@ def test_a_job_runs_through_sqs_and_a_killed_workers_job_is_sent_again(stack, tm
         assert restarted < LEASE_SECONDS + KEEP_SECONDS + 15, f"attempt 2 started {restarted:.0f} s after the kill"
         assert len(versions_of(stack, job["job_id"])) == 1
         print(f"\nSQS, killed worker: attempt 2 started {restarted:.1f} s after the kill")
+        late = late_redelivery_writes_nothing(stack, job["job_id"], lambda: [w.log_path for w in workers])
+        print(f"SQS: the killed attempt's own message came back {late - killed:.0f} s after the kill, wrote nothing")
     finally:
         for worker in workers:
             worker.stop()
+
+
+def late_redelivery_writes_nothing(servers: dict, job_id: str, logs) -> float:
+    """After the job succeeded on the keeper's message, the broker hands out the killed attempt's own message once
+    its visibility timeout (85 s) has passed: a worker takes it, finds the job finished (the attempt-id fence), and
+    writes nothing. Waits for that delivery in the workers' logs (`logs()`: their paths); returns when it was seen."""
+    tracking = mlflow_client(servers["uri"])
+    before = tracking.get_run(job_id)
+    versions = [(v.name, v.version) for v in versions_of(servers, job_id)]
+    done = f"run_job[{job_id}] succeeded in"
+    deadline = time.monotonic() + 85 + 60
+    while not any(done in line and "'skipped'" in line for path in logs() for line in path.read_text().splitlines()):
+        assert time.monotonic() < deadline, "the killed attempt's message never came back"
+        time.sleep(1)
+    seen = time.time()
+    after = tracking.get_run(job_id)
+    assert after.data.tags == before.data.tags and after.data.metrics == before.data.metrics
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert [(v.name, v.version) for v in versions_of(servers, job_id)] == versions
+    return seen
 
 
 def start_fitting(client, body: dict) -> tuple:

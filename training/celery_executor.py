@@ -111,6 +111,9 @@ def make_celery(settings: Settings) -> Celery:
     options = {"visibility_timeout": visibility_timeout(limit), **json.loads(settings.CELERY_BROKER_TRANSPORT_OPTIONS)}
     if settings.CELERY_BROKER_URL.startswith("redis"):
         options.setdefault("socket_connect_timeout", 3)
+        # A message whose worker vanished is handed out again within 10 s of its visibility timeout, not 100 s
+        # (kombu looks every 10 s, but scans only every 10th time by default): one small Redis query per 10 s.
+        options.setdefault("unacked_restore_throttle", 1)
     app = Celery("training", broker=settings.CELERY_BROKER_URL, set_as_current=False)
     app.conf.update(
         training_settings=settings,
