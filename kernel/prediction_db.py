@@ -80,6 +80,7 @@ class RowInserter:
     SQLAlchemy's own text form), goes through the dialect's own bind processor, once per request, not per row."""
 
     ROWS = 1000  # per statement: 11,000 parameters, under SQLite's limit since 3.32 (32,766) and PostgreSQL's
+    NESTED = False  # `probabilities` and `inputs` come as JSON text (True: as the objects themselves)
 
     def __init__(self, dialect):
         # Positional placeholders: qmark for SQLite; "%s" for psycopg2, whose pyformat takes positional too.
@@ -115,16 +116,24 @@ class JsonRowInserter(RowInserter):
 
     # PostgreSQL reads each JSON value as text: the typed columns are cast back.
     CASTS = {"created_at": "timestamp", "out_of_range": "boolean"}
+    # The JSON columns come as the objects themselves, nested in the row, and are stored as their JSON text (SQLite
+    # and PostgreSQL's `json` both keep orjson's text as it is): no JSON text is made per row in the worker.
+    NESTED = True
+    OBJECTS = ("probabilities", "inputs")
 
     def __init__(self, dialect):
         super().__init__(dialect)
         columns = ", ".join(WRITTEN)
         if dialect.name == "sqlite":
-            values = ", ".join(f"value ->> {index}" for index in range(len(WRITTEN)))
+            values = ", ".join(f"NULLIF(value -> {index}, 'null')" if name in self.OBJECTS else f"value ->> {index}"
+                               for index, name in enumerate(WRITTEN))  # fmt: skip
             self.sql = f"INSERT INTO predictions ({columns}) SELECT {values} FROM json_each(?)"
         else:
-            values = ", ".join(f"(value ->> {index})" + (f"::{self.CASTS[name]}" if name in self.CASTS else "")
-                               for index, name in enumerate(WRITTEN))  # fmt: skip
+            values = ", ".join(
+                f"NULLIF((value -> {index})::text, 'null')" if name in self.OBJECTS
+                else f"(value ->> {index})" + (f"::{self.CASTS[name]}" if name in self.CASTS else "")
+                for index, name in enumerate(WRITTEN)
+            )  # fmt: skip
             self.sql = f"INSERT INTO predictions ({columns}) SELECT {values} FROM json_array_elements(%s::json)"
 
     @staticmethod
@@ -136,7 +145,8 @@ class JsonRowInserter(RowInserter):
 
     def insert(self, connection: sa.Connection, rows: list[tuple]) -> None:
         for start in range(0, len(rows), self.ROWS * 10):
-            connection.exec_driver_sql(self.sql, (orjson.dumps(rows[start : start + self.ROWS * 10]).decode(),))
+            text = orjson.dumps(rows[start : start + self.ROWS * 10], default=str).decode()
+            connection.exec_driver_sql(self.sql, (text,))
 
 
 def row_inserter(dialect) -> RowInserter:

@@ -190,9 +190,9 @@ class PredictionLog:
             engine = self.database()
             if self._inserter is None:
                 self._inserter = row_inserter(engine.dialect)
-            flags = out_of_range_of(batch)
+            flags, nested = out_of_range_of(batch), self._inserter.NESTED
             rows = [row for item, flagged in zip(batch, flags, strict=True)
-                    for row in _rows(item, self._inputs(item[9]), flagged, self._inserter.time)]  # fmt: skip
+                    for row in _rows(item, self._inputs(item[9], nested), flagged, self._inserter.time, nested)]  # fmt: skip
         except Exception as exc:  # never the writer's end: the batch is dropped, counted and logged
             DROPPED.labels("unwritable").inc(rows_in_batch)
             log.exception("prediction log: a batch could not be prepared: %s", _short(exc))
@@ -276,14 +276,16 @@ class PredictionLog:
             )
         self.status, self.reason = status, reason
 
-    def _inputs(self, columns: dict | None) -> list[str] | None:
-        """Each row's stored inputs (JSON), when PREDICTION_LOG_INPUTS is on, without the excluded features."""
+    def _inputs(self, columns: dict | None, nested: bool = False) -> list | None:
+        """Each row's stored inputs (JSON text, or the objects with `nested`), when PREDICTION_LOG_INPUTS is on,
+        without the excluded features."""
         if not self.inputs or not columns:
             return None
         kept = [name for name in columns if name not in self.exclude]
-        return [
-            orjson.dumps(dict(zip(kept, values)), default=str).decode() for values in zip(*(columns[n] for n in kept))
-        ]
+        objects = [dict(zip(kept, values)) for values in zip(*(columns[name] for name in kept))]
+        if nested:
+            return objects  # the inserter writes them as the text below would be (orjson, `default=str`)
+        return [orjson.dumps(row, default=str).decode() for row in objects]
 
 
 def out_of_range_of(batch: list) -> list[list | None]:
@@ -317,15 +319,20 @@ def out_of_range_of(batch: list) -> list[list | None]:
     return flags
 
 
-def _rows(item: tuple, inputs: list | None, flags: list | None, time_of) -> zip:
+def _rows(item: tuple, inputs: list | None, flags: list | None, time_of, nested: bool = False) -> zip:
     """A queued request's rows as `kernel.prediction_db.WRITTEN` orders them (zipped from columns: a 10,000-row
-    request's tuples are made in C, not in a Python loop)."""
+    request's tuples are made in C, not in a Python loop). `nested`: the probabilities stay objects (the inserter
+    writes their JSON text), else each is made JSON text here."""
     ids, request_id, created_at, model, version, route, runtime, labels, probabilities = item[:9]
-    texts = [label if type(label) is str and len(label) <= 256 else str(label)[:256] for label in labels]
-    dumps = orjson.dumps
+    if set(map(type, labels)) <= {str} and max(map(len, labels), default=0) <= 256:
+        texts = labels  # a model's class names: text already, checked short in C
+    else:
+        texts = [label if type(label) is str and len(label) <= 256 else str(label)[:256] for label in labels]
+    if probabilities and not nested:
+        dumps = orjson.dumps
+        probabilities = [dumps(row).decode() for row in probabilities]
     return zip(ids, repeat(request_id[:64]), repeat(time_of(created_at)), repeat(model), repeat(version),
-               repeat(route), repeat(runtime), texts,
-               [dumps(row).decode() for row in probabilities] if probabilities else repeat(None),
+               repeat(route), repeat(runtime), texts, probabilities if probabilities else repeat(None),
                inputs if inputs else repeat(None), flags if flags is not None else repeat(None))  # fmt: skip
 
 
