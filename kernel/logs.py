@@ -179,6 +179,9 @@ def instrument(app: Flask) -> None:
         ref = g.get("model_ref")
         if ref is not None:
             fields.update(model=ref.name, model_version=ref.version)
+        route = response.headers.get("X-Model-Route")  # active, version, alias; stable, candidate, fallback
+        if route is not None:
+            fields["model_route"] = route
         access_log.info("%s %s %s", request.method, request.path, response.status_code, extra=fields)
         return response
 

@@ -102,7 +102,9 @@ class ActiveModelCollector:
 
     `active_model_info{model, version} 1`; `active_alias_state{alias, state} 1` for the state now (0 for
     the others: `conflict` means the alias is on two models); `active_alias_holder_info{alias, model,
-    version} 1` per version carrying the alias (two or more in a conflict: their names).
+    version} 1` per version carrying the alias (two or more in a conflict: their names); during a rollout,
+    `rollout_running_info{rollout, mode, model, stable_version, candidate_version} 1` and
+    `rollout_percent{rollout, mode}`.
     """
 
     def __init__(self, store):
@@ -129,6 +131,17 @@ class ActiveModelCollector:
         for holder in alias["holders"]:
             holders.add_metric([alias["name"], holder["name"], holder["version"]], 1)
         yield holders
+        rollout = getattr(self.store, "rollout", None)
+        running = GaugeMetricFamily("rollout_running_info", "The rollout this machine follows (1), with both versions",
+                                    labels=["rollout", "mode", "model", "stable_version", "candidate_version"])  # fmt: skip
+        percent = GaugeMetricFamily("rollout_percent", "The candidate's share now: the canary's step, or the shadow's "
+                                    "share (absent without a rollout)", labels=["rollout", "mode"])  # fmt: skip
+        if rollout is not None:
+            running.add_metric([rollout.id, rollout.mode, rollout.candidate.name, rollout.stable.version,
+                                rollout.candidate.version], 1)  # fmt: skip
+            percent.add_metric([rollout.id, rollout.mode], rollout.percent)
+        yield running
+        yield percent
 
 
 @bp.get("/metrics")

@@ -14,6 +14,7 @@ features `PREDICTION_LOG_EXCLUDE` names.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from datetime import UTC, datetime, timedelta
@@ -138,9 +139,14 @@ class JsonRowInserter(RowInserter):
 
     @staticmethod
     def usable(dialect) -> bool:
-        """SQLite's `->>` came in 3.38; PostgreSQL has had `json_array_elements` since 9.3."""
+        """SQLite's `->>` came in 3.38 (and a build may leave JSON out: it is tried); PostgreSQL has had
+        `json_array_elements` since 9.3."""
         if dialect.name == "sqlite":
-            return dialect.dbapi.sqlite_version_info >= (3, 38)
+            try:
+                with contextlib.closing(dialect.dbapi.connect(":memory:")) as probe:
+                    return probe.execute("SELECT value ->> 0 FROM json_each('[[7]]')").fetchone() == (7,)
+            except dialect.dbapi.Error:
+                return False
         return dialect.name == "postgresql" and dialect.paramstyle in ("format", "pyformat")
 
     def insert(self, connection: sa.Connection, rows: list[tuple]) -> None:

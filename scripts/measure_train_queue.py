@@ -76,6 +76,18 @@ class RssSampler:
         self._stop.set()
 
 
+def idle_between_jobs(jobs: list[dict]) -> list[float]:
+    """Each worker's idle time between one job's end and its next job's start (its process replaced meanwhile)."""
+    gaps, by_worker = [], {}
+    for job in jobs:
+        by_worker.setdefault(job["worker"].split(":")[0], []).append(job)
+    for runs in by_worker.values():
+        runs.sort(key=lambda job: job["started_at"])
+        gaps += [(datetime.fromisoformat(b["started_at"]) - datetime.fromisoformat(a["finished_at"])).total_seconds()
+                 for a, b in zip(runs, runs[1:])]  # fmt: skip
+    return gaps
+
+
 def measure(jobs: int, workers: int, folder: Path) -> dict:
     database = create_database()
     redis = RedisServer(shutil.which("redis-server"), folder).start()
@@ -111,17 +123,9 @@ def measure(jobs: int, workers: int, folder: Path) -> dict:
                 time.sleep(0.5)
             assert job["status"] == "succeeded", job
             results.append(job)
-        first = min(datetime.fromisoformat(job["created_at"]) for job in results)
-        last = max(datetime.fromisoformat(job["finished_at"]) for job in results)
-        wall = (last - first).total_seconds()
-        gaps = []  # a worker process's idle time between one job's end and its next job's start
-        by_worker: dict[str, list[dict]] = {}
-        for job in results:
-            by_worker.setdefault(job["worker"].split(":")[0], []).append(job)
-        for runs in by_worker.values():
-            runs.sort(key=lambda job: job["started_at"])
-            gaps += [(datetime.fromisoformat(b["started_at"]) - datetime.fromisoformat(a["finished_at"])).total_seconds()
-                     for a, b in zip(runs, runs[1:])]  # fmt: skip
+        wall = (max(datetime.fromisoformat(job["finished_at"]) for job in results)
+                - min(datetime.fromisoformat(job["created_at"]) for job in results)).total_seconds()  # fmt: skip
+        gaps = idle_between_jobs(results)
         sampler.stop()
         return {
             "workers": workers,

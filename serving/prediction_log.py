@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from itertools import repeat
 from pathlib import Path
 
 import orjson
@@ -35,6 +34,7 @@ from prometheus_client import Counter
 
 from kernel.config import ConfigError, Settings
 from kernel.locks import KeptLock, file_lock
+from serving.prediction_rows import out_of_range_of, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class PredictionLog:
                 self._inserter = row_inserter(engine.dialect)
             flags, nested = out_of_range_of(batch), self._inserter.NESTED
             rows = [row for item, flagged in zip(batch, flags, strict=True)
-                    for row in _rows(item, self._inputs(item[9], nested), flagged, self._inserter.time, nested)]  # fmt: skip
+                    for row in table_rows(item, self._inputs(item[9], nested), flagged, self._inserter.time, nested)]  # fmt: skip
         except Exception as exc:  # never the writer's end: the batch is dropped, counted and logged
             DROPPED.labels("unwritable").inc(rows_in_batch)
             log.exception("prediction log: a batch could not be prepared: %s", _short(exc))
@@ -286,54 +286,6 @@ class PredictionLog:
         if nested:
             return objects  # the inserter writes them as the text below would be (orjson, `default=str`)
         return [orjson.dumps(row, default=str).decode() for row in objects]
-
-
-def out_of_range_of(batch: list) -> list[list | None]:
-    """Per queued request, per row: whether a numeric value was outside the training min/max (as float32, as drift
-    compares), or None without a baseline or the values. A version's requests are compared together, per feature."""
-    import numpy as np
-
-    flags: list[list | None] = [None] * len(batch)
-    groups: dict[int, list[int]] = {}
-    for position, item in enumerate(batch):
-        if item[10] is not None and item[9]:
-            groups.setdefault(id(item[10]), []).append(position)
-    for positions in groups.values():
-        baseline = batch[positions[0]][10]
-        sizes = [len(batch[position][0]) for position in positions]
-        flagged = np.zeros(sum(sizes), dtype=bool)
-        for cells in baseline.features:
-            if cells.kind != "number":
-                continue
-            values: list = []
-            for position, size in zip(positions, sizes, strict=True):
-                column = batch[position][9].get(cells.name)
-                values.extend(column if column is not None and len(column) == size else [None] * size)
-            array = np.array(values, dtype=np.float32)  # None: NaN, never out of range
-            with np.errstate(invalid="ignore"):
-                flagged |= (array < np.float32(cells.low)) | (array > np.float32(cells.high))
-        start = 0
-        for position, size in zip(positions, sizes, strict=True):
-            flags[position] = flagged[start : start + size].tolist()
-            start += size
-    return flags
-
-
-def _rows(item: tuple, inputs: list | None, flags: list | None, time_of, nested: bool = False) -> zip:
-    """A queued request's rows as `kernel.prediction_db.WRITTEN` orders them (zipped from columns: a 10,000-row
-    request's tuples are made in C, not in a Python loop). `nested`: the probabilities stay objects (the inserter
-    writes their JSON text), else each is made JSON text here."""
-    ids, request_id, created_at, model, version, route, runtime, labels, probabilities = item[:9]
-    if set(map(type, labels)) <= {str} and max(map(len, labels), default=0) <= 256:
-        texts = labels  # a model's class names: text already, checked short in C
-    else:
-        texts = [label if type(label) is str and len(label) <= 256 else str(label)[:256] for label in labels]
-    if probabilities and not nested:
-        dumps = orjson.dumps
-        probabilities = [dumps(row).decode() for row in probabilities]
-    return zip(ids, repeat(request_id[:64]), repeat(time_of(created_at)), repeat(model), repeat(version),
-               repeat(route), repeat(runtime), texts, probabilities if probabilities else repeat(None),
-               inputs if inputs else repeat(None), flags if flags is not None else repeat(None))  # fmt: skip
 
 
 _HEX: list[str] = []

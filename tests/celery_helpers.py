@@ -1,5 +1,5 @@
 """The processes of the Celery drills (test_celery.py, test_image.py, scripts/measure_train_queue.py): a throwaway
-`redis-server`, and `make worker`'s command as one machine."""
+`redis-server`, and `make worker`'s command as one machine; and what the drills read of a job."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, mlflow_client
 from tests.servers import LoggedProcess
+
+TOKEN = "celery-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def require_redis() -> str:
@@ -88,3 +91,45 @@ class Worker:
                 self.process.wait()
         if self.log is not None and not self.log.closed:
             self.log.close()
+
+
+def versions_of(servers: dict, job_id: str) -> list:
+    return mlflow_client(servers["uri"]).search_model_versions(f"run_id = '{job_id}'")
+
+
+def late_redelivery_writes_nothing(servers: dict, job_id: str, logs) -> float:
+    """After the job succeeded on the keeper's message, the broker hands out the killed attempt's own message once
+    its visibility timeout (85 s) has passed: a worker takes it, finds the job finished (the attempt-id fence), and
+    writes nothing. Waits for that delivery in the workers' logs (`logs()`: their paths); returns when it was seen."""
+    tracking = mlflow_client(servers["uri"])
+    before = tracking.get_run(job_id)
+    versions = [(v.name, v.version) for v in versions_of(servers, job_id)]
+    done = f"run_job[{job_id}] succeeded in"
+    deadline = time.monotonic() + 85 + 60
+    while not any(done in line and "'skipped'" in line for path in logs() for line in path.read_text().splitlines()):
+        assert time.monotonic() < deadline, "the killed attempt's message never came back"
+        time.sleep(1)
+    seen = time.time()
+    after = tracking.get_run(job_id)
+    assert after.data.tags == before.data.tags and after.data.metrics == before.data.metrics
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert [(v.name, v.version) for v in versions_of(servers, job_id)] == versions
+    return seen
+
+
+def start_fitting(client, body: dict) -> tuple:
+    """POST the job through the in-process app; its answer and its record once it is fitting."""
+    answer = client.post("/train", json=body, headers=AUTH)
+    while (job := client.get(answer.json["location"], headers=AUTH).json).get("phase") != "fitting":
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.1)
+    return answer, job
+
+
+def client_wait(client, answer, timeout: float = 240) -> dict:
+    assert answer.status_code == 202, answer.json
+    deadline = time.monotonic() + timeout
+    while (job := client.get(answer.json["location"], headers=AUTH).json)["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    return job

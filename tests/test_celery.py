@@ -20,7 +20,17 @@ import requests
 from kernel.config import Settings
 from kernel.drift_format import BASELINE_TAG
 from kernel.registry import Registry
-from tests.celery_helpers import RedisServer, Worker, require_redis
+from tests.celery_helpers import (
+    AUTH,
+    TOKEN,
+    RedisServer,
+    Worker,
+    client_wait,
+    late_redelivery_writes_nothing,
+    require_redis,
+    start_fitting,
+    versions_of,
+)
 from tests.conftest import mlflow_client, ref
 from tests.servers import Service
 from tests.test_production import S3_ENV, service_env, stack  # noqa: F401 - `stack` is a fixture used here
@@ -32,8 +42,6 @@ from training.submitter import create_job
 
 pytestmark = pytest.mark.drill
 
-TOKEN = "celery-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Hard limit 55 s, so the broker's visibility timeout is the service's default for it: 85 s. A vanished worker's
 # job is sent again by the other worker's keeper well before (training/job_keeper.py), which the drill checks.
 TIME_LIMIT = 45
@@ -88,10 +96,6 @@ def wait_done(api: Service, job_id: str, timeout: float = 240) -> dict:
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout} s: {job}"
         time.sleep(0.5)
-
-
-def versions_of(servers: dict, job_id: str) -> list:
-    return mlflow_client(servers["uri"]).search_model_versions(f"run_id = '{job_id}'")
 
 
 def most_at_once(jobs: list[dict]) -> int:
@@ -318,41 +322,3 @@ def test_a_job_runs_through_sqs_and_a_killed_workers_job_is_sent_again(stack, tm
     finally:
         for worker in workers:
             worker.stop()
-
-
-def late_redelivery_writes_nothing(servers: dict, job_id: str, logs) -> float:
-    """After the job succeeded on the keeper's message, the broker hands out the killed attempt's own message once
-    its visibility timeout (85 s) has passed: a worker takes it, finds the job finished (the attempt-id fence), and
-    writes nothing. Waits for that delivery in the workers' logs (`logs()`: their paths); returns when it was seen."""
-    tracking = mlflow_client(servers["uri"])
-    before = tracking.get_run(job_id)
-    versions = [(v.name, v.version) for v in versions_of(servers, job_id)]
-    done = f"run_job[{job_id}] succeeded in"
-    deadline = time.monotonic() + 85 + 60
-    while not any(done in line and "'skipped'" in line for path in logs() for line in path.read_text().splitlines()):
-        assert time.monotonic() < deadline, "the killed attempt's message never came back"
-        time.sleep(1)
-    seen = time.time()
-    after = tracking.get_run(job_id)
-    assert after.data.tags == before.data.tags and after.data.metrics == before.data.metrics
-    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
-    assert [(v.name, v.version) for v in versions_of(servers, job_id)] == versions
-    return seen
-
-
-def start_fitting(client, body: dict) -> tuple:
-    """POST the job through the in-process app; its answer and its record once it is fitting."""
-    answer = client.post("/train", json=body, headers=AUTH)
-    while (job := client.get(answer.json["location"], headers=AUTH).json).get("phase") != "fitting":
-        assert job["status"] in ("queued", "running"), job
-        time.sleep(0.1)
-    return answer, job
-
-
-def client_wait(client, answer, timeout: float = 240) -> dict:
-    assert answer.status_code == 202, answer.json
-    deadline = time.monotonic() + timeout
-    while (job := client.get(answer.json["location"], headers=AUTH).json)["status"] not in ("succeeded", "failed"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
-    return job

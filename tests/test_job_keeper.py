@@ -1,7 +1,13 @@
-"""Which jobs the Celery workers' keeper sends again (training/job_keeper.py); the drills are in test_celery.py."""
+"""Which jobs are sent again: by the Celery workers' keeper (training/job_keeper.py; its drills are in
+test_celery.py), and a local job the API never started, by the local executor's sweeper."""
 
 from __future__ import annotations
 
+import time
+
+from service import create_app
+from tests.conftest import client_of, mlflow_client
+from tests.training_helpers import wait_done
 from training.attempt import LEASE_SECONDS
 from training.job_keeper import RESEND_AFTER_SECONDS, keep, why_send_again
 from training.job_record import QUEUED_GRACE_SECONDS, JobState, JobStatus
@@ -99,3 +105,25 @@ def test_a_hard_kill_is_recorded_only_while_the_killed_process_still_runs_the_jo
     registry.end_run = lambda run_id, status: registry.tags[run_id].update({"ended": status})
     JobRecord(registry, "5" * 32).time_limit(600, worker="w1@b:4242")  # the running attempt's own process
     assert registry.tags["5" * 32]["job.status"] == "failed" and registry.tags["5" * 32]["ended"] == "FAILED"
+
+
+def test_a_local_job_the_api_never_started_runs_once_after_the_grace(store, app_config):
+    """The API recorded the job and stopped before it started its process: a sweeper starts it once it is
+    QUEUED_GRACE_SECONDS old (the clock is moved on, not waited for), and once only."""
+    from training.spec import TrainingSpec
+    from training.submitter import create_job
+
+    app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 1})
+    executor, client = app.extensions["train_executor"], client_of(app)
+    spec = TrainingSpec("DecisionTreeClassifier", {}, activate=False, model_name="never-started")
+    job_id = create_job(store["registry"], spec, "iris", max_queued=100, queue="local")
+    now = time.time()
+    assert executor.recover_unsent(now) == []  # within the grace: the API may still be starting it
+    assert client.get(f"/train/jobs/{job_id}").json["status"] == "queued"
+    later = now + QUEUED_GRACE_SECONDS + 1
+    assert executor.recover_unsent(later) == [job_id]
+    assert executor.recover_unsent(later) == []  # started once: its record says so
+    job = wait_done(client, f"/train/jobs/{job_id}")
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job
+    assert executor.recover_unsent(later + 3600) == []
+    assert len(mlflow_client(store["uri"]).search_model_versions(f"run_id = '{job_id}'")) == 1

@@ -57,7 +57,11 @@ def test_request_id_is_echoed_and_every_request_is_one_json_line(service):
     [line] = [line for line in lines if line.get("request_id") == sent and line["logger"] == "serving.access"]
     assert line["method"] == "POST" and line["path"] == "/predict" and line["status"] == 200
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] > 0
-    assert (line["model"], line["model_version"]) == (DEFAULT_NAME, "1")
+    assert (line["model"], line["model_version"], line["model_route"]) == (
+        DEFAULT_NAME,
+        "1",
+        answer.headers["X-Model-Route"],
+    )
     assert line["level"] == "INFO" and line["time"].endswith("+00:00")
     [swapped] = [line for line in lines if line.get("request_id") == f"swap-{sent}" and "status" in line]
     assert swapped["path"] == "/use-model" and swapped["model_version"] == "1"

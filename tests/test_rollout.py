@@ -243,11 +243,16 @@ def test_drift_counts_each_arm_of_a_canary_against_its_own_baseline(rollout_app,
     assert candidate["route"] == "candidate" and candidate["status"] == "insufficient_data"
     metrics = client.get("/metrics").get_data(as_text=True)
     assert f'model_drift_rows{{model="{NAME}",version="2"}} {answered["candidate"]}.0' in metrics
+    rollout = client.get("/rollout").get_json()["rollout"]
+    assert f'rollout_percent{{mode="canary",rollout="{rollout["id"]}"}} 50.0' in metrics
+    assert (f'rollout_running_info{{candidate_version="2",mode="canary",model="{NAME}",rollout="{rollout["id"]}",'
+            'stable_version="1"} 1.0') in metrics  # fmt: skip
     # A by-URL answer is not counted; once the rollout ends, the candidate is no longer served here.
     assert client.post(f"/models/{NAME}/versions/2/predict", json=rows(1)[0]).status_code == 200
     assert client.get(f"/drift?name={NAME}&version=2").get_json()["models"][0]["rows"] == answered["candidate"]
     assert client.delete("/rollout").status_code == 200
     assert [e["version"] for e in client.get("/drift").get_json()["models"]] == ["1"]
+    assert "rollout_percent{" not in client.get("/metrics").get_data(as_text=True)
     assert client.get(f"/drift?name={NAME}&version=2").status_code == 404
 
 
@@ -322,3 +327,11 @@ def test_a_job_that_would_activate_registers_only_while_a_rollout_runs(rollout_a
     assert str(mlflow.get_model_version_by_alias(NAME, "active").version) == versions[0].version
     assert mlflow.get_model_version(NAME, result["model"]["version"]) is not None
     assert client.get("/rollout").get_json()["state"] == "running"
+    # Through POST /train, the job's answer says why too.
+    answer = client.post("/train", json={"estimator": "GaussianNB", "dataset": "iris", "model_name": NAME,
+                                         "activate": True, "wait": True})  # fmt: skip
+    assert answer.status_code == 201, answer.get_json()
+    waited = answer.get_json()
+    assert waited["activated"] is False and "rollout" in waited["not_activated"], waited
+    assert client.get(answer.headers["Location"]).get_json()["result"] == waited
+    assert str(mlflow.get_model_version_by_alias(NAME, "active").version) == versions[0].version

@@ -218,28 +218,6 @@ def test_killed_attempt_is_retried_and_registers_one_version(store, app_config):
     assert len(mlflow_client(store["uri"]).search_model_versions(f"run_id = '{run_id}'")) == 1
 
 
-def test_a_local_job_the_api_never_started_runs_once_after_the_grace(store, app_config):
-    """The API recorded the job and stopped before it started its process: a sweeper starts it once it is
-    QUEUED_GRACE_SECONDS old (the clock is moved on, not waited for), and once only."""
-    from training.spec import TrainingSpec
-    from training.submitter import create_job
-
-    app = create_app({**app_config, "TRAIN_MAX_ATTEMPTS": 1})
-    executor, client = app.extensions["train_executor"], client_of(app)
-    spec = TrainingSpec("DecisionTreeClassifier", {}, activate=False, model_name="never-started")
-    job_id = create_job(store["registry"], spec, "iris", max_queued=100, queue="local")
-    now = time.time()
-    assert executor.recover_unsent(now) == []  # within the grace: the API may still be starting it
-    assert client.get(f"/train/jobs/{job_id}").json["status"] == "queued"
-    later = now + QUEUED_GRACE_SECONDS + 1
-    assert executor.recover_unsent(later) == [job_id]
-    assert executor.recover_unsent(later) == []  # started once: its record says so
-    job = wait_done(client, f"/train/jobs/{job_id}")
-    assert job["status"] == "succeeded" and job["attempt"] == 1, job
-    assert executor.recover_unsent(later + 3600) == []
-    assert len(mlflow_client(store["uri"]).search_model_versions(f"run_id = '{job_id}'")) == 1
-
-
 def _parent_and_command(pid: int) -> tuple[int, str]:
     stat = Path(f"/proc/{pid}/stat").read_text()
     command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

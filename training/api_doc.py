@@ -21,6 +21,7 @@ RESPONSE_SCHEMAS = {
             "run_id": {"type": "string"},
             "metrics": _METRICS,
             "activated": {"type": "boolean"},
+            "not_activated": {"type": "string", "description": "Why a job asked to activate did not (a rollout runs)."},
         },
         "required": ["model", "run_id", "metrics", "activated"],
     },

@@ -201,7 +201,7 @@ def _train_and_record(
             log.exception("job %s failed", job_id)
             record.fail(f"{type(exc).__name__}: {exc}")
         return AttemptOutcome.FAILED
-    record.succeed(activated=result["activated"])
+    record.succeed(activated=result["activated"], not_activated=result.get("not_activated"))
     log.info("job %s: attempt %d succeeded", job_id, attempt)
     return AttemptOutcome.SUCCEEDED
 

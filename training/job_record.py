@@ -93,6 +93,7 @@ class JobState:
     error: str | None = None
     lost: str | None = None
     activated: bool = False
+    not_activated: str | None = None  # why a job asked to activate did not (a rollout runs)
     model: ModelRef | None = None
     metrics: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
@@ -123,6 +124,7 @@ class JobState:
             error=tags.get("job.error"),
             lost=tags.get("job.lost"),
             activated=tags.get("job.activated") == "True",
+            not_activated=tags.get("job.not_activated"),
             model=model,
             metrics=dict(run.data.metrics),
             phases=json.loads(tags.get("job.phases", "{}")),
@@ -268,10 +270,13 @@ class JobRecord:
         """Before the job activates its version: the model to hand back if the job fails after that."""
         self._write(previous_active=json.dumps(previous.as_dict()))
 
-    def succeed(self, activated: bool) -> None:
-        """The job registered its version (and activated it when asked)."""
+    def succeed(self, activated: bool, not_activated: str | None = None) -> None:
+        """The job registered its version (and activated it when asked; `not_activated`: why it did not)."""
         now = time.time()
-        self._write(JobStatus.SUCCEEDED, activated=activated, finished_at=repr(now), phases=self._end_phase(now))
+        reason = {"not_activated": not_activated} if not_activated else {}
+        self._write(
+            JobStatus.SUCCEEDED, activated=activated, finished_at=repr(now), phases=self._end_phase(now), **reason
+        )
 
     def fail(self, error: str) -> None:
         """The job failed: whatever it registered is removed first, then the failure recorded."""

@@ -166,7 +166,8 @@ def describe_job(state: JobState, now: float | None = None) -> dict:
         job["lost_attempt"] = state.lost
     if state.status == JobStatus.SUCCEEDED:
         job["result"] = {"model": state.model.as_dict(), "run_id": state.job_id, "metrics": state.metrics,
-                         "activated": state.activated}  # fmt: skip
+                         "activated": state.activated,
+                         **({"not_activated": state.not_activated} if state.not_activated else {})}  # fmt: skip
     if state.status == JobStatus.FAILED:
         job["error"] = state.error or "unknown error"
     return job
