@@ -16,9 +16,8 @@ from kernel.refs import ModelRef
 from service import create_app
 from tests.conftest import client_of, mlflow_client, ref
 from tests.training_helpers import fitting_pid, slow_job, version_count, wait_done
+from training.job_record import JOB_PHASES as PHASES
 from training.job_record import QUEUED_GRACE_SECONDS, JobRecord
-
-PHASES = ("validating", "fitting", "evaluating", "converting", "registering", "plotting")
 
 
 def test_job_is_queued_then_succeeds(client, store):
@@ -88,6 +87,9 @@ def test_running_job_shows_its_phase_and_elapsed_time(client, store):
         time.sleep(0.2)
     assert job["status"] == "succeeded", job
     assert "fitting" in seen
+    # Every phase the job went through is one the API documents (a phase missing there failed the fuzz run).
+    documented = client.get("/openapi.json").json["components"]["schemas"]["Job"]["properties"]["phase"]["enum"]
+    assert list(job["phases"]) == list(PHASES) and set(PHASES) < set(documented), (job["phases"], documented)
     # (A read while the outcome was being written may have seen the job running a few ms past its finished_at.)
     assert last["elapsed_seconds"] - 0.5 <= job["elapsed_seconds"] <= since, (last, job, since)
     assert job["finished_at"]

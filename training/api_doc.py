@@ -5,6 +5,7 @@ The composition root assembles the document (service/openapi.py); each half adds
 
 from __future__ import annotations
 
+from training.job_record import JOB_PHASES
 from training.spec import EXAMPLE_REQUEST
 
 _MODEL_REF = {
@@ -44,7 +45,7 @@ RESPONSE_SCHEMAS = {
             "phase": {
                 "type": "string",
                 "nullable": True,
-                "enum": ["validating", "fitting", "evaluating", "converting", "registering", None],
+                "enum": [*JOB_PHASES, None],
                 "description": "What a running job does now.",
             },
             "phase_elapsed_seconds": {"type": "number", "nullable": True},

@@ -63,6 +63,9 @@ def _float(tags: dict, key: str) -> float | None:
     return float(tags[key]) if key in tags else None
 
 
+# What a running job does, in this order (`JobRecord.phase`; training/run.py announces all but the first).
+JOB_PHASES = ("validating", "fitting", "evaluating", "converting", "registering", "plotting")
+
 # A job recorded but never handed to its executor is sent again once it is this old (the API may still be sending it
 # before that): by a Celery worker's keeper (training/job_keeper.py), or a local executor's sweeper.
 QUEUED_GRACE_SECONDS = 60.0
