@@ -251,11 +251,11 @@ class JobRecord:
         `lost` describes the earlier attempt that never finished, which this one replaces.
         """
         attempt_id = uuid.uuid4().hex
-        self._phases, self._phase = {}, ("validating", time.time())
+        self._phases, self._phase = {}, (JOB_PHASES[0], time.time())
         now = repr(self._phase[1])
         earlier = {"lost": lost} if lost is not None else {}
         self._write(JobStatus.RUNNING, attempt=attempt, attempt_id=attempt_id, worker=worker, pid=pid, phases="{}",
-                    started_at=now, heartbeat_at=now, phase="validating", phase_started_at=now, **earlier)  # fmt: skip
+                    started_at=now, heartbeat_at=now, phase=JOB_PHASES[0], phase_started_at=now, **earlier)  # fmt: skip
         return attempt_id
 
     def phase(self, phase: str) -> None:
