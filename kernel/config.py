@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     BOOTSTRAP_DEFAULT_MODEL: Flag = Field(True, description="train the default model on a first start with an empty registry (role `all` only)")
     STATE_DIR: str = Field("", description="this machine's model cache, active-model pointer, jobs and generated API token (default: `serving-state/` beside the SQLite file, or under the temp folder)")
     ROLLOUT_ALIAS: Name = Field("candidate", description="the MLflow alias a rollout puts on its candidate version (`POST /rollout`); moving it, or `ACTIVE_ALIAS`, by hand ends the rollout as `overridden`")
+    ROLLOUT_REPORT_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often each instance reports a running rollout's counts to the rollout's MLflow run (after a poll); the owner decides as often")
+    ROLLOUT_LEASE_SECONDS: float = Field(30.0, gt=0, allow_inf_nan=False, description="the lease of the instance that owns a rollout's decisions: another takes them over once its last report is this old")
     SHADOW_QUEUE: Positive = Field(64, description="shadow requests each worker holds for the candidate to score; beyond it they are dropped and counted")
     SHADOW_MAX_ROWS: Positive = Field(1000, description="a batch larger than this is not shadowed (dropped and counted)")
     ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often one worker per machine reads the alias from MLflow (one search); a move reaches every worker within this plus the load time plus 0.2 s")

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 
 from kernel.registry import ModelRef
+from kernel.rollout_spec import STATES as ROLLOUT_STATES
 
 bp = Blueprint("metrics", __name__)
 
@@ -104,7 +105,7 @@ class ActiveModelCollector:
     the others: `conflict` means the alias is on two models); `active_alias_holder_info{alias, model,
     version} 1` per version carrying the alias (two or more in a conflict: their names); during a rollout,
     `rollout_running_info{rollout, mode, model, stable_version, candidate_version} 1` and
-    `rollout_percent{rollout, mode}`.
+    `rollout_percent{rollout, mode}` and `rollout_state{rollout, state}` (1 for the state now).
     """
 
     def __init__(self, store):
@@ -142,6 +143,12 @@ class ActiveModelCollector:
             percent.add_metric([rollout.id, rollout.mode], rollout.percent)
         yield running
         yield percent
+        states = GaugeMetricFamily("rollout_state", "The rollout's state: running (deciding), passed (waiting for a "
+                                   "promotion by hand) or held (a guardrail failed), 1 for the state now",
+                                   labels=["rollout", "state"])  # fmt: skip
+        for name in ROLLOUT_STATES if rollout is not None else ():
+            states.add_metric([rollout.id, name], 1 if rollout.state == name else 0)
+        yield states
 
 
 @bp.get("/metrics")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from mlflow.entities import Metric, RunTag
+
 from kernel.registry_errors import ModelNotFound, translate_errors
 from kernel.rollout_spec import REASON_TAG, ROLLOUT_TAG, STATE_TAG, RolloutSpec
 
@@ -25,8 +27,8 @@ class RolloutRecords:
             self.client.log_param(run.info.run_id, key, value)
         spec = RolloutSpec.from_dict({**spec.as_dict(), "run_id": run.info.run_id})
         self.client.set_registered_model_alias(spec.candidate.name, self.rollout_alias, spec.candidate.version)
-        self.client.set_model_version_tag(spec.candidate.name, spec.candidate.version, STATE_TAG, "running")
         self.client.set_model_version_tag(spec.candidate.name, spec.candidate.version, REASON_TAG, "started")
+        self.client.set_model_version_tag(spec.candidate.name, spec.candidate.version, STATE_TAG, "running")
         self.client.set_registered_model_tag(spec.candidate.name, ROLLOUT_TAG, spec.to_json())
         return spec
 
@@ -36,6 +38,31 @@ class RolloutRecords:
         self.client.set_registered_model_tag(spec.candidate.name, ROLLOUT_TAG, spec.to_json())
         if spec.run_id:
             self.client.log_metric(spec.run_id, "percent", spec.percent, int(time.time() * 1000), spec.step)
+
+    @translate_errors
+    def rollout_run_tags(self, spec: RolloutSpec) -> dict[str, str]:
+        """The tags of the rollout's run: the instances' reports, the owner's lease, the baselines, the decision."""
+        return dict(self.client.get_run(spec.run_id).data.tags) if spec.run_id else {}
+
+    @translate_errors
+    def log_rollout(self, spec: RolloutSpec, tags: dict[str, str], metrics: dict[str, float] | None = None) -> None:
+        """Write tags (and the current step's metrics) to the rollout's run, in one call."""
+        if not spec.run_id:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            spec.run_id,
+            metrics=[Metric(key, float(value), now, spec.step) for key, value in (metrics or {}).items()],
+            tags=[RunTag(key, value[:8000]) for key, value in tags.items()],  # MLflow's limit
+        )
+
+    @translate_errors
+    def mark_rollout(self, spec: RolloutSpec) -> None:
+        """Rewrite the spec in a new state (`passed`, `held`), and say so on the candidate version."""
+        ref = spec.candidate
+        self.client.set_model_version_tag(ref.name, ref.version, REASON_TAG, spec.reason[:5000])
+        self.client.set_model_version_tag(ref.name, ref.version, STATE_TAG, spec.state)  # last: the reason is there
+        self.save_rollout(spec)
 
     @translate_errors
     def end_rollout(self, spec: RolloutSpec, state: str, reason: str) -> None:
@@ -55,12 +82,12 @@ class RolloutRecords:
                 raise
         ref = spec.candidate
         try:
-            self.client.set_model_version_tag(ref.name, ref.version, STATE_TAG, state)
             self.client.set_model_version_tag(ref.name, ref.version, REASON_TAG, reason[:5000])
+            self.client.set_model_version_tag(ref.name, ref.version, STATE_TAG, state)  # last: the reason is there
         except Exception as exc:  # the candidate version was deleted: its outcome stays in the run
             if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise
         if spec.run_id:
-            self.client.set_tag(spec.run_id, STATE_TAG, state)
             self.client.set_tag(spec.run_id, REASON_TAG, reason[:5000])
+            self.client.set_tag(spec.run_id, STATE_TAG, state)
             self.client.set_terminated(spec.run_id, "FINISHED")

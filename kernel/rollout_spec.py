@@ -30,6 +30,20 @@ MODES = ("canary", "shadow")
 END_STATES = ("promoted", "rolled_back", "cancelled", "overridden")
 
 
+STATES = ("running", "passed", "held")  # a running rollout: deciding, its last step passed (waiting for a
+# promotion by hand), or a guardrail failed without `auto_rollback` (waiting for a human; traffic stays as it is)
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    """What a step must hold to pass (the candidate's arm against the stable one's, over the step's requests)."""
+
+    max_error_rate_delta: float = 0.005  # the candidate's error (fallback) rate minus the stable's
+    max_p95_latency_ratio: float = 1.5  # the candidate's p95 scoring time over the stable's (100 requests per arm)
+    min_agreement: float = 0.95  # a shadow's share of rows whose label equals the stable answer's
+    max_prediction_psi: float = 0.1  # the PSI between the arms' predicted classes (100 rows per arm)
+
+
 @dataclass(frozen=True)
 class RolloutSpec:
     """One rollout: its id, both versions, the mode, the steps (canary) or the shadow share, and stickiness."""
@@ -45,6 +59,14 @@ class RolloutSpec:
     missing: str = "stable"  # without a key: `stable` or `random`
     started_at: str = ""
     run_id: str | None = None  # the rollout's MLflow run
+    step_min_requests: int = 1000  # a step decides once its candidate arm has this many requests...
+    step_min_seconds: int = 300  # ... and it has run this long
+    guardrails: Guardrails = field(default_factory=Guardrails)
+    auto_promote: bool = False  # after the last step passes: promote (True) or wait as `passed` for a human
+    auto_rollback: bool = True  # a failed guardrail: roll back (True) or hold as `held` for a human
+    state: str = "running"  # `running`, `passed` or `held` (STATES)
+    reason: str = ""  # why it is in that state (the last decision)
+    step_started: float = 0.0  # when the current step began (epoch seconds; 0: at the start)
 
     @property
     def percent(self) -> int:
@@ -55,8 +77,15 @@ class RolloutSpec:
     def last_step(self) -> bool:
         return self.mode == "shadow" or self.step >= len(self.steps) - 1
 
-    def next_step(self) -> RolloutSpec:
-        return replace(self, step=min(self.step + 1, len(self.steps) - 1))
+    def next_step(self, now: float) -> RolloutSpec:
+        """The next step, deciding again from `now`."""
+        step = min(self.step + 1, len(self.steps) - 1)
+        return replace(
+            self, step=step, state="running", reason=f"step {step + 1} of {len(self.steps)}", step_started=now
+        )
+
+    def with_state(self, state: str, reason: str) -> RolloutSpec:
+        return replace(self, state=state, reason=reason)
 
     def on_candidate(self, key: str | None) -> bool:
         """Whether a request with this sticky key (None: no key) goes to the candidate's arm."""
@@ -81,8 +110,9 @@ class RolloutSpec:
         """The spec; ValueError, KeyError or TypeError if it is not one."""
         fields = {**data, "candidate": ModelRef(**data["candidate"]), "stable": ModelRef(**data["stable"])}
         fields["steps"] = tuple(int(step) for step in data.get("steps", ()))
+        fields["guardrails"] = Guardrails(**data.get("guardrails", {}))
         spec = cls(**fields)
-        if spec.mode not in MODES or (spec.mode == "canary" and not spec.steps):
+        if spec.mode not in MODES or (spec.mode == "canary" and not spec.steps) or spec.state not in STATES:
             raise ValueError(f"not a rollout spec: {data!r}")
         return spec
 

@@ -24,6 +24,7 @@ def init_app(
     from serving.live_performance import LivePerformanceCollector
     from serving.model_store import ModelStore
     from serving.prediction_log import PredictionLog
+    from serving.rollout_owner import RolloutOwner
     from serving.routing import new_shadow
     from serving.versions import Versions
 
@@ -36,6 +37,11 @@ def init_app(
         settings.SERVING_CACHE_VERSIONS,
     )
     app.extensions["model_store"] = store
+    store.poll_hooks.append(
+        RolloutOwner(
+            registry, Path(settings.STATE_DIR), settings.ROLLOUT_REPORT_SECONDS, settings.ROLLOUT_LEASE_SECONDS
+        ).tick
+    )
     app.extensions["versions"] = Versions(store, settings.ACTIVE_POLL_SECONDS)
     app.extensions["catch_up"] = store.catch_up
     app.extensions["drift"] = DriftMonitor(settings)

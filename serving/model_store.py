@@ -60,6 +60,7 @@ class ModelStore:
         self.last_error: str | None = None
         self.registry_available = True
         self._seen: object = None  # the generation when this process last followed the pointer
+        self.poll_hooks: list[Callable[[AliasState], None]] = []  # run after each poll (the rollout's owner)
         self._swap_lock = threading.Lock()
 
     def _pinned(self) -> set[ModelRef]:
@@ -175,6 +176,8 @@ class ModelStore:
                          self.registry.alias, ref.name, ref.version, cached.ref.version, cached.ref.name)  # fmt: skip
             self._follow_to(ref)
         self._follow_rollout(alias)
+        for hook in self.poll_hooks:
+            hook(alias)
 
     def _follow_rollout(self, alias: AliasState) -> None:
         """End a rollout whose aliases were moved by hand (`overridden`), and hand the running one to this

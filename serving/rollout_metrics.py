@@ -56,40 +56,52 @@ def _samples(rollout: str) -> list:
             for s in family.samples if s.labels.get("rollout") == rollout]  # fmt: skip
 
 
-def _p95(buckets: list[tuple[float, float]]) -> float | None:
-    """The 95th percentile's bucket bound from cumulative (bound, count) pairs; None without requests."""
-    buckets.sort()
-    total = buckets[-1][1] if buckets else 0
-    if total == 0:
+def p95(cumulative: list[float]) -> float | None:
+    """The 95th percentile's bucket bound from cumulative counts aligned with BUCKETS; None without requests."""
+    total = cumulative[-1] if cumulative else 0
+    if total <= 0:
         return None
-    for bound, count in buckets:
+    for bound, count in zip(BUCKETS, cumulative, strict=False):
         if count >= 0.95 * total:
             return bound
-    return None
+    return None  # beyond the last bound
 
 
-def summary(rollout: str) -> dict:
-    """Per arm: requests, errors (fallbacks), drops, p95 scoring time, predicted classes; and shadow agreement."""
-    arms = {arm: {"requests": 0, "errors": 0, "dropped": 0, "p95_seconds": None, "classes": {}} for arm in ARMS}
-    buckets: dict[str, list] = {arm: [] for arm in ARMS}
-    shadow = {"agree": 0.0, "disagree": 0.0, "difference": 0.0}
+def counts(rollout: str) -> dict:
+    """This instance's raw counts of the rollout (what it reports to the rollout's run, and what merges):
+    per arm, requests (errors included), errors, drops, cumulative scoring-time counts per bound of BUCKETS
+    and predicted classes; and the shadow's agreeing and disagreeing rows and summed probability difference."""
+    arms = {arm: {"requests": 0, "errors": 0, "dropped": 0, "buckets": [0] * len(BUCKETS), "classes": {}}
+            for arm in ARMS}  # fmt: skip
+    index = {bound: i for i, bound in enumerate(BUCKETS)}
+    shadow = {"agree": 0, "disagree": 0, "difference": 0.0}
     for sample in _samples(rollout):
-        arm = sample.labels.get("arm")
-        if sample.name == "rollout_requests_total" and arm in arms:
+        arm = arms.get(sample.labels.get("arm", ""))
+        if sample.name == "rollout_requests_total" and arm is not None:
             key = {"ok": "requests", "error": "errors", "dropped": "dropped"}[sample.labels["outcome"]]
-            arms[arm][key] += int(sample.value)
+            arm[key] += int(sample.value)
             if key == "errors":
-                arms[arm]["requests"] += int(sample.value)
-        elif sample.name == "rollout_scoring_seconds_bucket" and arm in arms and sample.labels["le"] != "+Inf":
-            buckets[arm].append((float(sample.labels["le"]), sample.value))
-        elif sample.name == "rollout_predicted_class_total" and arm in arms:
-            arms[arm]["classes"][sample.labels["class"]] = int(sample.value)
+                arm["requests"] += int(sample.value)
+        elif sample.name == "rollout_scoring_seconds_bucket" and arm is not None:
+            bound = index.get(float(sample.labels["le"]))
+            if bound is not None:
+                arm["buckets"][bound] += int(sample.value)
+        elif sample.name == "rollout_predicted_class_total" and arm is not None:
+            arm["classes"][sample.labels["class"]] = arm["classes"].get(sample.labels["class"], 0) + int(sample.value)
         elif sample.name == "rollout_shadow_rows_total":
-            shadow[sample.labels["outcome"]] += sample.value
+            shadow[sample.labels["outcome"]] += int(sample.value)
         elif sample.name == "rollout_shadow_probability_difference_total":
             shadow["difference"] += sample.value
-    for arm in ARMS:
-        arms[arm]["p95_seconds"] = _p95(buckets[arm])
+    return {"arms": arms, "shadow": shadow}
+
+
+def summary(raw: dict) -> dict:
+    """Raw counts (one instance's, or merged) as GET /rollout shows them: per arm, requests, errors
+    (fallbacks), drops, p95 scoring time and predicted classes; and the shadow's agreement."""
+    arms = {name: {"requests": arm["requests"], "errors": arm["errors"], "dropped": arm["dropped"],
+                   "p95_seconds": p95(arm["buckets"]), "classes": dict(arm["classes"])}
+            for name, arm in raw["arms"].items()}  # fmt: skip
+    shadow = raw["shadow"]
     rows = shadow["agree"] + shadow["disagree"]
     agreement = {"rows": int(rows), "agreement": shadow["agree"] / rows if rows else None,
                  "mean_probability_difference": shadow["difference"] / rows if rows else None}  # fmt: skip

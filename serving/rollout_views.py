@@ -57,12 +57,21 @@ _STATE = {
     "type": "object",
     "description": "`state` is `none` without a rollout; otherwise the spec, the percent and this instance's counts",
     "properties": {
-        "state": {"type": "string", "enum": ["none", "running", "promoted", "rolled_back", "cancelled"]},
+        "state": {
+            "type": "string",
+            "enum": ["none", "running", "passed", "held", "promoted", "rolled_back", "cancelled"],
+        },
+        "reason": {"type": "string"},
         "rollout": {"type": "object"},
         "percent": {"type": "integer"},
         "arms": {"type": "object"},
         "shadow": {"type": "object"},
         "prediction_psi": {"type": "number", "nullable": True},
+        "counted_by": {"type": "string"},
+        "this_instance": {"type": "object"},
+        "owner": {"type": "object", "nullable": True},
+        "instances_reporting": {"type": "array", "items": {"type": "string"}},
+        "last_decision": {"type": "object", "nullable": True},
     },
     "required": ["state"],
 }

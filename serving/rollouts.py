@@ -8,22 +8,26 @@ changes MLflow, then has this machine follow at once (other instances follow wit
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from kernel.errors import APIError
 from kernel.registry import AliasState, ModelNotFound, Registry
-from kernel.rollout_spec import RolloutSpec
-from serving import rollout_metrics
+from kernel.rollout_spec import Guardrails, RolloutSpec
+from serving import rollout_decisions, rollout_metrics
 from serving.loaded_model import LoadedModel
 from serving.model_store import ModelStore
+from serving.rollout_owner import merged_now, read_status
 from serving.schemas import VersionField
 from serving.versions import Versions
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")  # an HTTP header name (RFC 9110 token)
 _FORBIDDEN_HEADERS = {"authorization", "cookie", "proxy-authorization"}
+_DECIDING = ("step_min_requests", "step_min_seconds", "auto_promote", "auto_rollback")
 EXAMPLE = {"candidate": {"name": "iris-RandomForestClassifier", "version": "2"}, "mode": "canary",
            "steps": [10, 50], "sticky": {"header": "X-User-Id", "missing": "stable"}}  # fmt: skip
 
@@ -58,6 +62,16 @@ class StickySchema(Schema):
             raise ValidationError("Credentials never choose an arm: use another header.", "header")
 
 
+class GuardrailsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    max_error_rate_delta = fields.Float(validate=validate.Range(0, 1))
+    max_p95_latency_ratio = fields.Float(validate=validate.Range(1, 100))
+    min_agreement = fields.Float(validate=validate.Range(0, 1))
+    max_prediction_psi = fields.Float(validate=validate.Range(0, 10))
+
+
 class RolloutRequest(Schema):
     """POST /rollout: the candidate, the mode, its steps (canary) or share (shadow), and stickiness."""
 
@@ -69,6 +83,11 @@ class RolloutRequest(Schema):
     steps = fields.List(fields.Integer(strict=True, validate=validate.Range(1, 99)), validate=validate.Length(1, 20))
     shadow_percent = fields.Integer(strict=True, validate=validate.Range(1, 100))
     sticky = fields.Nested(StickySchema)
+    step_min_requests = fields.Integer(strict=True, validate=validate.Range(1, 10_000_000))
+    step_min_seconds = fields.Integer(strict=True, validate=validate.Range(0, 7 * 86400))
+    guardrails = fields.Nested(GuardrailsSchema)
+    auto_promote = fields.Boolean()
+    auto_rollback = fields.Boolean()
 
     @validates_schema
     def steps_for_canary_only(self, data, **kwargs):
@@ -139,11 +158,13 @@ def start(registry: Registry, store: ModelStore, versions: Versions, request: di
         steps=tuple(request.get("steps") or ()),
         shadow_percent=request.get("shadow_percent", 100) if request["mode"] == "shadow" else 0,
         sticky_header=sticky.get("header"), missing=sticky.get("missing", "stable"),
-        started_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        started_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"), step_started=time.time(),
+        guardrails=Guardrails(**request.get("guardrails", {})),
+        **{key: request[key] for key in _DECIDING if key in request},
     )  # fmt: skip
     spec = registry.start_rollout(spec)
     store.follow_registry()
-    return describe(spec)
+    return describe(spec, store.state_dir)
 
 
 def promote(registry: Registry, store: ModelStore) -> dict:
@@ -152,11 +173,11 @@ def promote(registry: Registry, store: ModelStore) -> dict:
     if spec.last_step:
         registry.end_rollout(spec, "promoted", "promoted by hand (POST /rollout/promote)")
         store.follow_registry()
-        return {**describe(spec), "state": "promoted"}
-    spec = spec.next_step()
+        return {**describe(spec, store.state_dir), "state": "promoted"}
+    spec = spec.next_step(time.time())
     registry.save_rollout(spec)
     store.follow_registry()
-    return describe(spec)
+    return describe(spec, store.state_dir)
 
 
 def end(registry: Registry, store: ModelStore, state: str, reason: str) -> dict:
@@ -164,22 +185,32 @@ def end(registry: Registry, store: ModelStore, state: str, reason: str) -> dict:
     spec = _running(registry.read_alias_state())
     registry.end_rollout(spec, state, reason)
     store.follow_registry()
-    return {**describe(spec), "state": state, "reason": reason}
+    return {**describe(spec, store.state_dir), "state": state, "reason": reason}
 
 
-def describe(spec: RolloutSpec) -> dict:
-    """The rollout, its step and percent, and this instance's counts per arm."""
-    counts = rollout_metrics.summary(spec.id)
+def describe(spec: RolloutSpec, state_dir: Path | None = None) -> dict:
+    """The rollout, its state, step and percent, and its counts per arm: every instance's, merged from their
+    reports (as this machine's polling worker last read them), and this instance's own."""
+    own = rollout_metrics.counts(spec.id)
+    status = read_status(state_dir, spec.id) if state_dir is not None else None
+    counts = rollout_metrics.summary(merged_now(status, own))
     arms = counts["arms"]
-    versus = "shadow" if spec.mode == "shadow" else "candidate"
+    versus = rollout_decisions.versus(spec)
     return {
-        "state": "running",
+        "state": spec.state,
+        "reason": spec.reason,
         "rollout": spec.as_dict(),
         "percent": spec.percent,
         "arms": arms,
         "shadow": counts["shadow"],
         "prediction_psi": rollout_metrics.class_psi(arms["stable"]["classes"], arms[versus]["classes"]),
-        "counted_by": "this instance (all its workers); other instances count their own",
+        "counted_by": "this instance (all its workers): no report read yet"
+        if status is None
+        else f"every instance that reported ({status['instances_reported']})",
+        "this_instance": rollout_metrics.summary(own)["arms"],
+        "owner": (status or {}).get("owner"),
+        "instances_reporting": (status or {}).get("instances_reporting", []),
+        "last_decision": (status or {}).get("decision"),
     }
 
 
@@ -189,4 +220,4 @@ def current(store: ModelStore) -> dict:
     spec = store.rollout
     if spec is None:
         return {"state": "none"}
-    return describe(spec)
+    return describe(spec, store.state_dir)

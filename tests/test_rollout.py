@@ -286,6 +286,14 @@ def test_an_alias_moved_by_hand_ends_the_rollout_as_overridden(rollout_app, vers
         ({"sticky": {"header": "Authorization"}}, "sticky"),
         ({"sticky": {"header": "X-User-Id", "missing": "candidate"}}, "sticky"),
         ({"candidate": {"name": NAME}}, "candidate"),
+        ({"step_min_requests": 0}, "step_min_requests"),
+        ({"step_min_seconds": -1}, "step_min_seconds"),
+        ({"guardrails": {"max_error_rate_delta": 1.5}}, "max_error_rate_delta"),
+        ({"guardrails": {"max_p95_latency_ratio": 0.5}}, "max_p95_latency_ratio"),
+        ({"guardrails": {"min_agreement": -0.1}}, "min_agreement"),
+        ({"guardrails": {"max_prediction_psi": "high"}}, "max_prediction_psi"),
+        ({"guardrails": {"max_latency": 2}}, "max_latency"),
+        ({"auto_promote": "maybe"}, "auto_promote"),
     ],
 )
 def test_bad_rollouts_are_rejected_and_change_nothing(rollout_app, versions, change, field):

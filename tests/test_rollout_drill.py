@@ -1,0 +1,284 @@
+"""Rollouts decided by the service itself, across two instances: an `mlflow server` and two gunicorn instances of
+2 workers each, reporting to the rollout's run every second (serving/rollout_owner.py).
+
+- a canary steps from 10 % to 50 % on its own, the owner stopped mid-way is replaced within the lease, a
+  restarted instance keeps every key's arm, and the promotion moves the alias for every worker of both;
+- a candidate that raises on a category it never saw (20 % of the rows) is rolled back early, long before
+  its step's minimum, no client ever sees a 5xx, and the evidence is in MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import requests
+
+from tests.conftest import AUTH, mlflow_client, stop
+from tests.servers import Service, start_mlflow_server, worker_pids
+
+pytestmark = pytest.mark.drill
+
+NAME = "plans"  # 1: stable; 2: a good candidate; 3: a candidate that raises on the plan "gold"
+FEATURES = ("usage", "tenure", "plan")
+LEASE = 4.0
+ENV = {"ACTIVE_POLL_SECONDS": "1", "ROLLOUT_REPORT_SECONDS": "1", "ROLLOUT_LEASE_SECONDS": str(LEASE),
+       "BOOTSTRAP_DEFAULT_MODEL": "false", "PREDICTION_LOG": "off"}  # fmt: skip
+
+
+def _register(uri: str) -> None:
+    """Three versions of NAME on the same features and classes; the third's encoder rejects unseen plans."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    generator = random.Random(7)
+    frame = pd.DataFrame([row(generator, plans=("basic", "pro", "gold")) for _ in range(300)])
+    labels = ["churn" if r.usage < 40 or r.plan == "basic" and r.tenure < 12 else "stay" for r in frame.itertuples()]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("rollout-drill")
+    for estimator, unknown, rows in ((LogisticRegression(max_iter=500), "ignore", frame),
+                                     (GaussianNB(), "ignore", frame),
+                                     (LogisticRegression(max_iter=500), "error", frame[frame.plan != "gold"])):  # fmt: skip
+        encode = ColumnTransformer([("plan", OneHotEncoder(handle_unknown=unknown, sparse_output=False), ["plan"])],
+                                   remainder="passthrough")  # fmt: skip
+        pipeline = Pipeline([("encode", encode), ("model", estimator)])
+        fitted = pipeline.fit(rows, [labels[i] for i in rows.index])
+        with mlflow.start_run():
+            mlflow.sklearn.log_model(fitted, name="model", registered_model_name=NAME, input_example=rows.head(3),
+                                     signature=infer_signature(rows, fitted.predict(rows)))  # fmt: skip
+
+
+def row(generator: random.Random, plans=("basic", "pro")) -> dict:
+    return {"usage": round(generator.uniform(0, 100), 1), "tenure": float(generator.randint(1, 48)),
+            "plan": generator.choice(plans)}  # fmt: skip
+
+
+class Registry:
+    """The `mlflow server` on a SQLite store, which a test may kill (the whole process tree) and start again."""
+
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.process, self.uri, self.log = start_mlflow_server(*self._stores(), folder, env=self.env)
+        self.port = int(self.uri.rsplit(":", 1)[1])
+
+    def _stores(self):
+        return f"sqlite:///{self.folder / 'mlflow.db'}", (self.folder / "artifacts").as_uri()
+
+    def kill(self) -> None:
+        tree, pending = set(), {self.process.pid}
+        while pending:
+            pid = pending.pop()
+            tree.add(pid)
+            pending |= worker_pids(pid) - tree
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+
+    def restart(self) -> None:
+        self.process, _, self.log = start_mlflow_server(*self._stores(), self.folder, env=self.env, port=self.port)
+
+    def stop(self) -> None:
+        stop(self.process)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def registry_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rollout-drill")
+    server = Registry(folder)
+    try:
+        _register(server.uri)
+        client = mlflow_client(server.uri)
+        client.set_registered_model_alias(NAME, "active", "1")
+        yield {"uri": server.uri, "folder": folder, "client": client, "server": server}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def instances(registry_server):
+    folder, started = registry_server["folder"], []
+    try:
+        for index in range(2):
+            env = {**ENV, "MLFLOW_TRACKING_URI": registry_server["uri"], "STATE_DIR": str(folder / f"state-{index}")}
+            started.append(Service(env, folder, workers=2).start())
+        yield started
+    finally:
+        for service in started:
+            service.stop()
+
+
+@pytest.fixture
+def stable_active(registry_server, instances):
+    """Each test starts with version 1 active and no rollout; a rollout left running is cancelled after it."""
+    client = registry_server["client"]
+    client.set_registered_model_alias(NAME, "active", "1")
+    yield client
+    for service in instances:
+        if service.process is None:
+            service.start()
+    requests.delete(f"{instances[0].url}/rollout", headers=AUTH, timeout=30)
+    client.set_registered_model_alias(NAME, "active", "1")
+
+
+def predict(service: Service, key: str, body: dict) -> requests.Response:
+    answer = requests.post(f"{service.url}/predict", json=body, headers={"X-User-Id": key}, timeout=30)
+    assert answer.status_code == 200, (answer.status_code, answer.text, service.log_tail())
+    return answer
+
+
+def rollout(service: Service) -> dict:
+    answer = requests.get(f"{service.url}/rollout", headers=AUTH, timeout=30)
+    assert answer.status_code == 200, (answer.status_code, answer.text, service.log_tail())
+    return answer.json()
+
+
+def traffic_until(services, condition, timeout: float, arms: dict, keys=200, gold=0.0, seed=0) -> dict:
+    """Send keyed requests round the services until `condition()` holds; records each key's route in `arms`."""
+    generator, deadline, sent = random.Random(seed), time.monotonic() + timeout, 0
+    while True:
+        state = condition()
+        if state:
+            return state
+        assert time.monotonic() < deadline, (f"not reached in {timeout:.0f} s after {sent} requests",
+                                             rollout(services[0]), [s.log_tail(20) for s in services])  # fmt: skip
+        for _ in range(20):
+            key = f"user-{generator.randrange(keys)}"
+            body = row(generator, ("basic", "pro", "gold") if generator.random() < gold * 3 else ("basic", "pro"))
+            answer = predict(services[sent % len(services)], key, body)
+            route = answer.headers["X-Model-Route"]
+            if route in ("stable", "candidate"):  # (`active`: an instance that has not read the rollout yet)
+                assert (arms.get(key), route) != ("candidate", "stable"), f"{key} left the candidate"
+                arms[key] = route
+            sent += 1
+
+
+def version_tags(client, version: str) -> dict:
+    return client.get_model_version(NAME, version).tags
+
+
+def test_a_canary_steps_survives_its_owner_keeps_every_key_and_promotes(registry_server, instances, stable_active):
+    client, (first, second) = stable_active, instances
+    body = {"candidate": {"name": NAME, "version": "2"}, "mode": "canary", "steps": [10, 50],
+            "step_min_requests": 30, "step_min_seconds": 2, "auto_promote": False,
+            "sticky": {"header": "X-User-Id"}}  # fmt: skip
+    started = requests.post(f"{first.url}/rollout", json=body, headers=AUTH, timeout=30)
+    assert started.status_code == 201, started.text
+    arms: dict[str, str] = {}
+
+    def both_report():
+        state = rollout(first)
+        return state if state["state"] == "running" and len(state["instances_reporting"]) == 2 else None
+
+    state = traffic_until(instances, both_report, 60, arms)
+    owner = state["owner"]["instance"]
+    owning, other = (first, second) if f"-{first.process.pid}-" in owner else (second, first)
+    assert f"-{owning.process.pid}-" in owner, (owner, first.process.pid, second.process.pid)
+    at_ten = {key for key, route in arms.items() if route == "candidate"}
+    owning.stop()
+    stopped = time.monotonic()
+
+    def taken_over():
+        state = rollout(other)
+        return state if (state.get("owner") or {}).get("instance", owner) != owner else None
+
+    traffic_until([other], taken_over, LEASE + 20, arms)
+    took = time.monotonic() - stopped
+    print(f"\nthe owner stopped: the other instance took the decisions over after {took:.1f} s (lease {LEASE} s)")
+    assert took <= LEASE + 2 * 1 + 5, took  # the lease, a report and a poll on each side, and slack
+    passed = traffic_until([other], lambda: (s := rollout(other))["state"] == "passed" and s, 120, arms)
+    assert passed["percent"] == 50 and "step 2 of 2 (50 %) passed" in passed["reason"], passed
+    assert at_ten <= {key for key, route in arms.items() if route == "candidate"}, "a key left the candidate at 50 %"
+    assert version_tags(client, "2")["rollout.state"] == "passed"
+    generator = random.Random(3)
+    keys = [f"user-{i}" for i in range(100)]
+    now = {key: predict(other, key, row(generator)).headers["X-Model-Route"] for key in keys}
+    owning.start()  # a restarted instance rejoins: every key keeps its arm
+    assert {key: predict(owning, key, row(generator)).headers["X-Model-Route"] for key in keys} == now
+    promoted = requests.post(f"{first.url}/rollout/promote", headers=AUTH, timeout=30)
+    assert promoted.status_code == 200 and promoted.json()["state"] == "promoted", promoted.text
+    assert client.get_model_version_by_alias(NAME, "active").version == "2"
+    for service in instances:
+        deadline = time.monotonic() + 30
+        while {predict(service, f"k{i}", row(generator)).headers["X-Model-Version"] for i in range(20)} != {"2"}:
+            assert time.monotonic() < deadline, service.log_tail()
+    run = client.get_run(passed["rollout"]["run_id"])
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "candidate_requests")}
+    assert steps == {0, 1} and run.data.tags["rollout.state"] == "promoted", (steps, run.data.tags)
+
+
+def test_a_failing_candidate_is_rolled_back_early_and_no_client_sees_it(registry_server, instances, stable_active):
+    client = stable_active
+    body = {
+        "candidate": {"name": NAME, "version": "3"},
+        "mode": "canary",
+        "steps": [50],
+        "sticky": {"header": "X-User-Id"},
+    }  # fmt: skip  (the default minimum: 1,000 requests, 300 s)
+    started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
+    assert started.status_code == 201, started.text
+    run_id = started.json()["rollout"]["run_id"]
+
+    def rolled_back():
+        return version_tags(client, "3").get("rollout.state") == "rolled_back"
+
+    begun = time.monotonic()
+    traffic_until(instances, rolled_back, 90, {}, keys=1000, gold=0.2, seed=5)
+    print(f"\nthe failing candidate was rolled back after {time.monotonic() - begun:.1f} s")
+    reason = version_tags(client, "3")["rollout.reason"]
+    assert reason.startswith("rolled back early: the candidate failed"), reason
+    decision = json.loads(client.get_run(run_id).data.tags["rollout.decision"])
+    assert decision["action"] == "rollback" and decision["reason"] == reason
+    assert client.get_model_version_by_alias(NAME, "active").version == "1"
+    for service in instances:  # every worker follows the rollback: the active version answers, no arm
+        deadline = time.monotonic() + 30
+        while {predict(service, f"user-{i}", row(random.Random(i))).headers["X-Model-Route"] for i in range(40)} != {
+            "active"}:  # fmt: skip
+            assert time.monotonic() < deadline, service.log_tail()
+
+
+def test_with_mlflow_killed_routing_holds_nothing_is_decided_and_it_resumes(registry_server, instances, stable_active):
+    client, server = stable_active, registry_server["server"]
+    body = {"candidate": {"name": NAME, "version": "2"}, "mode": "canary", "steps": [10, 50],
+            "step_min_requests": 10, "step_min_seconds": 3, "auto_promote": True,
+            "sticky": {"header": "X-User-Id"}}  # fmt: skip
+    started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
+    assert started.status_code == 201, started.text
+    arms: dict[str, str] = {}
+    traffic_until(instances, lambda: all(rollout(s)["state"] == "running" for s in instances), 30, arms)
+    server.kill()
+    try:
+        down = time.monotonic()
+        # Three times the step's minimum seconds, and many more requests than its minimum: nothing is decided.
+        traffic_until(instances, lambda: time.monotonic() - down > 10, 60, arms, keys=400)
+        assert "candidate" in arms.values() and "stable" in arms.values()
+        for service in instances:
+            state = rollout(service)
+            assert state["state"] == "running" and state["percent"] == 10, state
+            assert (state["last_decision"] or {}).get("action") in (None, "wait"), state
+    finally:
+        server.restart()
+    begun = time.monotonic()
+
+    def promoted():
+        return client.get_model_version_by_alias(NAME, "active").version == "2"
+
+    traffic_until(instances, promoted, 120, arms, keys=400)
+    print(f"\nwith MLflow back, the canary stepped and was promoted {time.monotonic() - begun:.1f} s later")
+    steps = {m.step for m in client.get_metric_history(started.json()["rollout"]["run_id"], "candidate_requests")}
+    assert steps == {0, 1}, steps
