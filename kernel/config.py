@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     ROLLOUT_REPORT_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often each instance reports a running rollout's counts to the rollout's MLflow run (after a poll); the owner decides as often")
     ROLLOUT_LEASE_SECONDS: float = Field(30.0, gt=0, allow_inf_nan=False, description="the lease of the instance that owns a rollout's decisions: another takes them over once its last report is this old")
     SHADOW_QUEUE: Positive = Field(64, description="shadow requests each worker holds for the candidate to score; beyond it they are dropped and counted")
+    SHADOW_INLINE_BUDGET_MS: float = Field(5.0, gt=0, allow_inf_nan=False, description="on Lambda the shadow scores within the request (no thread runs between answers): only while the candidate's median scoring time is under this; otherwise the request is skipped and counted as dropped")
+    SHADOW_INLINE_SAMPLE: float = Field(0.1, gt=0, le=1, allow_inf_nan=False, description="on Lambda, the share of the shadowed requests the candidate scores within the request")
     SHADOW_MAX_ROWS: Positive = Field(1000, description="a batch larger than this is not shadowed (dropped and counted)")
     ACTIVE_POLL_SECONDS: float = Field(5.0, gt=0, allow_inf_nan=False, description="how often one worker per machine reads the alias from MLflow (one search); a move reaches every worker within this plus the load time plus 0.2 s")
     SERVING_CACHE_VERSIONS: Positive = Field(3, description="versions kept loaded per worker for `/models/<name>/versions/<v>/predict` and swaps (least recently used out first; the active version is never evicted)")

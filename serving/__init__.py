@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,11 +38,11 @@ def init_app(
         settings.SERVING_CACHE_VERSIONS,
     )
     app.extensions["model_store"] = store
-    store.poll_hooks.append(
-        RolloutOwner(
-            registry, Path(settings.STATE_DIR), settings.ROLLOUT_REPORT_SECONDS, settings.ROLLOUT_LEASE_SECONDS
-        ).tick
-    )
+    on_lambda = bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))  # one process, frozen between answers
+    if not on_lambda:  # Lambda routes and counts a rollout; container instances report and decide
+        owner = RolloutOwner(registry, Path(settings.STATE_DIR), settings.ROLLOUT_REPORT_SECONDS,
+                             settings.ROLLOUT_LEASE_SECONDS)  # fmt: skip
+        store.poll_hooks.append(owner.tick)
     app.extensions["versions"] = Versions(store, settings.ACTIVE_POLL_SECONDS)
     app.extensions["catch_up"] = store.catch_up
     app.extensions["drift"] = DriftMonitor(settings)
@@ -54,6 +55,8 @@ def init_app(
     app.extensions["shadow"] = new_shadow(
         lambda spec: app.extensions["versions"].by_version(spec.candidate.name, spec.candidate.version),
         settings.SHADOW_QUEUE, settings.SHADOW_MAX_ROWS, app.extensions["drift"].observe,
+        inline=on_lambda,  # frozen between answers: no thread would run
+        inline_budget_ms=settings.SHADOW_INLINE_BUDGET_MS, inline_sample=settings.SHADOW_INLINE_SAMPLE,
     )  # fmt: skip
     app.extensions.setdefault("metrics_collectors", []).append(drift_views.DriftCollector(app))
     app.extensions.setdefault("openapi_extenders", []).extend(

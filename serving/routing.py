@@ -78,5 +78,6 @@ def shadow_scorer(load: Callable[[RolloutSpec], LoadedModel], max_rows: int, obs
     return score
 
 
-def new_shadow(load: Callable[[RolloutSpec], LoadedModel], size: int, max_rows: int, observe=None) -> Shadow:
-    return Shadow(shadow_scorer(load, max_rows, observe), size, max_rows)
+def new_shadow(load: Callable[[RolloutSpec], LoadedModel], size: int, max_rows: int, observe=None,
+               inline: bool = False, inline_budget_ms: float = 5.0, inline_sample: float = 0.1) -> Shadow:  # fmt: skip
+    return Shadow(shadow_scorer(load, max_rows, observe), size, max_rows, inline, inline_budget_ms, inline_sample)

@@ -232,7 +232,8 @@ NOT_COMPILED = "iris-HistGradientBoostingClassifier"  # one without (skl2onnx ca
 
 @contextlib.contextmanager
 def compiled_and_not_compiled(folder: Path):
-    """An `mlflow server` (registry only) holding COMPILED, active, and NOT_COMPILED, both from the batch job.
+    """An `mlflow server` (registry only) holding COMPILED, active, and NOT_COMPILED, both from the batch job, and
+    a second compiled version of COMPILED (LogisticRegression, not active: a rollout's candidate).
 
     Without MLflow's job runner the server starts in a third of the processes. Yields the tracking URI.
     """
@@ -240,6 +241,7 @@ def compiled_and_not_compiled(folder: Path):
         ["--estimator", "RandomForestClassifier", "--dataset", "iris", "--model-name", COMPILED],
         ["--estimator", "HistGradientBoostingClassifier", "--dataset", "iris", "--model-name", NOT_COMPILED,
          "--no-activate"],
+        ["--estimator", "LogisticRegression", "--dataset", "iris", "--model-name", COMPILED, "--no-activate"],
     ]  # fmt: skip
     with mlflow_server_with(folder, trainings, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as uri:
         yield uri

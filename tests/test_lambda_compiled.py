@@ -169,3 +169,44 @@ def test_version_without_compiled_form_is_not_ready(task_dir, s3, tracking_serve
         assert f"{NOT_COMPILED} version 1" in body["message"]
         assert "no compiled form" in body["message"] and "scikit-learn is not installed" in body["message"]
         assert "could not be converted to ONNX" in body["message"]  # the reason recorded at registration
+
+
+def test_a_canary_and_an_inline_shadow_on_the_compiled_handler(task_dir, s3, tracking_server, tmp_path):
+    """One Lambda environment: a sticky canary splits by key with each answer from its arm's version; a shadow
+    answers as the stable version and scores within the request (SHADOW_INLINE_SAMPLE=1 here), counted at once."""
+    set_active(tracking_server, COMPILED)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    candidate = {"name": COMPILED, "version": "2"}
+    canary = {"candidate": candidate, "mode": "canary", "steps": [50], "sticky": {"header": "X-User-Id"}}
+    keyed = [rest_v1("POST", "/predict", stage=STAGE, body=IRIS_ROW, headers={"X-User-Id": f"user-{i}"})
+             for i in range(40)]  # fmt: skip
+    shadow = {"candidate": candidate, "mode": "shadow", "shadow_percent": 100}
+    events = [
+        rest_v1("POST", "/rollout", stage=STAGE, body=canary, headers=auth),
+        *keyed,
+        rest_v1("GET", "/rollout", stage=STAGE, headers=auth),
+        rest_v1("DELETE", "/rollout", stage=STAGE, headers=auth),
+        rest_v1("POST", "/rollout", stage=STAGE, body=shadow, headers=auth),
+        *[rest_v1("POST", "/predict", stage=STAGE, body=IRIS_ROW) for _ in range(30)],
+        rest_v1("GET", "/rollout", stage=STAGE, headers=auth),
+        rest_v1("DELETE", "/rollout", stage=STAGE, headers=auth),
+    ]
+    env = {**lambda_env(tmp_path, s3, tracking_server), "SHADOW_INLINE_SAMPLE": "1"}
+    answers, _ = run_handler(task_dir, events, env)
+    started, routed, counted, ended = answers[0], answers[1:41], answers[41], answers[42]
+    assert started["statusCode"] == 201 and ended["statusCode"] == 200, (started, ended)
+    routes = [answer["headers"]["X-Model-Route"] for answer in routed]
+    assert set(routes) == {"stable", "candidate"}, routes
+    for route, answer in zip(routes, routed, strict=True):
+        assert answer["statusCode"] == 200
+        assert json.loads(answer["body"])["model"]["version"] == {"stable": "1", "candidate": "2"}[route]
+    arms = json.loads(counted["body"])["arms"]
+    assert (arms["candidate"]["requests"], arms["stable"]["requests"]) == (routes.count("candidate"),
+                                                                          routes.count("stable"))  # fmt: skip
+    shadow_started, shadowed, shadow_counted, shadow_ended = answers[43], answers[44:74], answers[74], answers[75]
+    assert shadow_started["statusCode"] == 201 and shadow_ended["statusCode"] == 200
+    served = {(a["statusCode"], a["headers"]["X-Model-Route"], a["headers"]["X-Model-Version"]) for a in shadowed}
+    assert served == {(200, "stable", "1")}, served
+    state = json.loads(shadow_counted["body"])
+    assert state["arms"]["shadow"]["requests"] == 30 and state["shadow"]["rows"] == 30, state
+    assert state["shadow"]["agreement"] == 1.0  # both versions call IRIS_ROW setosa
