@@ -8,6 +8,7 @@ scored: its queue was full or the batch too large). Scoring time is bucketed fin
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -27,15 +28,33 @@ SHADOW_ROWS = Counter("rollout_shadow_rows_total", "Shadow rows compared: agree 
 SHADOW_DIFFERENCE = Counter("rollout_shadow_probability_difference_total", "Sum over shadow rows of the mean absolute difference of the probabilities", ["rollout"])  # fmt: skip
 
 
-def record(rollout: str, arm: str, outcome: str, seconds: float | None = None, labels=None, classes=()) -> None:
-    """One request of a rollout's arm; `labels`, the predicted labels, count per class (capped)."""
-    REQUESTS.labels(rollout, arm, outcome).inc()
+@functools.lru_cache(maxsize=64)
+def _known(classes: tuple) -> frozenset:
+    """The classes counted by name (the first MAX_CLASSES); the others count as `other`."""
+    return frozenset(str(c) for c in classes[:MAX_CLASSES])
+
+
+def _tally(labels) -> dict:
+    """Rows per predicted label: a dict for small batches (one row is the common case), numpy for large ones."""
+    if len(labels) <= 64:
+        tally: dict = {}
+        for label in labels:
+            key = label if isinstance(label, str) else str(label)
+            tally[key] = tally.get(key, 0) + 1
+        return tally
+    values, counts = np.unique(np.asarray([str(label) for label in labels]), return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+
+
+def record(rollout: str, arm: str, outcome: str, seconds: float | None = None, labels=None, classes=(),
+           requests: int = 1) -> None:  # fmt: skip
+    """`requests` of a rollout's arm; `labels`, the predicted labels, count per class (capped)."""
+    REQUESTS.labels(rollout, arm, outcome).inc(requests)
     if seconds is not None:
         SCORING.labels(rollout, arm).observe(seconds)
     if labels is not None:
-        known = {str(c) for c in list(classes)[:MAX_CLASSES]}
-        values, counts = np.unique(np.asarray([str(label) for label in labels]), return_counts=True)
-        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        known = _known(tuple(classes))
+        for value, count in _tally(labels).items():
             CLASSES.labels(rollout, arm, value if value in known else "other").inc(count)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from kernel.rollout_spec import RolloutSpec
 from serving import rollout_metrics
 from serving.loaded_model import LoadedModel
-from serving.prediction import BadInput, predict
+from serving.prediction import BadInput, parse_rows, predict
 from serving.shadow import Shadow
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,23 @@ def shadow_scorer(load: Callable[[RolloutSpec], LoadedModel], max_rows: int, obs
         candidate = load(spec)
         return predict(candidate, body, max_rows, observe), tuple(candidate.classes)
 
-    return score
+    def score_many(spec: RolloutSpec, bodies: list) -> tuple[list[dict], tuple]:
+        """Several requests' rows in one call, the answer split back per request."""
+        candidate = load(spec)
+        parts = [parse_rows(body, candidate.feature_names)[0] for body in bodies]
+        answer = predict(candidate, {"records": [row for part in parts for row in part]}, max_rows * len(parts), observe)
+        answers, start = [], 0
+        for part in parts:
+            end = start + len(part)
+            answers.append({"predictions": answer["predictions"][start:end],
+                            "probabilities": (answer.get("probabilities") or [])[start:end]})  # fmt: skip
+            start = end
+        return answers, tuple(candidate.classes)
+
+    return score, score_many
 
 
 def new_shadow(load: Callable[[RolloutSpec], LoadedModel], size: int, max_rows: int, observe=None,
                inline: bool = False, inline_budget_ms: float = 5.0, inline_sample: float = 0.1) -> Shadow:  # fmt: skip
-    return Shadow(shadow_scorer(load, max_rows, observe), size, max_rows, inline, inline_budget_ms, inline_sample)
+    score, score_many = shadow_scorer(load, max_rows, observe)
+    return Shadow(score, size, max_rows, inline, inline_budget_ms, inline_sample, score_many)

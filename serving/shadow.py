@@ -1,7 +1,8 @@
 """The shadow arm: the candidate scores copies of stable answers after they are sent, off the request path.
 
 Each process has a bounded queue drained by one low-priority daemon thread. A request puts (spec, rows,
-stable answer) on it and returns at once; a full queue, or a batch over `SHADOW_MAX_ROWS`, is dropped and
+stable answer) on it and returns at once (the thread gathers what queues within LINGER and scores it in
+one call: under load a batch costs one candidate call, not one per request); a full queue, or a batch over `SHADOW_MAX_ROWS`, is dropped and
 counted (`rollout_requests_total{arm="shadow", outcome="dropped"}`). The thread scores the same rows with
 the candidate and counts, per row, whether the labels agree and the mean absolute difference of the
 probabilities. The client's answer never waits for it and never depends on it.
@@ -35,6 +36,14 @@ def compare(stable: dict, candidate: dict) -> tuple[int, int, float]:
     return agree, len(stable["predictions"]) - agree, difference
 
 
+def _one_by_one(score, spec: RolloutSpec, bodies: list) -> tuple[list[dict], tuple]:
+    answers, classes = [], ()
+    for body in bodies:
+        answer, classes = score(spec, body)
+        answers.append(answer)
+    return answers, classes
+
+
 class Shadow:
     """One process's shadow queue and its thread (started on first use, and again after a fork).
 
@@ -47,10 +56,16 @@ class Shadow:
 
     PROBE_EVERY = 50
     TIMES_KEPT = 21
+    BATCH = 64  # queued requests the thread scores in one call (the queue's backlog, up to SHADOW_MAX_ROWS rows)
+    LINGER = 0.02  # seconds the thread waits for more requests once it has one: a batch costs one call
+    TIME_EVERY = 10  # one batch in 10 (and every batch of one) also times one request alone: the arm's p95
 
     def __init__(self, score: Callable[[RolloutSpec, object], tuple[dict, tuple]], size: int, max_rows: int,
-                 inline: bool = False, inline_budget_ms: float = 5.0, inline_sample: float = 0.1):  # fmt: skip
+                 inline: bool = False, inline_budget_ms: float = 5.0, inline_sample: float = 0.1,
+                 score_many: Callable[[RolloutSpec, list], tuple[list[dict], tuple]] | None = None):  # fmt: skip
         self.score = score  # (spec, rows) -> the candidate's answer, as /predict gives it, and its classes
+        # (spec, [body, ...]) -> the candidate's answer per body, from one call, and its classes
+        self.score_many = score_many or (lambda spec, bodies: _one_by_one(score, spec, bodies))
         self.size, self.max_rows = size, max_rows
         self.inline, self.inline_budget, self.inline_sample = inline, inline_budget_ms / 1000, inline_sample
         self._times: collections.deque[float] = collections.deque(maxlen=self.TIMES_KEPT)
@@ -68,7 +83,7 @@ class Shadow:
             return self._inline(spec, body, answer)
         self._ensure_thread()
         try:
-            self._queue.put_nowait((spec, body, answer))  # type: ignore[union-attr]
+            self._queue.put_nowait((spec, body, answer, rows))  # type: ignore[union-attr]
             return True
         except queue.Full:
             rollout_metrics.record(spec.id, "shadow", "dropped")
@@ -119,9 +134,50 @@ class Shadow:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError):
             pass
+        batches = 0
         while True:
-            spec, body, answer = work.get()
+            items = [work.get()]
+            rows = items[0][3]
+            time.sleep(self.LINGER)  # a sleep, not a wait on the queue: a put then wakes no thread
+            while len(items) < self.BATCH and rows < self.max_rows:  # what queued meanwhile, scored at once
+                try:
+                    item = work.get_nowait()
+                except queue.Empty:
+                    break
+                items.append(item)
+                rows += item[3]
             try:
-                self._score_one(spec, body, answer)
+                self._score_batch(items, timed=batches % self.TIME_EVERY == 0 or len(items) == 1)
             finally:
-                work.task_done()
+                batches += 1
+                for _ in items:
+                    work.task_done()
+
+    def _score_batch(self, items: list, timed: bool) -> None:
+        """The requests of one rollout in one call; a batch that fails is scored request by request. With
+        `timed`, the first is scored alone first: its time is the arm's scoring time, comparable with the
+        stable version's for one request."""
+        spec, body, answer, _ = items[0]
+        if timed:
+            self._score_one(spec, body, answer)
+        rest = [item for item in items[1 if timed else 0 :] if item[0].id == spec.id]
+        for other in items[1:]:
+            if other[0].id != spec.id:  # a rollout that changed while they queued: rare, scored alone
+                self._score_one(other[0], other[1], other[2])
+        if not rest:
+            return
+        try:
+            scored, classes = self.score_many(spec, [item[1] for item in rest])
+        except Exception:  # one request the candidate cannot score: find which, and count each
+            for item in rest:
+                self._score_one(item[0], item[1], item[2])
+            return
+        agree = disagree = 0
+        difference = 0.0
+        labels = []
+        for item, one in zip(rest, scored, strict=True):
+            a, d, diff = compare(item[2], one)
+            agree, disagree, difference = agree + a, disagree + d, difference + diff
+            labels.extend(one["predictions"])
+        rollout_metrics.record(spec.id, "shadow", "ok", None, labels, classes, requests=len(rest))
+        rollout_metrics.record_shadow(spec.id, agree, disagree, difference)

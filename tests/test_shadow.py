@@ -54,3 +54,45 @@ def test_inline_scores_only_its_sample():
         shadow.submit(rollout, {"n": i}, 2, ANSWER)
     assert 120 <= len(calls) <= 280, len(calls)  # 10 % of 2,000, give or take 6 standard deviations
     assert rollout_metrics.summary(rollout_metrics.counts(rollout.id))["arms"]["shadow"]["dropped"] == 0
+
+
+def test_the_thread_scores_its_backlog_in_one_call_and_a_bad_request_alone():
+    """While the candidate scores one request, the next ones queue; they are scored in one call, and a batch
+    the candidate cannot take is scored request by request, so only the bad request counts as an error."""
+    import threading
+
+    gate, calls, batches, rollout = threading.Event(), [], [], spec()
+    candidate = {"predictions": ["a"], "probabilities": [{"a": 0.8, "b": 0.2}]}
+
+    def score(spec, body):
+        calls.append(body)
+        gate.wait(10)
+        if body.get("bad"):
+            raise ValueError("unseen category")
+        return candidate, ("a", "b")
+
+    def score_many(spec, bodies):
+        batches.append(len(bodies))
+        if any(body.get("bad") for body in bodies):
+            raise ValueError("unseen category")
+        return [candidate] * len(bodies), ("a", "b")
+
+    stable = {"predictions": ["a"], "probabilities": [{"a": 0.9, "b": 0.1}]}
+    shadow = Shadow(score, size=64, max_rows=1000, score_many=score_many)
+    assert shadow.submit(rollout, {"n": 0}, 1, stable)
+    deadline = time.monotonic() + 10
+    while not calls:  # the thread is scoring the first request, held at the gate
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for i in range(1, 11):
+        assert shadow.submit(rollout, {"n": i}, 1, stable)
+    for i in range(11, 14):
+        assert shadow.submit(rollout, {"n": i, "bad": i == 12}, 1, stable)
+    gate.set()
+    shadow.drain()
+    # The first alone (a batch of one, timed); then the 13 queued ones in one call (one batch in 10 also times a
+    # request alone: not this one), which fails on the bad one and is scored request by request.
+    assert batches == [13], batches
+    counts = rollout_metrics.summary(rollout_metrics.counts(rollout.id))
+    assert counts["arms"]["shadow"]["requests"] == 14 and counts["arms"]["shadow"]["errors"] == 1
+    assert counts["shadow"]["rows"] == 13 and counts["shadow"]["agreement"] == 1.0
