@@ -23,7 +23,7 @@ ZAPPA := cd $(CURDIR) && VIRTUAL_ENV=$(CURDIR)/$(LVENV) PATH=$(CURDIR)/$(LVENV)/
 
 
 .DEFAULT_GOAL := help
-.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench bench-train bench-costs soak clean package upload-project lambda-deploy lambda-update image image-base image-wheels
+.PHONY: help setup install node-tools postman run serve token worker test lint format mlflow-ui bench bench-train bench-rollout bench-costs soak clean package upload-project lambda-deploy lambda-update image image-base image-wheels
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -116,6 +116,9 @@ bench-train: setup ## POST→succeeded of a small training job (local executor) 
 
 bench: setup ## This service against `mlflow models serve` with wrk, in one run (BENCH_SECONDS=3 shortens it)
 	$(BIN)/python scripts/bench_serving.py
+
+bench-rollout: setup ## What a sticky canary at 50 % and a shadow at 100 % add to one-row /predict, at -c1, -c4 and -c16
+	$(BIN)/python scripts/bench_rollout.py
 
 bench-costs: setup ## What drift counting and the prediction log cost under load: each on against off, alternating runs
 	$(BIN)/python scripts/bench_settings.py --with DRIFT_ENABLED=true --with PREDICTION_LOG=off --without DRIFT_ENABLED=false --without PREDICTION_LOG=off --budget 3,3,5 --pairs 5 --seconds 10

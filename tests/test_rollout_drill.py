@@ -282,3 +282,67 @@ def test_with_mlflow_killed_routing_holds_nothing_is_decided_and_it_resumes(regi
     print(f"\nwith MLflow back, the canary stepped and was promoted {time.monotonic() - begun:.1f} s later")
     steps = {m.step for m in client.get_metric_history(started.json()["rollout"]["run_id"], "candidate_requests")}
     assert steps == {0, 1}, steps
+
+
+def test_a_sticky_canary_splits_keys_alike_on_both_instances(registry_server, instances, stable_active):
+    """10 %: 2,000 distinct keys over both instances land 10 ± 2 % on the candidate, and 500 of them replayed on
+    the other instance keep their arm (a hash of rollout id and key: no shared state)."""
+    body = {"candidate": {"name": NAME, "version": "2"}, "mode": "canary", "steps": [10],
+            "step_min_requests": 1_000_000, "sticky": {"header": "X-User-Id"}}  # fmt: skip
+    started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
+    assert started.status_code == 201, started.text
+    traffic_until(instances, lambda: all(rollout(s)["state"] == "running" for s in instances), 30, {})
+    generator = random.Random(11)
+    with requests.Session() as first, requests.Session() as second:
+        sessions = ((first, instances[0]), (second, instances[1]))
+
+        def route(index: int, key: str) -> str:
+            session, service = sessions[index % 2]
+            answer = session.post(f"{service.url}/predict", json=row(generator), headers={"X-User-Id": key}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer.headers["X-Model-Route"]
+
+        arms = {f"key-{i}": route(i, f"key-{i}") for i in range(2000)}
+        share = sum(arm == "candidate" for arm in arms.values()) / len(arms)
+        assert 0.08 <= share <= 0.12, share
+        replayed = {f"key-{i}": route(i + 1, f"key-{i}") for i in range(500)}  # on the other instance
+    assert replayed == {key: arms[key] for key in replayed}
+
+
+def test_a_shadow_with_a_queue_of_one_under_sixteen_clients_counts_its_drops(registry_server, stable_active):
+    """Every client gets its answer; each request is either scored by the candidate or dropped and counted."""
+    import threading
+
+    env = {**ENV, "MLFLOW_TRACKING_URI": registry_server["uri"], "SHADOW_QUEUE": "1",
+           "STATE_DIR": str(registry_server["folder"] / "state-queue-of-one")}  # fmt: skip
+    service = Service(env, registry_server["folder"], workers=2).start()
+    try:
+        body = {"candidate": {"name": NAME, "version": "2"}, "mode": "shadow", "shadow_percent": 100}
+        started = requests.post(f"{service.url}/rollout", json=body, headers=AUTH, timeout=30)
+        assert started.status_code == 201, started.text
+        statuses: list[int] = []
+
+        def client(seed: int) -> None:
+            generator = random.Random(seed)
+            with requests.Session() as session:
+                for _ in range(50):
+                    statuses.append(session.post(f"{service.url}/predict", json=row(generator), timeout=30).status_code)
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 800
+        deadline = time.monotonic() + 30
+        while True:  # the shadow threads finish what they hold
+            shadow = rollout(service)["this_instance"]["shadow"]
+            if shadow["requests"] + shadow["dropped"] == 800:
+                break
+            assert time.monotonic() < deadline, (shadow, service.log_tail())
+            time.sleep(0.2)
+        print(f"\nqueue of 1, 16 clients: {shadow['requests']} of 800 requests shadowed, {shadow['dropped']} dropped")
+        assert shadow["dropped"] > 0 and shadow["errors"] == 0
+    finally:
+        requests.delete(f"{service.url}/rollout", headers=AUTH, timeout=30)
+        service.stop()
