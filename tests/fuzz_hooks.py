@@ -5,9 +5,12 @@ import schemathesis
 
 @schemathesis.hook
 def before_call(context, case, kwargs):
-    """A fuzzed /train never replaces the served model: later cases expect the one they were built for."""
+    """A fuzzed /train or rollout never replaces the served model: later cases expect the one they were built for."""
     if case.operation.path == "/train" and isinstance(case.body, dict):
         case.body["activate"] = False if case.media_type == "application/json" else "false"
+    # Nor does a fuzzed rollout promote its candidate before after_call cancels it.
+    if case.operation.path == "/rollout" and case.method.upper() == "POST" and isinstance(case.body, dict):
+        case.body["auto_promote"] = False
 
 
 @schemathesis.hook
