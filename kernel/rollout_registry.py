@@ -66,11 +66,15 @@ class RolloutRecords:
 
     @translate_errors
     def end_rollout(self, spec: RolloutSpec, state: str, reason: str) -> None:
-        """End the rollout as `state` (`promoted` first moves the active alias onto the candidate): the spec and
-        the rollout alias go, and the candidate version and the rollout's run keep the outcome and its reason."""
+        """End the rollout as `state`: the spec goes first (the rollout is no longer in force), then `promoted`
+        moves the active alias onto the candidate, the rollout alias goes, and the candidate version and the
+        rollout's run keep the outcome and its reason.
+
+        The spec goes before the alias moves: an instance that read the moved alias beside a spec still in
+        force would take the promotion for a move by hand and end the rollout as `overridden`."""
+        self.client.delete_registered_model_tag(spec.candidate.name, ROLLOUT_TAG)
         if state == "promoted":
             self.set_active_model(spec.candidate)
-        self.client.delete_registered_model_tag(spec.candidate.name, ROLLOUT_TAG)
         try:
             holder = self.client.get_model_version_by_alias(spec.candidate.name, self.rollout_alias)
             if str(holder.version) == spec.candidate.version:

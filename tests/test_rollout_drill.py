@@ -125,9 +125,15 @@ def instances(registry_server):
 
 @pytest.fixture
 def stable_active(registry_server, instances):
-    """Each test starts with version 1 active and no rollout; a rollout left running is cancelled after it."""
+    """Each test starts with version 1 active and no rollout on either instance (each has read so: a request it
+    answers is never routed by an earlier test's rollout); a rollout left running is cancelled after it."""
     client = registry_server["client"]
     client.set_registered_model_alias(NAME, "active", "1")
+    deadline = time.monotonic() + 30
+    while any(rollout(service)["state"] != "none" or predict(service, "k", row(random.Random(0))).headers[
+            "X-Model-Version"] != "1" for service in instances):  # fmt: skip
+        assert time.monotonic() < deadline, [rollout(service) for service in instances]
+        time.sleep(0.2)
     yield client
     for service in instances:
         if service.process is None:
@@ -148,7 +154,7 @@ def rollout(service: Service) -> dict:
     return answer.json()
 
 
-def traffic_until(services, condition, timeout: float, arms: dict, keys=200, gold=0.0, seed=0) -> dict:
+def traffic_until(services, condition, timeout: float, arms: dict, keys=200, gold=0.0, seed=0, rollout_id=None):
     """Send keyed requests round the services until `condition()` holds; records each key's route in `arms`."""
     generator, deadline, sent = random.Random(seed), time.monotonic() + timeout, 0
     while True:
@@ -162,7 +168,8 @@ def traffic_until(services, condition, timeout: float, arms: dict, keys=200, gol
             body = row(generator, ("basic", "pro", "gold") if generator.random() < gold * 3 else ("basic", "pro"))
             answer = predict(services[sent % len(services)], key, body)
             route = answer.headers["X-Model-Route"]
-            if route in ("stable", "candidate"):  # (`active`: an instance that has not read the rollout yet)
+            # (`active`: an instance that has not read the rollout yet; another id: one that has not read its end)
+            if route in ("stable", "candidate") and rollout_id in (None, answer.headers.get("X-Rollout-Id")):
                 assert (arms.get(key), route) != ("candidate", "stable"), f"{key} left the candidate"
                 arms[key] = route
             sent += 1
@@ -185,7 +192,8 @@ def test_a_canary_steps_survives_its_owner_keeps_every_key_and_promotes(registry
         state = rollout(first)
         return state if state["state"] == "running" and len(state["instances_reporting"]) == 2 else None
 
-    state = traffic_until(instances, both_report, 60, arms)
+    rid = started.json()["rollout"]["id"]
+    state = traffic_until(instances, both_report, 60, arms, rollout_id=rid)
     owner = state["owner"]["instance"]
     owning, other = (first, second) if f"-{first.process.pid}-" in owner else (second, first)
     assert f"-{owning.process.pid}-" in owner, (owner, first.process.pid, second.process.pid)
@@ -197,11 +205,11 @@ def test_a_canary_steps_survives_its_owner_keeps_every_key_and_promotes(registry
         state = rollout(other)
         return state if (state.get("owner") or {}).get("instance", owner) != owner else None
 
-    traffic_until([other], taken_over, LEASE + 20, arms)
+    traffic_until([other], taken_over, LEASE + 20, arms, rollout_id=rid)
     took = time.monotonic() - stopped
     print(f"\nthe owner stopped: the other instance took the decisions over after {took:.1f} s (lease {LEASE} s)")
     assert took <= LEASE + 2 * 1 + 5, took  # the lease, a report and a poll on each side, and slack
-    passed = traffic_until([other], lambda: (s := rollout(other))["state"] == "passed" and s, 120, arms)
+    passed = traffic_until([other], lambda: (s := rollout(other))["state"] == "passed" and s, 120, arms, rollout_id=rid)
     assert passed["percent"] == 50 and "step 2 of 2 (50 %) passed" in passed["reason"], passed
     assert at_ten <= {key for key, route in arms.items() if route == "candidate"}, "a key left the candidate at 50 %"
     assert version_tags(client, "2")["rollout.state"] == "passed"
@@ -260,12 +268,14 @@ def test_with_mlflow_killed_routing_holds_nothing_is_decided_and_it_resumes(regi
     started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
     assert started.status_code == 201, started.text
     arms: dict[str, str] = {}
-    traffic_until(instances, lambda: all(rollout(s)["state"] == "running" for s in instances), 30, arms)
+    rid = started.json()["rollout"]["id"]
+    running = lambda: all(rollout(s).get("rollout", {}).get("id") == rid for s in instances)  # noqa: E731
+    traffic_until(instances, running, 30, arms, rollout_id=rid)
     server.kill()
     try:
         down = time.monotonic()
         # Three times the step's minimum seconds, and many more requests than its minimum: nothing is decided.
-        traffic_until(instances, lambda: time.monotonic() - down > 10, 60, arms, keys=400)
+        traffic_until(instances, lambda: time.monotonic() - down > 10, 60, arms, keys=400, rollout_id=rid)
         assert "candidate" in arms.values() and "stable" in arms.values()
         for service in instances:
             state = rollout(service)
@@ -278,7 +288,7 @@ def test_with_mlflow_killed_routing_holds_nothing_is_decided_and_it_resumes(regi
     def promoted():
         return client.get_model_version_by_alias(NAME, "active").version == "2"
 
-    traffic_until(instances, promoted, 120, arms, keys=400)
+    traffic_until(instances, promoted, 120, arms, keys=400, rollout_id=rid)
     print(f"\nwith MLflow back, the canary stepped and was promoted {time.monotonic() - begun:.1f} s later")
     steps = {m.step for m in client.get_metric_history(started.json()["rollout"]["run_id"], "candidate_requests")}
     assert steps == {0, 1}, steps
@@ -291,7 +301,8 @@ def test_a_sticky_canary_splits_keys_alike_on_both_instances(registry_server, in
             "step_min_requests": 1_000_000, "sticky": {"header": "X-User-Id"}}  # fmt: skip
     started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
     assert started.status_code == 201, started.text
-    traffic_until(instances, lambda: all(rollout(s)["state"] == "running" for s in instances), 30, {})
+    rid = started.json()["rollout"]["id"]
+    traffic_until(instances, lambda: all(rollout(s).get("rollout", {}).get("id") == rid for s in instances), 30, {})
     generator = random.Random(11)
     with requests.Session() as first, requests.Session() as second:
         sessions = ((first, instances[0]), (second, instances[1]))
@@ -346,3 +357,28 @@ def test_a_shadow_with_a_queue_of_one_under_sixteen_clients_counts_its_drops(reg
     finally:
         requests.delete(f"{service.url}/rollout", headers=AUTH, timeout=30)
         service.stop()
+
+
+def test_an_alias_moved_by_an_mlflow_client_reaches_every_worker_of_both_instances(registry_server, instances,
+                                                                                  stable_active):  # fmt: skip
+    """The bound: ACTIVE_POLL_SECONDS (1 here) + the load time + 0.2 s; the load time is allowed 15 s, as in
+    tests/test_alias.py. Each worker is asked on a new connection until its answer names version 2."""
+    client, generator = stable_active, random.Random(5)
+    pending = {(service.url, pid) for service in instances for pid in worker_pids(service.process.pid)}
+    assert len(pending) == 4
+    moved = time.monotonic()
+    client.set_registered_model_alias(NAME, "active", "2")
+    reached = {}
+    while pending:
+        for url in {url for url, _ in pending}:
+            answer = requests.post(f"{url}/predict", json=row(generator), headers={"Connection": "close"}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            worker = (url, int(answer.headers["X-Worker-Pid"]))
+            if answer.headers["X-Model-Version"] == "2" and worker in pending:
+                pending.discard(worker)
+                reached[worker] = time.monotonic() - moved
+        assert time.monotonic() - moved < 1 + 15 + 0.2, (pending, reached)
+    print(
+        f"\nthe alias move reached every worker of both instances in {max(reached.values()):.2f} s "
+        f"(per worker: {', '.join(f'{s:.2f}' for s in sorted(reached.values()))})"
+    )
