@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     PERFORMANCE_LOG_SECONDS: Positive = Field(300, description="how often that process also logs each version's `live_accuracy`, `live_f1_macro` and `labelled_rows` as metrics on its MLflow training run (the time as the step)")
     PERFORMANCE_WINDOW_HOURS: Positive = Field(24, description="the window of `/metrics`' live accuracy: labelled rows predicted within it")
     FEEDBACK_MAX_ITEMS: Positive = Field(10_000, description="labels in one `POST /feedback`")
+    PERFORMANCE_ALERT_DROP: float = Field(0.05, ge=0, le=1, allow_inf_nan=False, description="the `ModelAccuracyDrop` alert fires when live accuracy stays this far below the version's hold-out accuracy for 30 minutes (exported as `model_accuracy_alert_floor`, once the version has `PERFORMANCE_MIN_LABELS` labelled rows)")
     PERFORMANCE_MIN_LABELS: Positive = Field(50, description="labelled rows a version needs before `/performance` gives accuracy")
     DRIFT_ENABLED: Flag = Field(True, description="count each served row against its version's drift baseline (`/drift`, `model_feature_psi` in `/metrics`)")
     DRIFT_WINDOW_SECONDS: int = Field(3600, ge=60, le=604_800, description="the window `/drift` and `/metrics` compare with the baseline, in 60 slots")

@@ -50,7 +50,11 @@ def init_app(
     prediction_log.start(settings)
     prediction_log.holdout_of = registry.get_version_metrics
     prediction_log.log_live = registry.log_live_metrics
-    app.extensions.setdefault("metrics_collectors", []).append(LivePerformanceCollector(Path(settings.STATE_DIR)))
+    app.extensions.setdefault("metrics_collectors", []).append(
+        LivePerformanceCollector(
+            Path(settings.STATE_DIR), settings.PERFORMANCE_ALERT_DROP, settings.PERFORMANCE_MIN_LABELS
+        )
+    )
     app.extensions.setdefault("exit_hooks", []).append(prediction_log.flush)  # gunicorn's worker_exit skips atexit
     app.extensions["shadow"] = new_shadow(
         lambda spec: app.extensions["versions"].by_version(spec.candidate.name, spec.candidate.version),

@@ -60,11 +60,12 @@ def write_snapshot(state_dir: Path, versions: list[dict]) -> None:
 
 
 class LivePerformanceCollector:
-    """`model_live_accuracy`, `model_live_f1_macro`, `model_labelled_rows`, `model_label_lag_seconds{quantile}`
-    and `model_holdout_accuracy` per version, from this machine's snapshot."""
+    """`model_live_accuracy`, `model_live_f1_macro`, `model_labelled_rows`, `model_label_lag_seconds{quantile}`,
+    `model_holdout_accuracy` and `model_accuracy_alert_floor` per version, from this machine's snapshot."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, alert_drop: float = 0.05, min_labels: int = 50):
         self.path = Path(state_dir) / SNAPSHOT
+        self.alert_drop, self.min_labels = alert_drop, min_labels
 
     def collect(self):
         try:
@@ -83,6 +84,12 @@ class LivePerformanceCollector:
         holdout = GaugeMetricFamily(
             "model_holdout_accuracy", "The version's hold-out accuracy from training", labels=labels
         )
+        floor = GaugeMetricFamily(
+            "model_accuracy_alert_floor",
+            "The hold-out accuracy minus PERFORMANCE_ALERT_DROP, once the version has PERFORMANCE_MIN_LABELS labelled "
+            "rows: live accuracy below it for 30 minutes is the ModelAccuracyDrop alert",
+            labels=labels,
+        )
         for entry in versions:
             key = [entry["model"], entry["version"]]
             labelled.add_metric(key, entry["labelled_rows"])
@@ -93,4 +100,6 @@ class LivePerformanceCollector:
             lag.add_metric([*key, "0.9"], entry["lag_p90"])
             if entry["holdout_accuracy"] is not None:
                 holdout.add_metric(key, entry["holdout_accuracy"])
-        yield from (accuracy, f1, labelled, lag, holdout)
+                if entry["labelled_rows"] >= self.min_labels:
+                    floor.add_metric(key, entry["holdout_accuracy"] - self.alert_drop)
+        yield from (accuracy, f1, labelled, lag, holdout, floor)

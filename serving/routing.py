@@ -79,7 +79,9 @@ def shadow_scorer(load: Callable[[RolloutSpec], LoadedModel], max_rows: int, obs
         """Several requests' rows in one call, the answer split back per request."""
         candidate = load(spec)
         parts = [parse_rows(body, candidate.feature_names)[0] for body in bodies]
-        answer = predict(candidate, {"records": [row for part in parts for row in part]}, max_rows * len(parts), observe)
+        answer = predict(
+            candidate, {"records": [row for part in parts for row in part]}, max_rows * len(parts), observe
+        )
         answers, start = [], 0
         for part in parts:
             end = start + len(part)

@@ -116,7 +116,10 @@ def test_live_accuracy_equals_scikit_learns_on_the_same_labels(log_app):
     prediction_log._refresh_performance()
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))}
     ours = {s.name: s.value for name in ("model_live_accuracy", "model_labelled_rows", "model_holdout_accuracy",
-            "model_live_f1_macro") for s in families[name].samples if s.labels["model"] == DEFAULT_NAME}  # fmt: skip
+            "model_live_f1_macro", "model_accuracy_alert_floor") for s in families[name].samples
+            if s.labels["model"] == DEFAULT_NAME}  # fmt: skip
+    # The alert's floor: hold-out minus PERFORMANCE_ALERT_DROP (0.05), exported with 150 >= 50 labelled rows.
+    assert ours["model_accuracy_alert_floor"] == pytest.approx(figures["holdout"]["accuracy"] - 0.05)
     assert ours["model_live_accuracy"] == pytest.approx(accuracy_score(truth, guessed))
     assert ours["model_live_f1_macro"] == pytest.approx(f1_score(truth, guessed, average="macro"))
     assert ours["model_labelled_rows"] == 150 and ours["model_holdout_accuracy"] == figures["holdout"]["accuracy"]
