@@ -120,7 +120,8 @@ def test_images_run_as_a_user_and_hold_no_tests_caches_or_git(tool, built, conta
             assert {"onnxruntime", "numpy", "gunicorn", "mlflow", "boto3"} <= installed
             assert [m for m in NOT_IN_INFERENCE if m in installed or f"app/{m}" in paths] == []
         else:
-            assert {"sklearn", "scipy", "pandas", "skl2onnx", "celery", "onnxruntime"} <= installed
+            # psycopg2: the prediction log on PostgreSQL (PREDICTION_LOG_URL=postgresql+psycopg2://...)
+            assert {"sklearn", "scipy", "pandas", "skl2onnx", "celery", "onnxruntime", "psycopg2"} <= installed
             assert "app/training/__main__.py" in paths
         size = images.size_bytes(tool, target)
         print(f"{target}: {size / 1e6:.0f} MB uncompressed")
