@@ -165,7 +165,10 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
     try:
         for _ in range(5):
             assert requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30).status_code == 200
-        text = requests.get(f"{service.url}/metrics", timeout=30).text
+        deadline = time.monotonic() + 30
+        while "rollout_shadow_rows_total{" not in (text := requests.get(f"{service.url}/metrics", timeout=30).text):
+            assert time.monotonic() < deadline, service.log_tail()  # the shadow's thread scores in batches, later
+            time.sleep(0.1)
     finally:
         requests.delete(f"{service.url}/rollout", headers=auth, timeout=60)
     labels: dict[str, set[str]] = {}
