@@ -19,6 +19,7 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 
 from kernel.refs import ModelRef
 
@@ -107,10 +108,14 @@ class RolloutSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> RolloutSpec:
-        """The spec; ValueError, KeyError or TypeError if it is not one."""
-        fields = {**data, "candidate": ModelRef(**data["candidate"]), "stable": ModelRef(**data["stable"])}
+        """The spec; ValueError, KeyError or TypeError if it is not one. Fields this version does not know (a spec
+        written by a newer instance during a rolling deploy) are left aside, not a reason to ignore the rollout."""
+        known = {f.name for f in dataclass_fields(cls)}
+        fields = {key: value for key, value in data.items() if key in known}
+        fields.update(candidate=ModelRef(**data["candidate"]), stable=ModelRef(**data["stable"]))
         fields["steps"] = tuple(int(step) for step in data.get("steps", ()))
-        fields["guardrails"] = Guardrails(**data.get("guardrails", {}))
+        limits = {f.name for f in dataclass_fields(Guardrails)}
+        fields["guardrails"] = Guardrails(**{k: v for k, v in data.get("guardrails", {}).items() if k in limits})
         spec = cls(**fields)
         if spec.mode not in MODES or (spec.mode == "canary" and not spec.steps) or spec.state not in STATES:
             raise ValueError(f"not a rollout spec: {data!r}")

@@ -114,3 +114,11 @@ def test_wilson_bounds_contain_the_rate():
     low, high = decisions.wilson(6, 30)
     assert 0.05 < low < 0.2 < high < 0.45
     assert decisions.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_a_spec_round_trips_and_a_newer_instances_fields_are_left_aside():
+    original = spec(guardrails=Guardrails(max_prediction_psi=0.2), auto_promote=True, state="held", reason="r")
+    assert RolloutSpec.from_json(original.to_json()) == original
+    newer = {**original.as_dict(), "ramp": "linear", "guardrails": {"max_prediction_psi": 0.2, "max_cost": 3}}
+    assert RolloutSpec.from_dict(newer) == original
+    assert RolloutSpec.from_json('{"id": "x"}') is None  # not a spec: ignored, never obeyed
