@@ -103,8 +103,11 @@ def rollout(service: Service) -> dict:
 
 
 def traffic_until(services, condition, timeout: float, arms: dict, keys=200, gold=0.0, seed=0, rollout_id=None):
-    """Send keyed requests round the services until `condition()` holds; records each key's route in `arms`."""
-    generator, deadline, sent = random.Random(seed), time.monotonic() + timeout, 0
+    """Send keyed requests round the services until `condition()` holds; records each key's latest route in `arms`.
+
+    A key on the candidate never goes back to the stable version on the same instance. (Across instances it
+    may for a moment: while a step moves, each instance follows the new percent within its poll.)"""
+    generator, deadline, sent, seen = random.Random(seed), time.monotonic() + timeout, 0, {}
     while True:
         state = condition()
         if state:
@@ -114,12 +117,14 @@ def traffic_until(services, condition, timeout: float, arms: dict, keys=200, gol
         for _ in range(20):
             key = f"user-{generator.randrange(keys)}"
             body = row(generator, ("basic", "pro", "gold") if generator.random() < gold * 3 else ("basic", "pro"))
-            answer = predict(services[sent % len(services)], key, body)
+            service = services[sent % len(services)]
+            answer = predict(service, key, body)
             route = answer.headers["X-Model-Route"]
             # (`active`: an instance that has not read the rollout yet; another id: one that has not read its end)
             if route in ("stable", "candidate") and rollout_id in (None, answer.headers.get("X-Rollout-Id")):
-                assert (arms.get(key), route) != ("candidate", "stable"), f"{key} left the candidate"
-                arms[key] = route
+                previous = seen.get((service.url, key), arms.get(key) if len(services) == 1 else None)
+                assert (previous, route) != ("candidate", "stable"), f"{key} left the candidate on {service.url}"
+                seen[(service.url, key)] = arms[key] = route
             sent += 1
 
 
