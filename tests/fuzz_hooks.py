@@ -20,7 +20,7 @@ def after_call(context, case, response):
         import requests
 
         requests.delete(
-            response.url,
+            response.request.url,  # (schemathesis's Response has no `url`: the request it answered has)
             headers={"Authorization": case.headers.get("Authorization", "")} if case.headers else {},
             timeout=30,
         )
