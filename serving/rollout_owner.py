@@ -89,13 +89,13 @@ class RolloutOwner:
         writes = {REPORT_PREFIX + me: json.dumps(reports[me], separators=(",", ":"))}
         decision = _loads(tags.get(DECISION_TAG))
         metrics = None
+        total = rollout_decisions.merge(report["counts"] for report in reports.values() if "counts" in report)
         if owns:
             if owner and owner.get("instance") != me:
                 log.warning("rollout %s: %s takes over the decisions from %s (its lease is %.0f s old)",
                             spec.id, me, owner.get("instance"), now - owner.get("at", 0))  # fmt: skip
             owner = {"instance": me, "at": now}
             writes[OWNER_TAG] = json.dumps(owner)
-            total = rollout_decisions.merge(report["counts"] for report in reports.values() if "counts" in report)
             baseline = _loads(tags.get(f"{BASELINE_PREFIX}{spec.step}")) or None
             chosen = rollout_decisions.decide(spec, total, rollout_decisions.minus(total, baseline), now)
             decision = {"action": chosen.action, "reason": chosen.reason, "at": now, "step": spec.step, "by": me}
@@ -106,7 +106,7 @@ class RolloutOwner:
         self.registry.log_rollout(spec, writes, metrics)
         if owns:
             self._act(spec, decision["action"], decision["reason"], now)
-        self._write_status(spec, reports, owner, decision, now)
+        self._write_status(spec, reports, total, owner, decision, now, me)
 
     def _act(self, spec: RolloutSpec, action: str, reason: str, now: float) -> None:
         if action == "wait":
@@ -119,10 +119,9 @@ class RolloutOwner:
         else:  # pass, hold
             self.registry.mark_rollout(spec.with_state("passed" if action == "pass" else "held", reason))
 
-    def _write_status(self, spec: RolloutSpec, reports: dict, owner: dict, decision: dict | None, now: float):
+    def _write_status(self, spec: RolloutSpec, reports: dict, total: dict, owner: dict, decision: dict | None,
+                      now: float, me: str):  # fmt: skip
         reporting = sorted(name for name, report in reports.items() if now - report.get("at", 0) <= self.lease_seconds)
-        total = rollout_decisions.merge(report["counts"] for report in reports.values() if "counts" in report)
-        me = self.instance()
         status = {"rollout": spec.id, "at": now, "owner": owner, "instances_reporting": reporting,
                   "instances_reported": len(reports), "decision": decision, "merged": total,
                   "instance": me, "mine": reports[me]["counts"]}  # fmt: skip

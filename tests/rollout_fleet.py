@@ -102,6 +102,13 @@ def rollout(service: Service) -> dict:
     return answer.json()
 
 
+def start_rollout(service: Service, body: dict) -> dict:
+    """POST /rollout on `service`; the started rollout's state (201, or the test fails with the answer)."""
+    answer = requests.post(f"{service.url}/rollout", json=body, headers=AUTH, timeout=30)
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
 def traffic_until(services, condition, timeout: float, arms: dict, keys=200, gold=0.0, seed=0, rollout_id=None):
     """Send keyed requests round the services until `condition()` holds; records each key's latest route in `arms`.
 

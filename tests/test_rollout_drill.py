@@ -28,6 +28,7 @@ from tests.rollout_fleet import (
     register,
     rollout,
     row,
+    start_rollout,
     traffic_until,
     version_tags,
     worker_pids,
@@ -86,15 +87,14 @@ def test_a_canary_steps_survives_its_owner_keeps_every_key_and_promotes(registry
     body = {"candidate": {"name": NAME, "version": "2"}, "mode": "canary", "steps": [10, 50],
             "step_min_requests": 30, "step_min_seconds": 2, "auto_promote": False,
             "sticky": {"header": "X-User-Id"}}  # fmt: skip
-    started = requests.post(f"{first.url}/rollout", json=body, headers=AUTH, timeout=30)
-    assert started.status_code == 201, started.text
+    started = start_rollout(first, body)
     arms: dict[str, str] = {}
 
     def both_report():
         state = rollout(first)
         return state if state["state"] == "running" and len(state["instances_reporting"]) == 2 else None
 
-    rid = started.json()["rollout"]["id"]
+    rid = started["rollout"]["id"]
     state = traffic_until(instances, both_report, 60, arms, rollout_id=rid)
     owner = state["owner"]["instance"]
     owning, other = (first, second) if f"-{first.process.pid}-" in owner else (second, first)
@@ -140,9 +140,8 @@ def test_a_failing_candidate_is_rolled_back_early_and_no_client_sees_it(registry
         "steps": [50],
         "sticky": {"header": "X-User-Id"},
     }  # fmt: skip  (the default minimum: 1,000 requests, 300 s)
-    started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
-    assert started.status_code == 201, started.text
-    run_id = started.json()["rollout"]["run_id"]
+    started = start_rollout(instances[0], body)
+    run_id = started["rollout"]["run_id"]
 
     def rolled_back():
         return version_tags(client, "3").get("rollout.state") == "rolled_back"
@@ -167,10 +166,9 @@ def test_with_mlflow_killed_routing_holds_nothing_is_decided_and_it_resumes(regi
     body = {"candidate": {"name": NAME, "version": "2"}, "mode": "canary", "steps": [10, 50],
             "step_min_requests": 10, "step_min_seconds": 3, "auto_promote": True,
             "sticky": {"header": "X-User-Id"}}  # fmt: skip
-    started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
-    assert started.status_code == 201, started.text
+    started = start_rollout(instances[0], body)
     arms: dict[str, str] = {}
-    rid = started.json()["rollout"]["id"]
+    rid = started["rollout"]["id"]
     running = lambda: all(rollout(s).get("rollout", {}).get("id") == rid for s in instances)  # noqa: E731
     traffic_until(instances, running, 30, arms, rollout_id=rid)
     server.kill()
@@ -192,7 +190,7 @@ def test_with_mlflow_killed_routing_holds_nothing_is_decided_and_it_resumes(regi
 
     traffic_until(instances, promoted, 120, arms, keys=400, rollout_id=rid)
     print(f"\nwith MLflow back, the canary stepped and was promoted {time.monotonic() - begun:.1f} s later")
-    steps = {m.step for m in client.get_metric_history(started.json()["rollout"]["run_id"], "candidate_requests")}
+    steps = {m.step for m in client.get_metric_history(started["rollout"]["run_id"], "candidate_requests")}
     assert steps == {0, 1}, steps
 
 
@@ -201,9 +199,8 @@ def test_a_sticky_canary_splits_keys_alike_on_both_instances(registry_server, in
     the other instance keep their arm (a hash of rollout id and key: no shared state)."""
     body = {"candidate": {"name": NAME, "version": "2"}, "mode": "canary", "steps": [10],
             "step_min_requests": 1_000_000, "sticky": {"header": "X-User-Id"}}  # fmt: skip
-    started = requests.post(f"{instances[0].url}/rollout", json=body, headers=AUTH, timeout=30)
-    assert started.status_code == 201, started.text
-    rid = started.json()["rollout"]["id"]
+    started = start_rollout(instances[0], body)
+    rid = started["rollout"]["id"]
     traffic_until(instances, lambda: all(rollout(s).get("rollout", {}).get("id") == rid for s in instances), 30, {})
     generator = random.Random(11)
     with requests.Session() as first, requests.Session() as second:
@@ -230,8 +227,7 @@ def test_a_shadow_with_a_queue_of_one_under_sixteen_clients_counts_its_drops(reg
     service = Service(env, registry_server["folder"], workers=2).start()
     try:
         body = {"candidate": {"name": NAME, "version": "2"}, "mode": "shadow", "shadow_percent": 100}
-        started = requests.post(f"{service.url}/rollout", json=body, headers=AUTH, timeout=30)
-        assert started.status_code == 201, started.text
+        start_rollout(service, body)
         statuses: list[int] = []
 
         def client(seed: int) -> None:
