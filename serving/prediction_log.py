@@ -34,12 +34,13 @@ from prometheus_client import Counter
 
 from kernel.config import ConfigError, Settings
 from kernel.locks import KeptLock, file_lock
-from serving.prediction_rows import out_of_range_of, table_rows
+from serving.prediction_rows import label_texts, out_of_range_of, shared_values, table_rows
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1_000  # rows per insert (one transaction)
 WAKE_ROWS = 10_000  # pending rows that wake the writer before its tick
+LARGE_ROWS = 200  # a request with this many rows is inserted as columns (JSON arrays), not rows
 RETENTION_SECONDS = 600  # how often the machine's retention turn comes
 LOGGED = Counter("prediction_log_rows_total", "Rows written to the prediction log")
 DROPPED = Counter("prediction_log_dropped_total", "Rows the prediction log dropped, by reason", ["reason"])
@@ -190,9 +191,11 @@ class PredictionLog:
             engine = self.database()
             if self._inserter is None:
                 self._inserter = row_inserter(engine.dialect)
-            flags, nested = out_of_range_of(batch), self._inserter.NESTED
-            rows = [row for item, flagged in zip(batch, flags, strict=True)
-                    for row in table_rows(item, self._inputs(item[9], nested), flagged, self._inserter.time, nested)]  # fmt: skip
+            flags, nested, time_of = out_of_range_of(batch), self._inserter.NESTED, self._inserter.time
+            large = [(item, flagged) for item, flagged in zip(batch, flags, strict=True) if len(item[0]) >= LARGE_ROWS]
+            rows = list(itertools.chain.from_iterable(table_rows(item, self._inputs(item[9], nested), flagged, time_of, nested)
+                                            for item, flagged in zip(batch, flags, strict=True)
+                                            if len(item[0]) < LARGE_ROWS))  # fmt: skip
         except Exception as exc:  # never the writer's end: the batch is dropped, counted and logged
             DROPPED.labels("unwritable").inc(rows_in_batch)
             log.exception("prediction log: a batch could not be prepared: %s", _short(exc))
@@ -200,11 +203,14 @@ class PredictionLog:
         try:
             with engine.begin() as connection:
                 self._inserter.insert(connection, rows)
-            LOGGED.inc(len(rows))
+                for item, flagged in large:  # a large request's columns as they are: no tuple per row
+                    self._inserter.insert_request(connection, shared_values(item, time_of), item[0],
+                                                  label_texts(item[7]), item[8], self._inputs(item[9], True), flagged)  # fmt: skip
+            LOGGED.inc(rows_in_batch)
             if self.status != "ok":
                 self._set("ok", "")
         except Exception as exc:  # down, full, locked: drop, count, say so; the next batch tries again
-            DROPPED.labels("database").inc(len(rows))
+            DROPPED.labels("database").inc(rows_in_batch)
             self._set("degraded", f"writing to the prediction log failed: {_short(exc)}")
 
     def _apply_retention(self) -> None:

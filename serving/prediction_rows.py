@@ -44,13 +44,23 @@ def table_rows(item: tuple, inputs: list | None, flags: list | None, time_of, ne
     request's tuples are made in C, not in a Python loop). `nested`: the probabilities stay objects (the inserter
     writes their JSON text), else each is made JSON text here."""
     ids, request_id, created_at, model, version, route, runtime, labels, probabilities = item[:9]
-    if set(map(type, labels)) <= {str} and max(map(len, labels), default=0) <= 256:
-        texts = labels  # a model's class names: text already, checked short in C
-    else:
-        texts = [label if type(label) is str and len(label) <= 256 else str(label)[:256] for label in labels]
+    texts = label_texts(labels)
     if probabilities and not nested:
         dumps = orjson.dumps
         probabilities = [dumps(row).decode() for row in probabilities]
     return zip(ids, repeat(request_id[:64]), repeat(time_of(created_at)), repeat(model), repeat(version),
                repeat(route), repeat(runtime), texts, probabilities if probabilities else repeat(None),
                inputs if inputs else repeat(None), flags if flags is not None else repeat(None))  # fmt: skip
+
+
+def shared_values(item: tuple, time_of) -> tuple:
+    """What every row of a queued request shares, as `kernel.prediction_db.WRITTEN` orders them after the id."""
+    request_id, created_at, model, version, route, runtime = item[1:7]
+    return request_id[:64], time_of(created_at), model, version, route, runtime
+
+
+def label_texts(labels: list) -> list:
+    """The predicted labels as the table's text (at most 256 characters)."""
+    if set(map(type, labels)) <= {str} and max(map(len, labels), default=0) <= 256:
+        return labels  # a model's class names: text already, checked short in C
+    return [label if type(label) is str and len(label) <= 256 else str(label)[:256] for label in labels]

@@ -59,7 +59,9 @@ def test_every_answered_row_gets_an_id_and_is_recorded_without_its_inputs(log_ap
         assert len(ids) == len(body["records"]) == len(answer.get_json()["predictions"])
         sent.extend(ids)
         answers.append(answer.get_json())
-    assert len(set(sent)) == len(sent)
+    large = client.post("/predict", json={"records": rows(240, 99)}, headers={"X-Request-ID": "req-large"}).get_json()
+    sent.extend(large["prediction_ids"])  # written as columns (prediction_log.LARGE_ROWS), not rows
+    assert len(set(sent)) == len(sent) and len(large["prediction_ids"]) == 240
     by_url = client.post(f"/models/{DEFAULT_NAME}/versions/1/predict", json=IRIS_ROW).get_json()["prediction_ids"]
     recorded = {row.id: row for row in logged_rows(log_app)}
     assert set(recorded) == {*sent, *by_url}
@@ -67,6 +69,9 @@ def test_every_answered_row_gets_an_id_and_is_recorded_without_its_inputs(log_ap
     assert (first.request_id, first.model, first.version, first.route) == ("req-0", DEFAULT_NAME, "1", "active")
     assert first.prediction == answers[0]["predictions"][0] and first.label is None
     assert recorded[by_url[0]].route == "version"
+    for index in (0, 117, 239):
+        row = recorded[large["prediction_ids"][index]]
+        assert (row.request_id, row.route, row.prediction) == ("req-large", "active", large["predictions"][index])
     engine = sa.create_engine(log_app.config["db_url"])  # no column holds a feature's value
     columns = {column["name"] for column in sa.inspect(engine).get_columns("predictions")}
     with engine.connect() as connection:
@@ -282,8 +287,8 @@ def test_inputs_are_stored_only_when_asked_and_a_report_from_them_equals_drift(a
     try:
         client = client_of(app)
         sent = {}
-        for index in range(25):
-            body = {"records": rows(1 + index % 40, 500 + index)}
+        for index in range(26):  # the last, of 250 rows, is written as columns (prediction_log.LARGE_ROWS)
+            body = {"records": rows(250 if index == 25 else 1 + index % 40, 500 + index)}
             answer = client.post("/predict", json=body).get_json()
             sent.update(zip(answer["prediction_ids"], body["records"]))
         model = app.extensions["model_store"].get()

@@ -51,3 +51,57 @@ def test_both_inserters_store_the_same_rows(backend, tmp_path):
         engine.dispose()
         if database:
             drop_database(database)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_large_request_inserted_as_columns_stores_what_rows_do(backend, tmp_path):
+    """A large request's rows, given as one list per column (`insert_request`), are stored exactly as the same rows
+    given one by one: each id with its own label, probabilities, inputs and flag, and the shared values in each."""
+    from kernel.prediction_db import WRITTEN, JsonRowInserter, RowInserter, metadata, predictions
+    from tests.servers import create_database, drop_database, require_postgres
+
+    database = None
+    if backend == "postgresql":
+        require_postgres()
+        database = create_database()
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
+    else:
+        url = f"sqlite:///{tmp_path / 'log.db'}"
+    engine = sa.create_engine(url)
+    try:
+        metadata.create_all(engine)
+        plain, json_rows = RowInserter(engine.dialect), JsonRowInserter(engine.dialect)
+        moment, count = datetime(2026, 12, 8, 2, 15, 0, 654321), 3_001
+        labels = [["setosa", 'a "quoted" \\ label', "ü"][i % 3] for i in range(count)]
+        probabilities = [{"setosa": round(i / count, 6), 'ü "x"': 1e-07} for i in range(count)]
+        inputs = [{"x": i * 0.5, "t": 'a"b', "n": None} for i in range(count)]
+        flags = [[True, False][i % 2] for i in range(count)]
+        shared = ('req "é" \\', None, "iris", "12", "candidate", "onnx")
+        stored = []
+        for prefix, inserter, kind in (("rows", plain, "rows"), ("plain", plain, "columns"),
+                                       ("json", json_rows, "columns"), ("nulls", json_rows, "columns")):  # fmt: skip
+            ids = [f"{prefix}-{i:05d}" for i in range(count)]
+            values = (*shared[:1], inserter.time(moment), *shared[2:])
+            with engine.begin() as connection:
+                if kind == "rows":
+                    rows = [(ids[i], *values, labels[i], orjson.dumps(probabilities[i]).decode(),
+                             orjson.dumps(inputs[i]).decode(), flags[i]) for i in range(count)]  # fmt: skip
+                    inserter.insert(connection, rows)
+                elif prefix == "nulls":  # no probabilities, inputs or flags: null in every row
+                    inserter.insert_request(connection, values, ids, labels, None, None, None)
+                else:
+                    inserter.insert_request(connection, values, ids, labels, probabilities, inputs, flags)
+            with engine.connect() as connection:
+                read = connection.execute(
+                    sa.select(*(predictions.c[name] for name in WRITTEN)).where(predictions.c.id.like(f"{prefix}-%"))
+                    .order_by(predictions.c.id)
+                ).all()  # fmt: skip
+            stored.append([(row[0].split("-", 1)[1], *row[1:]) for row in read])
+        assert len(stored[0]) == count and stored[0] == stored[1] == stored[2]
+        assert stored[2][5][1:] == ('req "é" \\', moment, "iris", "12", "candidate", "onnx", "ü",
+                                    orjson.dumps(probabilities[5]).decode(), orjson.dumps(inputs[5]).decode(), False)  # fmt: skip
+        assert [row[7] for row in stored[3]] == labels and {row[8:] for row in stored[3]} == {(None, None, None)}
+    finally:
+        engine.dispose()
+        if database:
+            drop_database(database)
