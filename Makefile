@@ -114,8 +114,9 @@ mlflow-ui: install ## Open the MLflow UI on the embedded store (http://127.0.0.1
 bench-train: setup ## POST→succeeded of a small training job (local executor) against a bare MLflow script, in one run
 	$(BIN)/python scripts/bench_train.py
 
-bench: setup ## This service against `mlflow models serve` with wrk, in one run (BENCH_SECONDS=3 shortens it)
+bench: setup ## This service against its peers with wrk, then what a rollout costs (BENCH_SECONDS=3 shortens it)
 	$(BIN)/python scripts/bench_serving.py
+	$(BIN)/python scripts/bench_rollout.py
 
 bench-rollout: setup ## What a sticky canary at 50 % and a shadow at 100 % add to one-row /predict, at -c1, -c4 and -c16
 	$(BIN)/python scripts/bench_rollout.py
