@@ -78,6 +78,7 @@ def test_a_sticky_canary_splits_by_key_and_keeps_each_key_on_its_arm(rollout_app
     client = client_of(rollout_app)
     state = start(client, versions)
     assert state["percent"] == 10 and state["rollout"]["candidate"] == versions[1].as_dict()
+    assert (state["state"], state["reason"]) == ("running", f"step 1 of {len(state['rollout']['steps'])}")
     keys = [f"user-{i}" for i in range(2000)]
     first = arms(client, keys, rows(1)[0])
     share = sum(route == "candidate" for route in first.values()) / len(keys)
@@ -207,7 +208,8 @@ def test_a_shadow_answers_as_without_it_and_counts_agreement(rollout_app, versio
         return re.sub(rb',"prediction_ids":\[[^\]]*\]', b"", body)
 
     before = [without_ids(client.post("/predict", json=body).get_data()) for body in requests]
-    start(client, versions, mode="shadow", steps=None, shadow_percent=100)
+    started = start(client, versions, mode="shadow", steps=None, shadow_percent=100)
+    assert started["reason"] == "shadowing 100 % of the requests"
     during = [without_ids(client.post("/predict", json=body).get_data()) for body in requests]
     assert during == before  # byte for byte, but the ids: the client gets the stable answer
     assert b"prediction_ids" not in before[0] and b'"predictions"' in before[0]
