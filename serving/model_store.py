@@ -60,7 +60,8 @@ class ModelStore:
         self.last_error: str | None = None
         self.registry_available = True
         self._seen: object = None  # the generation when this process last followed the pointer
-        self.poll_hooks: list[Callable[[AliasState], None]] = []  # run after each poll (the rollout's owner)
+        # Run after each poll (the rollout's owner); one that returns True moved the rollout, read again at once.
+        self.poll_hooks: list[Callable[[AliasState], bool | None]] = []
         self._swap_lock = threading.Lock()
 
     def _pinned(self) -> set[ModelRef]:
@@ -167,6 +168,13 @@ class ModelStore:
         if ref is None and alias.models == 0 and self.current is None and self.bootstrap is not None:
             ref = self._bootstrap()
             alias = AliasState((ref,)) if ref else alias
+        self._follow_alias(alias, ref)
+        moved = [hook(alias) for hook in self.poll_hooks]
+        if any(moved):  # a hook moved the rollout (a decision, or a promotion): read it now, not a poll later
+            alias = self.registry.read_alias_state()
+            self._follow_alias(alias, alias.active)
+
+    def _follow_alias(self, alias: AliasState, ref: ModelRef | None) -> None:
         if ref is None:
             self._keep_serving(alias)
         else:
@@ -176,8 +184,6 @@ class ModelStore:
                          self.registry.alias, ref.name, ref.version, cached.ref.version, cached.ref.name)  # fmt: skip
             self._follow_to(ref)
         self._follow_rollout(alias)
-        for hook in self.poll_hooks:
-            hook(alias)
 
     def _follow_rollout(self, alias: AliasState) -> None:
         """End a rollout whose aliases were moved by hand (`overridden`), and hand the running one to this

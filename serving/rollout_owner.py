@@ -65,19 +65,22 @@ class RolloutOwner:
         self.clock = clock
         self._next = 0.0
 
-    def tick(self, alias: AliasState) -> None:
+    def tick(self, alias: AliasState) -> bool:
+        """Report, and decide while owning the lease; True if a decision moved the rollout (a step, an end, a
+        state), so that the poll that ran it reads the new spec at once."""
         spec = alias.rollout
         if spec is None or not spec.run_id or self.clock() < self._next:
-            return
+            return False
         self._next = self.clock() + self.report_seconds
         try:
-            self._tick(spec)
+            return self._tick(spec)
         except (RegistryUnavailable, ModelNotFound) as exc:  # MLflow is down, or the rollout ended meanwhile
             log.warning("rollout %s: no report or decision this time: %s", spec.id, exc)
         except Exception:
             log.exception("rollout %s: the report or decision failed", spec.id)
+        return False
 
-    def _tick(self, spec: RolloutSpec) -> None:
+    def _tick(self, spec: RolloutSpec) -> bool:
         now, me = self.clock(), self.instance()
         mine = rollout_metrics.counts(spec.id)
         tags = self.registry.rollout_run_tags(spec)
@@ -104,13 +107,13 @@ class RolloutOwner:
             if chosen.action == "step":
                 writes[f"{BASELINE_PREFIX}{spec.step + 1}"] = json.dumps(total, separators=(",", ":"))
         self.registry.log_rollout(spec, writes, metrics)
-        if owns:
-            self._act(spec, decision["action"], decision["reason"], now)
+        moved = owns and self._act(spec, decision["action"], decision["reason"], now)
         self._write_status(spec, reports, total, owner, decision, now, me)
+        return moved
 
-    def _act(self, spec: RolloutSpec, action: str, reason: str, now: float) -> None:
+    def _act(self, spec: RolloutSpec, action: str, reason: str, now: float) -> bool:
         if action == "wait":
-            return
+            return False
         log.warning("rollout %s: %s (%s)", spec.id, action, reason)
         if action == "step":
             self.registry.save_rollout(spec.next_step(now))
@@ -118,6 +121,7 @@ class RolloutOwner:
             self.registry.end_rollout(spec, "promoted" if action == "promote" else "rolled_back", reason)
         else:  # pass, hold
             self.registry.mark_rollout(spec.with_state("passed" if action == "pass" else "held", reason))
+        return True
 
     def _write_status(self, spec: RolloutSpec, reports: dict, total: dict, owner: dict, decision: dict | None,
                       now: float, me: str):  # fmt: skip
