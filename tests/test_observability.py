@@ -162,27 +162,32 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported(service):
     assert trained.status_code == 201, trained.text
     shadow = {"candidate": trained.json()["model"], "mode": "shadow", "shadow_percent": 100}
     assert requests.post(f"{service.url}/rollout", json=shadow, headers=auth, timeout=60).status_code == 201
-    try:
-        for _ in range(5):
-            assert requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30).status_code == 200
-        deadline = time.monotonic() + 30
-        while "rollout_shadow_rows_total{" not in (text := requests.get(f"{service.url}/metrics", timeout=30).text):
-            assert time.monotonic() < deadline, service.log_tail()  # the shadow's thread scores in batches, later
-            time.sleep(0.1)
-    finally:
-        requests.delete(f"{service.url}/rollout", headers=auth, timeout=60)
-    labels: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels.setdefault(sample.name, set()).update(sample.labels)
     queried: dict[str, set[str]] = {}
     for query in monitoring_queries():
         for name, used in queried_metrics(query).items():
             queried.setdefault(name, set()).update(used)
     assert {"http_requests_total", "http_request_duration_seconds_bucket", "training_jobs_total",
             "active_model_info", "model_feature_psi", "model_prediction_psi", "model_drift_rows"} <= set(queried)  # fmt: skip
+    try:
+        for _ in range(5):
+            assert requests.post(f"{service.url}/predict", json=IRIS_ROW, timeout=30).status_code == 200
+        # Series made asynchronously (the shadow's thread scores in batches; each worker's drift counts reach the
+        # others' scrapes at its next flush) are waited for, on whichever worker answers, for at most 30 s.
+        deadline = time.monotonic() + 30
+        while True:
+            text = requests.get(f"{service.url}/metrics", timeout=30).text
+            labels: dict[str, set[str]] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    labels.setdefault(sample.name, set()).update(sample.labels)
+            missing = sorted({*queried, "rollout_shadow_rows_total"} - set(labels))
+            if not missing:
+                break
+            assert time.monotonic() < deadline, f"queried but not in /metrics: {missing}\n{service.log_tail()}"
+            time.sleep(0.2)
+    finally:
+        requests.delete(f"{service.url}/rollout", headers=auth, timeout=60)
     for name, used in queried.items():
-        assert name in labels, f"{name} is queried but not in /metrics"
         assert used <= labels[name], f"{name}: labels {used - labels[name]} are queried but not exported"
     # Latency by model version: the prediction's series carries the version that answered.
     assert re.search(rf'http_request_duration_seconds_bucket\{{endpoint="/predict",le="[^"]+",model="{DEFAULT_NAME}",version="1"\}}', text) or \
