@@ -105,14 +105,17 @@ class RowInserter:
             chunk = rows[start : start + self.rows]
             connection.exec_driver_sql(self.statement(len(chunk)), tuple(itertools.chain.from_iterable(chunk)))
 
-    def insert_request(self, connection: sa.Connection, shared: tuple, ids: list, *columns: list | None) -> None:
+    def insert_request(self, connection: sa.Connection, shared: tuple, ids: list, labels: list,
+                       probabilities: list | None, inputs: list | None, flags: list | None) -> None:  # fmt: skip
         """One request's rows, given as what they share (request id, time, model, version, route, runtime) and one
-        list per column (prediction, probabilities, inputs, out_of_range; None: null in every row). The
-        probabilities and inputs come as objects, whichever inserter writes them."""
-        texts = [_json_texts(column) if index in (1, 2) and not self.NESTED else column
-                 for index, column in enumerate(columns)]  # fmt: skip
-        filled = [column if column is not None else itertools.repeat(None) for column in texts]
-        self.insert(connection, [(row[0], *shared, *row[1:]) for row in zip(ids, *filled)])
+        list per column (None: null in every row). The probabilities and inputs come as objects, whichever inserter
+        writes them."""
+        if not self.NESTED:
+            probabilities, inputs = _json_texts(probabilities), _json_texts(inputs)
+        columns = [
+            column if column is not None else itertools.repeat(None) for column in (probabilities, inputs, flags)
+        ]
+        self.insert(connection, [(prediction_id, *shared, *row) for prediction_id, *row in zip(ids, labels, *columns)])
 
 
 class JsonRowInserter(RowInserter):
@@ -180,7 +183,8 @@ class JsonRowInserter(RowInserter):
             text = orjson.dumps(rows[start : start + self.ROWS * 10], default=str).decode()
             connection.exec_driver_sql(self.sql, (text,))
 
-    def insert_request(self, connection: sa.Connection, shared: tuple, ids: list, *columns: list | None) -> None:
+    def insert_request(self, connection: sa.Connection, shared: tuple, ids: list, labels: list,
+                       probabilities: list | None, inputs: list | None, flags: list | None) -> None:  # fmt: skip
         """A large request's rows as one JSON array per column, which the database pairs up by position.
 
         Row arrays made the writer build a tuple per row and encode the shared values once per row: 5 ms of a
@@ -190,7 +194,8 @@ class JsonRowInserter(RowInserter):
         if not ids:
             return
         dumps = orjson.dumps
-        arrays = [dumps(ids).decode()] + [dumps(column, default=str).decode() if column else "[]" for column in columns]
+        arrays = [dumps(column, default=str).decode() if column else "[]"
+                  for column in (ids, labels, probabilities, inputs, flags)]  # fmt: skip
         connection.exec_driver_sql(self.columns_sql, (*shared, *arrays))
 
 

@@ -81,9 +81,14 @@ class RolloutSpec:
     def next_step(self, now: float) -> RolloutSpec:
         """The next step, deciding again from `now`."""
         step = min(self.step + 1, len(self.steps) - 1)
-        return replace(
-            self, step=step, state="running", reason=f"step {step + 1} of {len(self.steps)}", step_started=now
-        )
+        moved = replace(self, step=step, step_started=now)
+        return replace(moved, state="running", reason=moved.running_reason())
+
+    def running_reason(self) -> str:
+        """What a running rollout says before its step's decision: the step, or the shadow's share."""
+        if self.mode == "shadow":
+            return f"shadowing {self.shadow_percent} % of the requests"
+        return f"step {self.step + 1} of {len(self.steps)}"
 
     def with_state(self, state: str, reason: str) -> RolloutSpec:
         return replace(self, state=state, reason=reason)

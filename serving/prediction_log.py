@@ -192,10 +192,11 @@ class PredictionLog:
             if self._inserter is None:
                 self._inserter = row_inserter(engine.dialect)
             flags, nested, time_of = out_of_range_of(batch), self._inserter.NESTED, self._inserter.time
-            large = [(item, flagged) for item, flagged in zip(batch, flags, strict=True) if len(item[0]) >= LARGE_ROWS]
-            rows = list(itertools.chain.from_iterable(table_rows(item, self._inputs(item[9], nested), flagged, time_of, nested)
-                                            for item, flagged in zip(batch, flags, strict=True)
-                                            if len(item[0]) < LARGE_ROWS))  # fmt: skip
+            small, large = [], []  # a large request goes in as columns (no tuple per row), the others as rows
+            for item, flagged in zip(batch, flags, strict=True):
+                (large if len(item[0]) >= LARGE_ROWS else small).append((item, flagged))
+            rows = list(itertools.chain.from_iterable(
+                table_rows(item, self._inputs(item[9], nested), flagged, time_of, nested) for item, flagged in small))  # fmt: skip
         except Exception as exc:  # never the writer's end: the batch is dropped, counted and logged
             DROPPED.labels("unwritable").inc(rows_in_batch)
             log.exception("prediction log: a batch could not be prepared: %s", _short(exc))
@@ -203,7 +204,7 @@ class PredictionLog:
         try:
             with engine.begin() as connection:
                 self._inserter.insert(connection, rows)
-                for item, flagged in large:  # a large request's columns as they are: no tuple per row
+                for item, flagged in large:
                     self._inserter.insert_request(connection, shared_values(item, time_of), item[0],
                                                   label_texts(item[7]), item[8], self._inputs(item[9], True), flagged)  # fmt: skip
             LOGGED.inc(rows_in_batch)

@@ -162,17 +162,10 @@ def start(registry: Registry, store: ModelStore, versions: Versions, request: di
         guardrails=Guardrails(**request.get("guardrails", {})),
         **{key: request[key] for key in _DECIDING if key in request},
     )  # fmt: skip
-    spec = spec.with_state("running", _started_reason(spec))
+    spec = spec.with_state("running", spec.running_reason())
     spec = registry.start_rollout(spec)
     store.follow_registry()
     return describe(spec, store.state_dir)
-
-
-def _started_reason(spec: RolloutSpec) -> str:
-    """What GET /rollout says from the start (before any decision): the step, or the shadow's share."""
-    if spec.mode == "shadow":
-        return f"shadowing {spec.shadow_percent} % of the requests"
-    return f"step 1 of {len(spec.steps)}"
 
 
 def promote(registry: Registry, store: ModelStore) -> dict:
